@@ -1,0 +1,100 @@
+"""The config front end: precedence, strictness and error messages users rely on."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _yaml(tmp_path: Path, content: dict, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def test_defaults_then_yaml_then_cli(tmp_path):
+    assert make_config([])["training.epochs"] == 1
+    first = _yaml(tmp_path, {"training": {"epochs": 3, "batch_size": 8}, "adv": {"attack": "apgd"}}, "a.yaml")
+    second = _yaml(tmp_path, {"training": {"epochs": 4}}, "b.yaml")
+    config = make_config(["-C", first, "--config-file", second, "--adv.attack", "fgsm"])
+    assert config["training.epochs"] == 4  # the later file wins
+    assert config["training.batch_size"] == 8  # kept from the first file
+    assert config["adv.attack"] == "fgsm"  # the flag wins over both files
+    assert make_config(["-C", first, "--training.epochs", "7"])["training.epochs"] == 7
+
+
+def test_dotted_keys_in_yaml_are_accepted(tmp_path):
+    config = make_config(["-C", _yaml(tmp_path, {"lr": {"lr": 0.5}, "adv.norm": "L2"})])
+    assert config["lr.lr"] == 0.5 and config["adv.norm"] == "L2"
+
+
+def test_unknown_yaml_key_is_rejected_with_its_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'training\.epoch'.*did you mean 'training\.epochs'"):
+        make_config(["-C", _yaml(tmp_path, {"training": {"epoch": 3}})])
+    with pytest.raises(ConfigError, match=r"unknown key 'nosuchsection\.x'"):
+        make_config(["-C", _yaml(tmp_path, {"nosuchsection": {"x": 1}})])
+
+
+def test_unknown_flag_is_rejected():
+    with pytest.raises(SystemExit) as excinfo:
+        make_config(["--training.epoch", "3"])
+    assert excinfo.value.code == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--training.epochs", "1.5"], "training.epochs='1.5' is not an int"),
+    (["--training.epochs", "0"], "training.epochs"),
+    (["--ema.enabled", "true"], "ema.enabled='true' is not 0 or 1"),
+    (["--adv.attack", "cw"], "adv.attack='cw'"),
+    (["--adv.norm", "Linf,L3"], "adv.norm='Linf,L3'"),
+    (["--adv.eps", "-1"], "adv.eps"),
+    (["--training.precision", "fp8"], "training.precision"),
+    (["--adv.norm", "Linf,L1", "--adv.n_iter", "1,2,3"], "adv.n_iter has 3 values for 2 norms"),
+    (["--resolution.min_res", "256", "--resolution.max_res", "224"], "min_res must not exceed"),
+])
+def test_bad_values_name_the_parameter(argv, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        make_config(argv)
+
+
+def test_flag_zero_means_off(tmp_path):
+    """fastargs' bool turns "0" into True; rat's 0/1 flags must not."""
+    assert make_config(["--ema.enabled", "0"])["ema.enabled"] == 0
+    assert make_config(["-C", _yaml(tmp_path, {"ema": {"enabled": 1}})])["ema.enabled"] == 1
+
+
+def test_environment_variables_are_not_read(monkeypatch):
+    monkeypatch.setenv("training.epochs", "9")
+    assert make_config([])["training.epochs"] == 1
+
+
+def test_dumped_config_reloads_identically(tmp_path):
+    config = make_config(["--adv.attack", "apgd", "--adv.norm", "Linf,L1", "--training.epochs", "3"])
+    dump_config(config, tmp_path / "params.json")
+    reloaded = make_config(["-C", str(tmp_path / "params.json")])
+    assert config_to_dict(reloaded) == config_to_dict(config)
+    assert json.loads((tmp_path / "params.json").read_text())["adv"]["norm"] == "Linf,L1"
+
+
+def test_configs_are_isolated():
+    make_config(["--training.epochs", "5"])
+    assert make_config([])["training.epochs"] == 1
+
+
+def test_threat_models_defaults_and_lists():
+    assert threat_models("Linf", "", "2") == [("Linf", 4 / 255, 2)]
+    assert threat_models("Linf,L1", "", "2") == [("Linf", 4 / 255, 2), ("L1", 75.0, 2)]
+    assert threat_models("Linf,L1", "0.0313,255", "2,5") == [("Linf", 0.0313, 2), ("L1", 255.0, 5)]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_key_is_declared(path):
+    make_config(["-C", str(path)])
