@@ -1,2 +1,34 @@
 #!/usr/bin/env bash
-echo "placeholder"
+# Launch rat training with torchrun. Every argument is passed on to `python -m rat.train` as fastargs flags:
+#
+#   ./run_train.sh                                   # the demo: configs/demo.yaml on the embedded dataset (CPU is fine)
+#   ./run_train.sh --config-file configs/convnext_tiny_cvst.yaml --adv.attack apgd
+#   NPROC=8 ./run_train.sh -C configs/vit_base_patch16_cvst.yaml --logging.folder runs/vitb
+#
+# Environment (all optional):
+#   NPROC         processes on this node (default: the number of visible GPUs, 1 without a GPU)
+#   NNODES        number of nodes (default 1)
+#   NODE_RANK, MASTER_ADDR, MASTER_PORT      static multi-node rendezvous (MASTER_PORT default 29500)
+#   RDZV_ENDPOINT (host:port), RDZV_ID       c10d rendezvous instead (elastic; NODE_RANK not needed)
+#   PYTHON        interpreter (default: python)
+# Ranks reach rat through torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); the backend is nccl on GPU, gloo on CPU.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python}"
+if (( $# == 0 )); then
+  set -- --config-file "$(dirname "$0")/configs/demo.yaml"
+fi
+NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
+NNODES="${NNODES:-1}"
+
+launch=(--nproc_per_node "$NPROC" --nnodes "$NNODES")
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+  launch+=(--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-rat}")
+elif (( NNODES > 1 )); then
+  : "${MASTER_ADDR:?set MASTER_ADDR (the address of node 0) for a multi-node run, or RDZV_ENDPOINT}"
+  : "${NODE_RANK:?set NODE_RANK (0..NNODES-1) for a multi-node run}"
+  launch+=(--node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+else
+  launch+=(--standalone)
+fi
+exec "$PYTHON" -m torch.distributed.run "${launch[@]}" -m rat.train "$@"

@@ -1,0 +1,392 @@
+"""``python -m rat.train``: config → data, model, EMA, DDP, optimizer, attack → epochs of adversarial training.
+
+Launch through ``run_train.sh`` (torchrun) for one or many processes; ranks come from torchrun's environment. The config
+is read only by the ``build_*`` functions here; the engine below them takes plain arguments.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastargs import get_current_config
+from fastargs.decorators import param, section
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rat.attacks import MultiNormAttack, create_attack
+from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
+from rat.data import GpuAugment, build_mixup, build_train_loader, build_val_loader, read_classes
+from rat.data.demo import ensure_demo_betons
+from rat.logging import MetricsWriter, setup_logging
+from rat.models import create_model, load_checkpoint_file
+from rat.train.checkpoint import find_resume_checkpoint, rng_state, save_training_checkpoint, set_rng_state
+from rat.train.distributed import (
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+)
+from rat.train.engine import AdversarialTask, evaluate, robust_accuracy, train_one_epoch
+from rat.train.optim import build_optimizer, lr_at, resolution_at
+
+_logger = logging.getLogger("rat.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last epoch (non-finite loss); the message says why and what is intact."""
+
+
+def _demo_root(configured: str) -> Path:
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat" / "demo"
+
+
+@section("data")
+@param("train_dataset")
+@param("val_dataset")
+@param("demo_root")
+def build_datasets(info: DistInfo, train_dataset: str, val_dataset: str, demo_root: str) -> tuple[Path, Path]:
+    """The train/val beton paths; the embedded demo dataset (written by rank 0 on first use) when none is given."""
+    if bool(train_dataset) != bool(val_dataset):
+        raise ConfigError("give both data.train_dataset and data.val_dataset, or neither (= the demo dataset)")
+    if not train_dataset:
+        root = _demo_root(demo_root)
+        if info.is_primary:
+            ensure_demo_betons(root)
+        barrier()
+        return root / "train.beton", root / "val.beton"
+    paths = Path(train_dataset), Path(val_dataset)
+    for key, path in zip(("data.train_dataset", "data.val_dataset"), paths):
+        if not path.is_file():
+            raise ConfigError(f"{key}={path} does not exist: write it with tools/write_ffcv.py")
+    return paths
+
+
+@section("model")
+@param("arch")
+@param("normalize")
+@param("drop_path")
+def model_kwargs(num_classes: int, arch: str, normalize: int, drop_path: float) -> tuple[str, dict[str, Any]]:
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "normalize": bool(normalize)}
+    if drop_path > 0:
+        kwargs["drop_path_rate"] = drop_path
+    return arch, kwargs
+
+
+@section("model")
+@param("init_checkpoint")
+@param("channels_last")
+@param("compile")
+def build_model(arch: str, kwargs: dict[str, Any], device: torch.device, init_checkpoint: str, channels_last: int,
+                compile: int) -> tuple[nn.Module, nn.Module]:
+    """(module to train, compiled or not) — created, initialised, moved, channels_last. Wrapping comes later."""
+    module = create_model(arch, checkpoint=init_checkpoint or None, **kwargs)
+    module = module.to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module, (torch.compile(module) if compile else module)
+
+
+@section("ema")
+@param("enabled")
+@param("decay")
+@param("cpu")
+def build_ema(module: nn.Module, enabled: int, decay: float, cpu: int) -> ModelEmaV3 | None:
+    if not enabled:
+        return None
+    return ModelEmaV3(module, decay=decay, device="cpu" if cpu else None)
+
+
+@section("training")
+@param("optimizer")
+@param("weight_decay")
+@param("beta1")
+@param("beta2")
+@param("momentum")
+@param("nesterov")
+def build_optim(module: nn.Module, optimizer: str, weight_decay: float, beta1: float, beta2: float, momentum: float,
+                nesterov: int) -> torch.optim.Optimizer:
+    return build_optimizer(module, optimizer, lr=0.0, weight_decay=weight_decay, betas=(beta1, beta2),
+                           momentum=momentum, nesterov=bool(nesterov))
+
+
+@section("adv")
+@param("attack")
+@param("norm")
+@param("eps")
+@param("n_iter")
+@param("step_size")
+@param("random_start")
+def build_attack(module: nn.Module, seed: int, attack: str, norm: str, eps: str, n_iter: str, step_size: float,
+                 random_start: int):
+    """The training attack on the unwrapped module: one norm, or E-AT's alternation over several."""
+    options: dict[str, Any] = {"seed": seed}
+    if step_size > 0:
+        options["step_size"] = step_size
+    if attack == "pgd":
+        options["random_start"] = bool(random_start)
+    attacks = [create_attack(attack, module, norm=n, eps=e, n_iter=k, **options)
+               for n, e, k in threat_models(norm, eps, n_iter)]
+    return attacks[0] if len(attacks) == 1 else MultiNormAttack(attacks)
+
+
+@section("augment")
+@param("heavy")
+@param("randaugment")
+@param("reprob")
+@param("mixup")
+@param("cutmix")
+@param("mixup_prob")
+@param("mixup_switch_prob")
+def build_augmentation(num_classes: int, label_smoothing: float, device: torch.device, seed: int, heavy: int,
+                       randaugment: str, reprob: float, mixup: float, cutmix: float, mixup_prob: float,
+                       mixup_switch_prob: float):
+    """(augment, mixup, criterion, generator): per-sample heavy augmentation on the device, timm Mixup/CutMix with
+    label smoothing folded into the soft targets, and the matching loss."""
+    if not heavy:
+        return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    augment = GpuAugment(randaugment=randaugment, reprob=reprob, generator=generator)
+    mixup_fn = build_mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                           label_smoothing=label_smoothing, num_classes=num_classes)
+    criterion = SoftTargetCrossEntropy() if mixup_fn is not None else nn.CrossEntropyLoss(
+        label_smoothing=label_smoothing)
+    return augment, mixup_fn, criterion, generator
+
+
+def _eps_warmup(attack, warmup_epochs: float, steps_per_epoch: int):
+    """An ``on_step`` hook scaling every attack's ε linearly from 0 to its configured value over the warm-up."""
+    if warmup_epochs <= 0:
+        return None
+    attacks = attack.attacks if isinstance(attack, MultiNormAttack) else [attack]
+    targets = [a.eps for a in attacks]
+
+    def set_eps(step: int) -> None:
+        scale = min((step + 1) / (warmup_epochs * steps_per_epoch), 1.0)
+        for a, eps in zip(attacks, targets):
+            a.eps = eps * scale
+
+    return set_eps
+
+
+class _SigtermFlag:
+    """Set by SIGTERM (cluster pre-emption); the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.raised = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __call__(self) -> bool:
+        return self.raised
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(config) -> dict[str, Any]:
+    """Train as configured; returns the final metrics (rank 0's view)."""
+    cfg = config_to_dict(config)
+    training, logging_cfg, validation = cfg["training"], cfg["logging"], cfg["validation"]
+    info = init_distributed(training["device"], cfg["dist"]["backend"])
+    run_dir = Path(logging_cfg["folder"])
+    if info.is_primary:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    barrier()
+    setup_logging(info.rank, run_dir / "train.log")
+    seed = training["seed"] + info.rank
+    _seed_everything(seed)
+    stop_flag = _SigtermFlag()
+
+    train_path, val_path = build_datasets(info)
+    classes = read_classes(train_path)
+    num_classes = cfg["data"]["num_classes"] or len(classes)
+    arch, kwargs = model_kwargs(num_classes)
+    module, compiled = build_model(arch, kwargs, info.device)
+    ema = build_ema(module)
+    model = DistributedDataParallel(compiled, device_ids=[info.local_rank] if info.device.type == "cuda" else None) \
+        if info.distributed else compiled
+    optimizer = build_optim(module)
+    precision = training["precision"]
+    scaler = torch.amp.GradScaler(info.device.type) if precision == "fp16" else None
+    augment, mixup, criterion, generator = build_augmentation(num_classes, training["label_smoothing"], info.device,
+                                                              seed)
+    attack = build_attack(module, seed)
+    task = AdversarialTask(model, attack, criterion, mixed_loss=cfg["adv"]["mixed_loss"])
+
+    data = cfg["data"]
+    train_loader = build_train_loader(train_path, batch_size=training["batch_size"],
+                                      resolution=cfg["resolution"]["min_res"], device=info.device,
+                                      num_workers=data["num_workers"], seed=training["seed"],
+                                      distributed=info.distributed, in_memory=bool(data["in_memory"]))
+    steps_per_epoch = len(train_loader) if not training["limit_batches"] else min(training["limit_batches"],
+                                                                                   len(train_loader))
+    res_kwargs = {k: cfg["resolution"][k] for k in ("min_res", "max_res", "start_ramp", "end_ramp", "step")}
+    val_res = validation["resolution"] or resolution_at(training["epochs"] - 1, **res_kwargs)
+    num_val = _beton_length(val_path)
+    shard = list(range(num_val))[info.rank::info.world_size]
+    val_loader = build_val_loader(val_path, batch_size=validation["batch_size"], resolution=val_res,
+                                  device=info.device, num_workers=data["num_workers"], indices=shard)
+    robust_shard = list(range(min(validation["robust_n_ex"], num_val)))[info.rank::info.world_size]
+    robust_loader = build_val_loader(val_path, batch_size=validation["batch_size"], resolution=val_res,
+                                     device=info.device, num_workers=data["num_workers"],
+                                     indices=robust_shard) if robust_shard else None
+
+    start_epoch, step, skip_batches, best = 0, 0, 0, -1.0
+    resume_path = find_resume_checkpoint(training["resume"], run_dir)
+    if resume_path is not None:
+        state = load_checkpoint_file(resume_path)
+        if state.get("arch") != arch:
+            raise ConfigError(f"cannot resume {resume_path}: it holds a {state.get('arch')} but model.arch={arch}")
+        module.load_state_dict(state["model"])
+        if ema is not None and state.get("model_ema") is not None:
+            ema.module.load_state_dict(state["model_ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, skip_batches = state["epoch"], state["step"], state.get("batches_done", 0)
+        best = state.get("best_robust", -1.0)
+        rngs = state.get("rng") or []
+        if len(rngs) == info.world_size:
+            set_rng_state(rngs[info.rank], generator)
+        else:
+            _logger.warning("checkpoint has RNG states for %d ranks, this run has %d: continuing with fresh seeds",
+                            len(rngs), info.world_size)
+        _logger.info("resumed %s: epoch %d, step %d%s", resume_path, start_epoch, step,
+                     f", skipping {skip_batches} finished batches" if skip_batches else "")
+    if info.is_primary:
+        dump_config(config, run_dir / "params.json")
+        _logger.info("training %s (%d classes) on %s x%d, %d steps/epoch", arch, num_classes, info.device,
+                     info.world_size, steps_per_epoch)
+    metrics_writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_primary)
+    eval_attack = build_eval_attack(module, seed)
+    ema_eval_attack = build_eval_attack(ema.module, seed) if ema is not None else None
+
+    def lr_fn(s: int) -> float:
+        return lr_at(s, steps_per_epoch, epochs=training["epochs"], **{k: cfg["lr"][k] for k in (
+            "lr", "schedule", "warmup_epochs", "min_lr", "step_ratio", "step_length")})
+
+    def checkpoint(epoch_done: int, batches_done: int, metrics: dict, names: list[str]) -> None:
+        rngs = gather_objects(rng_state(generator))
+        if not info.is_primary:
+            return
+        state = {"model": module.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                 "epoch": epoch_done, "step": step, "batches_done": batches_done, "arch": arch,
+                 "model_kwargs": kwargs, "config": cfg, "rng": rngs, "metrics": metrics, "best_robust": best}
+        path = save_training_checkpoint(state, run_dir / "checkpoints", names)
+        _logger.info("checkpoint written: %s", path)
+
+    on_step = _eps_warmup(attack, cfg["adv"]["eps_warmup_epochs"], steps_per_epoch)
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, training["epochs"]):
+        res = resolution_at(epoch, **res_kwargs)
+        train_loader.set_resolution(res)
+        train_loader.set_epoch(epoch)
+        result = train_one_epoch(
+            model, task, train_loader, optimizer, device=info.device, epoch=epoch, step=step, lr_fn=lr_fn,
+            precision=precision, scaler=scaler, ema=ema, augment=augment, mixup=mixup, on_step=on_step,
+            grad_clip=training["grad_clip"], num_batches=steps_per_epoch, skip_batches=skip_batches,
+            world_size=info.world_size, log_every=logging_cfg["log_every"], stop_requested=stop_flag,
+            progress=bool(logging_cfg["progress"]) and info.is_primary, resolution=res)
+        skip_batches = 0
+        for record in result.history:
+            metrics_writer.write({"kind": "step", **record})
+        if result.stop_reason == "nonfinite":
+            raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {result.step}: stopped without applying "
+                                  f"that update; the last good checkpoint in {run_dir / 'checkpoints'} is intact "
+                                  "(lower lr.lr, enable training.grad_clip, or use training.precision bf16/fp32)")
+        step = result.step
+        if result.stop_reason == "sigterm":
+            checkpoint(epoch, result.batches, metrics, [])
+            _logger.warning("SIGTERM: checkpoint saved at epoch %d, batch %d; resume with --training.resume auto",
+                            epoch, result.batches)
+            return {"stopped": "sigterm", **metrics}
+        epoch_done = epoch + 1
+        metrics = {"kind": "epoch", "epoch": epoch_done, "step": step, "train_loss": result.loss,
+                   "img_per_s": result.img_per_s, "resolution": res, "lr": lr_fn(step - 1)}
+        last = epoch_done == training["epochs"]
+        every = validation["every"]
+        if last or (every and epoch_done % every == 0):
+            metrics.update(_validate(module, ema, val_loader, robust_loader, eval_attack, ema_eval_attack,
+                                     info.device, precision))
+        robust_key = "ema_robust_top1" if ema is not None else "robust_top1"
+        is_best = robust_key in metrics and metrics[robust_key] > best
+        if is_best:
+            best = metrics[robust_key]
+        metrics_writer.write(metrics)
+        _logger.info("epoch %d: %s", epoch_done, " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "kind"))
+        if last or epoch_done % training["save_every"] == 0 or is_best:
+            checkpoint(epoch_done, 0, metrics, [f"epoch_{epoch_done:04d}.pt"] + (["best.pt"] if is_best else []))
+    return metrics
+
+
+def _beton_length(path: Path) -> int:
+    from ffcv.reader import Reader
+
+    return int(Reader(str(path)).num_samples)
+
+
+@section("validation")
+@param("robust_n_ex")
+@param("robust_n_iter")
+def build_eval_attack(module: nn.Module, seed: int, robust_n_ex: int, robust_n_iter: int):
+    """APGD with ``validation.robust_n_iter`` steps in the first training threat model, for the per-epoch check."""
+    if robust_n_ex == 0:
+        return None
+    config = get_current_config()
+    norm, eps, _ = threat_models(config["adv.norm"], config["adv.eps"], config["adv.n_iter"])[0]
+    return create_attack("apgd", module, norm=norm, eps=eps, n_iter=robust_n_iter, seed=seed)
+
+
+def _validate(module, ema, val_loader, robust_loader, eval_attack, ema_eval_attack, device, precision) -> dict:
+    metrics: dict[str, Any] = {}
+    for prefix, net, attack in (("", module, eval_attack), ("ema_", ema.module if ema is not None else None,
+                                                           ema_eval_attack)):
+        if net is None:
+            continue
+        metrics.update({f"{prefix}{k}": v for k, v in evaluate(net, val_loader, device, precision).items()})
+        if attack is not None and robust_loader is not None:
+            metrics.update({f"{prefix}{k}": v for k, v in robust_accuracy(attack, robust_loader, device,
+                                                                           precision).items()})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = make_config(sys.argv[1:] if argv is None else argv, prog="python -m rat.train")
+        metrics = run(config)
+    except (ConfigError, TrainingStopped, FileNotFoundError) as err:
+        print(f"rat.train: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        cleanup_distributed()
+    if "top1" in metrics:
+        summary = f"clean top-1 {metrics['top1']:.2f}%"
+        if "robust_top1" in metrics:
+            summary += f", robust top-1 {metrics['robust_top1']:.2f}% (APGD, first training threat model)"
+        _logger.info("done: %s; checkpoints in %s", summary,
+                     Path(get_current_config()["logging.folder"]) / "checkpoints")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
