@@ -1,7 +1,7 @@
 """Every fastargs Section of rat, in one place, and the strict front end that builds a Config from YAML files and flags.
 
-Values come, in increasing precedence, from each Param's default, the ``--config-file``/``-C`` YAML (or JSON) files in the
-order given, and ``--section.name value`` flags. Unlike plain fastargs, rat
+Values come, in increasing precedence, from each Param's default, the ``--config-file``/``-C`` YAML (or JSON) files
+in the order given, and ``--section.name value`` flags. Unlike plain fastargs, rat
 
 * rejects a key in a config file that no Section declares (fastargs silently ignores it), naming the key and the closest
   declared one;
@@ -108,7 +108,7 @@ def _declare_sections() -> None:
     Section("data", "Datasets (FFCV .beton files)").params(
         train_dataset=Param(str, "train .beton; empty = the embedded demo dataset (built on first use)", default=""),
         val_dataset=Param(str, "val .beton; empty = the embedded demo dataset's val split", default=""),
-        demo_root=Param(str, "where the demo betons are built and cached; empty = $XDG_CACHE_HOME/rat/demo", default=""),
+        demo_root=Param(str, "where the demo betons are built and cached; empty = ~/.cache/rat/demo", default=""),
         num_workers=Param(_int(0), "FFCV decoding threads per process", default=2),
         in_memory=Param(Flag(), "1: load the whole beton in RAM; 0: read through the OS page cache", default=1),
         num_classes=Param(_int(0), "number of classes; 0 = read from the beton's classes file", default=0),
@@ -125,7 +125,7 @@ def _declare_sections() -> None:
     Section("model", "Architecture").params(
         arch=Param(str, "any timm model name, e.g. convnext_tiny_cvst, vit_small_patch16_cvst, resnet50",
                    default="convnext_micro_cvst"),
-        normalize=Param(Flag(), "1: ImageNet mean/std normalization inside the model (inputs stay in [0,1])", default=1),
+        normalize=Param(Flag(), "1: ImageNet mean/std normalization inside the model (inputs in [0,1])", default=1),
         drop_path=Param(_float(0, 1), "stochastic depth rate", default=0.0),
         init_checkpoint=Param(str, "initialise the weights from this checkpoint (e.g. a clean model); empty = random",
                               default=""),

@@ -1,10 +1,10 @@
-"""The embedded default dataset: "photo digits", a 10-class smoke-test dataset built from data that ships with scikit-learn.
+"""The embedded default dataset: "photo digits", a 10-class smoke-test set built from data shipped with scikit-learn.
 
-No dataset can be downloaded at run time, and no PyPI package ships CIFAR, Imagenette or Tiny-ImageNet. scikit-learn does
-ship two things that are real: ``load_digits`` (1,797 handwritten 8×8 greyscale digits, 10 balanced classes) and two
-colour photographs (``load_sample_images``: a Chinese temple and a flower, 427×640). Each demo image is one digit,
-upscaled with bicubic interpolation to 26–44 px, tinted in a random colour that contrasts with its surroundings and
-alpha-blended at a random position over a random crop (random scale and horizontal flip) of one of the two photos,
+No dataset can be downloaded at run time, and no PyPI package ships CIFAR, Imagenette or Tiny-ImageNet. scikit-learn
+does ship two things that are real: ``load_digits`` (1,797 handwritten 8×8 greyscale digits, 10 balanced classes)
+and two colour photographs (``load_sample_images``: a Chinese temple and a flower, 427×640). Each demo image is one
+digit, upscaled with bicubic interpolation to 26–44 px, tinted in a random colour that contrasts with its surroundings
+and alpha-blended at a random position over a random crop (random scale and horizontal flip) of one of the two photos,
 at 64×64 RGB. The label is the digit's own label.
 
 Split: a class-stratified, seeded split of the 1,797 digits into 1,497 train and 300 val images (every digit is used
@@ -42,14 +42,16 @@ def _background(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.nd
     crop = photo[top:top + side, left:left + side]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    resized = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def _composite(digit: np.ndarray, photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """Blend one 8×8 digit (values 0–16) in a contrasting colour over a photo crop; returns uint8 (size, size, 3)."""
     canvas = _background(photo, rng, size)
     digit_size = int(rng.integers(int(0.4 * size), int(0.7 * size) + 1))
-    alpha_img = Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8)).resize((digit_size, digit_size), Image.BICUBIC)
+    digit_img = Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8))
+    alpha_img = digit_img.resize((digit_size, digit_size), Image.BICUBIC)
     alpha = np.asarray(alpha_img, dtype=np.float32)[..., None] / 255.0
     top = int(rng.integers(0, size - digit_size + 1))
     left = int(rng.integers(0, size - digit_size + 1))

@@ -33,8 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, betas: tuple[float, float] = (0.9, 0.95),
-                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *,
+                    betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.9,
+                    nesterov: bool = False) -> torch.optim.Optimizer:
     """AdamW (betas as given) or SGD (momentum, optional Nesterov), both with the two parameter groups above."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":

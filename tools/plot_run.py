@@ -1,0 +1,56 @@
+"""Draw a run's curves (loss, learning rate, clean and robust accuracy) from its metrics.jsonl to a PNG.
+
+    python tools/plot_run.py RUN_DIR [--out RUN_DIR/curves.png]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rat.logging import read_metrics  # noqa: E402
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1)
+    axes[1].set(title="learning rate", xlabel="step")
+    for key, label in (("top1", "clean"), ("robust_top1", "robust"), ("ema_top1", "EMA clean"),
+                       ("ema_robust_top1", "EMA robust")):
+        points = [(r["epoch"], r[key]) for r in epochs if key in r]
+        if points:
+            axes[2].plot(*zip(*points), marker="o", label=label)
+    axes[2].set(title="val top-1 (%)", xlabel="epoch")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    metrics = args.run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        print(f"plot_run: error: {metrics} not found: give the run directory (--logging.folder) of a training run",
+              file=sys.stderr)
+        return 1
+    print(plot_run(args.run_dir, args.out or args.run_dir / "curves.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
