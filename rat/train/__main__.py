@@ -22,9 +22,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rat.attacks import MultiNormAttack, create_attack
+from rat.attacks import create_attack, eps_warmup_factor
 from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
-from rat.data import GpuAugment, build_mixup, build_train_loader, build_val_loader, read_classes
+from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info, read_classes
 from rat.data.demo import ensure_demo_betons
 from rat.logging import MetricsWriter, setup_logging
 from rat.models import create_model, load_checkpoint_file
@@ -32,11 +32,12 @@ from rat.train.checkpoint import find_resume_checkpoint, rng_state, save_trainin
 from rat.train.distributed import (
     DistInfo,
     barrier,
+    check_replicas_in_sync,
     cleanup_distributed,
     gather_objects,
     init_distributed,
 )
-from rat.train.engine import AdversarialTask, evaluate, robust_accuracy, train_one_epoch
+from rat.train.engine import evaluate, robust_accuracy, train_one_epoch
 from rat.train.optim import build_optimizer, lr_at, resolution_at
 
 _logger = logging.getLogger("rat.train")
@@ -77,8 +78,11 @@ def build_datasets(info: DistInfo, train_dataset: str, val_dataset: str, demo_ro
 @param("arch")
 @param("normalize")
 @param("drop_path")
-def model_kwargs(num_classes: int, arch: str, normalize: int, drop_path: float) -> tuple[str, dict[str, Any]]:
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "normalize": bool(normalize)}
+def model_kwargs(num_classes: int, img_size: int, arch: str, normalize: int,
+                 drop_path: float) -> tuple[str, dict[str, Any]]:
+    """Architecture name and the ``create_model`` kwargs a checkpoint records (``img_size``: the final training
+    resolution, which sizes a ViT's position embedding; convolutional models ignore it)."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "normalize": bool(normalize), "img_size": img_size}
     if drop_path > 0:
         kwargs["drop_path_rate"] = drop_path
     return arch, kwargs
@@ -131,14 +135,14 @@ def build_optim(module: nn.Module, optimizer: str, weight_decay: float, beta1: f
 def build_attack(module: nn.Module, seed: int, attack: str, norm: str, eps: str, n_iter: str, step_size: float,
                  random_start: int):
     """The training attack on the unwrapped module: one norm, or E-AT's alternation over several."""
-    options: dict[str, Any] = {"seed": seed}
-    if step_size > 0:
+    options: dict[str, Any] = {}
+    if step_size > 0 and attack != "none":
         options["step_size"] = step_size
     if attack == "pgd":
         options["random_start"] = bool(random_start)
-    attacks = [create_attack(attack, module, norm=n, eps=e, n_iter=k, **options)
-               for n, e, k in threat_models(norm, eps, n_iter)]
-    return attacks[0] if len(attacks) == 1 else MultiNormAttack(attacks)
+    norms, eps_values, iters = zip(*threat_models(norm, eps, n_iter))
+    return create_attack(attack, module, norm=list(norms), eps=list(eps_values), n_iter=list(iters), seed=seed,
+                         **options)
 
 
 @section("augment")
@@ -149,34 +153,34 @@ def build_attack(module: nn.Module, seed: int, attack: str, norm: str, eps: str,
 @param("cutmix")
 @param("mixup_prob")
 @param("mixup_switch_prob")
-def build_augmentation(num_classes: int, label_smoothing: float, device: torch.device, seed: int, heavy: int,
+def build_augmentation(num_classes: int, label_smoothing: float, seed: int, heavy: int,
                        randaugment: str, reprob: float, mixup: float, cutmix: float, mixup_prob: float,
                        mixup_switch_prob: float):
-    """(augment, mixup, criterion, generator): per-sample heavy augmentation on the device, timm Mixup/CutMix with
-    label smoothing folded into the soft targets, and the matching loss."""
+    """(augment, mixup, criterion, generator): per-sample heavy augmentation on the device (its random parameters
+    drawn from ``generator``, a seeded CPU generator saved in checkpoints), timm Mixup/CutMix with label smoothing
+    folded into the soft targets, and the matching loss."""
     if not heavy:
         return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    augment = GpuAugment(randaugment=randaugment, reprob=reprob, generator=generator)
-    mixup_fn = build_mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
-                           label_smoothing=label_smoothing, num_classes=num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    batch_augment = build_augment(randaugment, re_prob=reprob)
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        return batch_augment(x, generator)
+
+    mixup_fn = build_mixup(mixup, cutmix, mixup_switch_prob, label_smoothing, num_classes=num_classes,
+                           prob=mixup_prob)
     criterion = SoftTargetCrossEntropy() if mixup_fn is not None else nn.CrossEntropyLoss(
         label_smoothing=label_smoothing)
     return augment, mixup_fn, criterion, generator
 
 
 def _eps_warmup(attack, warmup_epochs: float, steps_per_epoch: int):
-    """An ``on_step`` hook scaling every attack's ε linearly from 0 to its configured value over the warm-up."""
+    """An ``on_step`` hook scaling the attack's ε linearly from 0 to its configured value over the warm-up."""
     if warmup_epochs <= 0:
         return None
-    attacks = attack.attacks if isinstance(attack, MultiNormAttack) else [attack]
-    targets = [a.eps for a in attacks]
 
     def set_eps(step: int) -> None:
-        scale = min((step + 1) / (warmup_epochs * steps_per_epoch), 1.0)
-        for a, eps in zip(attacks, targets):
-            a.eps = eps * scale
+        attack.set_eps_scale(eps_warmup_factor((step + 1) / steps_per_epoch, warmup_epochs))
 
     return set_eps
 
@@ -218,7 +222,7 @@ def run(config) -> dict[str, Any]:
     train_path, val_path = build_datasets(info)
     classes = read_classes(train_path)
     num_classes = cfg["data"]["num_classes"] or len(classes)
-    arch, kwargs = model_kwargs(num_classes)
+    arch, kwargs = model_kwargs(num_classes, cfg["resolution"]["max_res"])
     module, compiled = build_model(arch, kwargs, info.device)
     ema = build_ema(module)
     model = DistributedDataParallel(compiled, device_ids=[info.local_rank] if info.device.type == "cuda" else None) \
@@ -226,10 +230,8 @@ def run(config) -> dict[str, Any]:
     optimizer = build_optim(module)
     precision = training["precision"]
     scaler = torch.amp.GradScaler(info.device.type) if precision == "fp16" else None
-    augment, mixup, criterion, generator = build_augmentation(num_classes, training["label_smoothing"], info.device,
-                                                              seed)
+    augment, mixup, criterion, generator = build_augmentation(num_classes, training["label_smoothing"], seed)
     attack = build_attack(module, seed)
-    task = AdversarialTask(model, attack, criterion, mixed_loss=cfg["adv"]["mixed_loss"])
 
     data = cfg["data"]
     train_loader = build_train_loader(train_path, batch_size=training["batch_size"],
@@ -240,7 +242,7 @@ def run(config) -> dict[str, Any]:
                                                                                    len(train_loader))
     res_kwargs = {k: cfg["resolution"][k] for k in ("min_res", "max_res", "start_ramp", "end_ramp", "step")}
     val_res = validation["resolution"] or resolution_at(training["epochs"] - 1, **res_kwargs)
-    num_val = _beton_length(val_path)
+    num_val = read_beton_info(val_path)["num_samples"]
     shard = list(range(num_val))[info.rank::info.world_size]
     val_loader = build_val_loader(val_path, batch_size=validation["batch_size"], resolution=val_res,
                                   device=info.device, num_workers=data["num_workers"], indices=shard)
@@ -263,6 +265,7 @@ def run(config) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, skip_batches = state["epoch"], state["step"], state.get("batches_done", 0)
         best = state.get("best_robust", -1.0)
+        attack.load_state_dict(state["attack"])
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank], generator)
@@ -284,12 +287,14 @@ def run(config) -> dict[str, Any]:
             "lr", "schedule", "warmup_epochs", "min_lr", "step_ratio", "step_length")})
 
     def checkpoint(epoch_done: int, batches_done: int, metrics: dict, names: list[str]) -> None:
+        in_sync = check_replicas_in_sync(module)
         rngs = gather_objects(rng_state(generator))
         if not info.is_primary:
             return
         state = {"model": module.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                  "epoch": epoch_done, "step": step, "batches_done": batches_done, "arch": arch,
+                 "attack": attack.state_dict(), "replicas_in_sync": in_sync,
                  "model_kwargs": kwargs, "config": cfg, "rng": rngs, "metrics": metrics, "best_robust": best}
         path = save_training_checkpoint(state, run_dir / "checkpoints", names)
         _logger.info("checkpoint written: %s", path)
@@ -301,7 +306,8 @@ def run(config) -> dict[str, Any]:
         train_loader.set_resolution(res)
         train_loader.set_epoch(epoch)
         result = train_one_epoch(
-            model, task, train_loader, optimizer, device=info.device, epoch=epoch, step=step, lr_fn=lr_fn,
+            model, attack, criterion, train_loader, optimizer, mixed_loss=cfg["adv"]["mixed_loss"],
+            device=info.device, epoch=epoch, step=step, lr_fn=lr_fn,
             precision=precision, scaler=scaler, ema=ema, augment=augment, mixup=mixup, on_step=on_step,
             grad_clip=training["grad_clip"], num_batches=steps_per_epoch, skip_batches=skip_batches,
             world_size=info.world_size, log_every=logging_cfg["log_every"], stop_requested=stop_flag,
@@ -337,12 +343,6 @@ def run(config) -> dict[str, Any]:
         if last or epoch_done % training["save_every"] == 0 or is_best:
             checkpoint(epoch_done, 0, metrics, [f"epoch_{epoch_done:04d}.pt"] + (["best.pt"] if is_best else []))
     return metrics
-
-
-def _beton_length(path: Path) -> int:
-    from ffcv.reader import Reader
-
-    return int(Reader(str(path)).num_samples)
 
 
 @section("validation")

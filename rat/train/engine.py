@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rat.attacks import Attack, adversarial_loss
 from rat.train.distributed import all_reduce_sum
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,38 +25,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[precision])
-
-
-class AdversarialTask:
-    """Turns a batch into the training loss: attack (on the unwrapped module, which the attack puts in eval mode and
-    restores), then the loss on the adversarial inputs, optionally mixed with the clean loss.
-
-    Args:
-        model: the module to train (DDP-wrapped or not): the loss's forward pass goes through it, so DDP all-reduces.
-        attack: any rat attack (``NoAttack`` for clean training); built on the unwrapped module so DDP does not
-            synchronise during the attack's forward/backward passes.
-        criterion: loss on (logits, target); target is int labels or soft (mixup) targets.
-        mixed_loss: weight w of the clean loss: ``(1 - w) * adv + w * clean`` (0 = adversarial only). Clean and
-            adversarial inputs go through the model in one concatenated batch.
-    """
-
-    def __init__(self, model: nn.Module, attack, criterion: nn.Module, mixed_loss: float = 0.0):
-        self.model = model
-        self.attack = attack
-        self.criterion = criterion
-        self.mixed_loss = mixed_loss
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss, logits on the adversarial inputs)."""
-        x_adv = self.attack.perturb(x, target)
-        if self.mixed_loss > 0:
-            logits = self.model(torch.cat([x_adv, x]))
-            adv_logits, clean_logits = logits.split(x.shape[0])
-            loss = ((1 - self.mixed_loss) * self.criterion(adv_logits, target)
-                    + self.mixed_loss * self.criterion(clean_logits, target))
-            return loss, adv_logits
-        logits = self.model(x_adv)
-        return self.criterion(logits, target), logits
 
 
 @dataclass
@@ -75,10 +44,12 @@ class EpochResult:
 
 def train_one_epoch(
     model: nn.Module,
-    task: AdversarialTask,
+    attack: Attack,
+    criterion: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     *,
+    mixed_loss: float = 0.0,
     device: torch.device,
     epoch: int,
     step: int,
@@ -99,6 +70,10 @@ def train_one_epoch(
     resolution: int | None = None,
 ) -> EpochResult:
     """Train for one epoch (or ``num_batches`` batches), starting at global step ``step``.
+
+    Each step: per-sample augmentation and mixup on the device, then ``rat.attacks.adversarial_loss`` — the attack
+    runs on the unwrapped module (in eval mode, restored after; DDP does not synchronise during it), the loss on the
+    adversarial inputs (mixed with the clean loss when ``mixed_loss`` > 0) goes through ``model`` (DDP-wrapped).
 
     ``skip_batches`` batches at the start are read and discarded (resuming a checkpoint written mid-epoch).
     ``on_step(step)`` runs before each update (e.g. the ε warm-up). ``ema`` is a timm ``ModelEmaV3``; it is updated
@@ -131,7 +106,7 @@ def train_one_epoch(
         if mixup is not None:
             x, target = mixup(x, y)
         with autocast(device, precision):
-            loss, _ = task(x, target)
+            loss = adversarial_loss(model, attack, criterion, x, target, clean_weight=mixed_loss).loss
         flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
                              torch.tensor(float(stop_requested()), device=loss.device)])
         flags = all_reduce_sum(flags)
