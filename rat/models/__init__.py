@@ -1,0 +1,29 @@
+"""rat models: ConvStem ViTs and ConvNeXts as timm models, a [0, 1]-input factory, safe strict checkpoint loading.
+
+Importing this package registers the ``*_cvst`` architectures with timm (``timm.list_models('*_cvst')``).
+"""
+from .checkpoint import CheckpointError, load_checkpoint_file, select_state_dict, unwrap_state_dict
+from .convnext_cvst import ConvNeXtCvSt
+from .convnext_iso_cvst import ConvNeXtIsotropicCvSt
+from .factory import NormalizedModel, create_model, create_model_from_checkpoint, load_checkpoint_into
+from .flops import count_flops, count_params
+from .layers import ConvStem, ImageNormalizer
+from .vit_cvst import ConvStemPatchEmbed
+
+__all__ = [
+    "CheckpointError",
+    "ConvNeXtCvSt",
+    "ConvNeXtIsotropicCvSt",
+    "ConvStem",
+    "ConvStemPatchEmbed",
+    "ImageNormalizer",
+    "NormalizedModel",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "create_model_from_checkpoint",
+    "load_checkpoint_file",
+    "load_checkpoint_into",
+    "select_state_dict",
+    "unwrap_state_dict",
+]

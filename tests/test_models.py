@@ -1,0 +1,545 @@
+"""Tests of rat.models: registry, paper parameter counts, forward/backward, checkpoint layouts, safety, resolution.
+
+Big models are built on the meta device (no memory, no compute); real CPU passes use the micro variants at 32-64 px.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.utils import ModelEmaV3
+from torch import nn
+
+import rat.models as rm
+from rat.models import CheckpointError, create_model
+
+REPO = Path(__file__).resolve().parents[1]
+CVST_MODELS = timm.list_models("*_cvst")
+# Parameter counts of the paper's models (ImageNet-1k head), the acceptance criterion of the rebuild.
+PAPER_PARAMS = {
+    "convnext_tiny_cvst": 28_627_432,
+    "convnext_small_cvst": 50_261_992,
+    "convnext_base_cvst": 88_753_416,
+    "convnext_large_cvst": 198_134_680,
+    "vit_small_patch16_cvst": 22_777_576,
+    "vit_medium_patch16_cvst": 39_527_272,
+    "vit_base_patch16_cvst": 87_147_112,
+    "convnext_iso_small_cvst": 23_035_624,
+}
+MICRO = ["convnext_micro_cvst", "vit_micro_patch16_cvst"]
+MAX_CPU_PARAMS = 25_000_000  # larger models run on the meta device only (2 shared CPU cores)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Small builds of each family for checkpoint tests: (name, kwargs for create_model, resolution).
+SMALL_BUILDS = {
+    "convnext": ("convnext_micro_cvst", {}, 32),
+    "vit": ("vit_micro_patch16_cvst", {"img_size": 32}, 32),
+    "vit_ls": ("vit_micro_patch16_cvst", {"img_size": 32, "init_values": 1e-6, "no_embed_class": True}, 32),
+    "iso": ("convnext_iso_small_cvst", {"dim": 32, "depth": 2, "stem_channels": (8, 16, 32, 32)}, 32),
+}
+
+
+def _build(family: str, **extra) -> tuple[nn.Module, str, dict, int]:
+    name, kwargs, res = SMALL_BUILDS[family]
+    kwargs = dict(kwargs, **extra)
+    img_size = kwargs.pop("img_size", None)
+    torch.manual_seed(0)
+    model = create_model(name, img_size=img_size, **kwargs).eval()
+    _randomize(model)
+    return model, name, kwargs, res
+
+
+def _randomize(model: nn.Module) -> None:
+    """Make every parameter non-trivial (LayerScale, norms, pos_embed) so that a dropped or swapped key shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+
+
+def _inputs(res: int, n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed))
+
+
+def _to_reference(inner_sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Rename rat/timm keys to the revisiting-at names: ConvStem as nn.Sequential(conv, LN, GELU, ...)."""
+    stem_rat, stem_ref = ("patch_embed.proj.", "patch_embed.proj.stem.") if family.startswith("vit") else (
+        "stem.", "stem.stem.")
+    out = {}
+    for k, v in inner_sd.items():
+        m = re.match(re.escape(stem_rat) + r"(\d+)\.(conv|bn)\.(weight|bias)$", k)
+        if m:
+            k = f"{stem_ref}{3 * int(m.group(1)) + (0 if m.group(2) == 'conv' else 1)}.{m.group(3)}"
+        if family == "iso":
+            k = re.sub(r"\.conv_dw\.", ".dwconv.", k)
+            k = re.sub(r"\.mlp\.fc([12])\.", r".pwconv\1.", k)
+            k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        out[k] = v.clone()
+    return out
+
+
+def _reference_layouts(inner_sd: dict[str, torch.Tensor], family: str) -> dict[str, tuple[dict, bool]]:
+    """Checkpoints in the layouts the paper's code wrote: name -> (checkpoint, trained with normalization)."""
+    ref = _to_reference(inner_sd, family)
+    norm = {"normalize.mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+            "normalize.std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)}
+    normalized = {**norm, **{f"model.{k}": v for k, v in ref.items()}}  # normalize_model(model)
+    ddp = {f"module.base_model.{k}": v for k, v in normalized.items()}  # DDP(WrappedModel(.)) weights_N.pt
+    ema = {f"base_model.{k}": v for k, v in normalized.items()}  # weights_ema_N.pt
+    return {
+        "ddp_wrapped_normalized": (ddp, True),
+        "ema_wrapped_normalized": (ema, True),
+        "robustbench_normalized": (normalized, True),
+        "ddp_no_normalization": ({f"module.{k}": v for k, v in ref.items()}, False),
+        "bare_reference": (ref, False),
+        "full_training_checkpoint": ({"model_state_dict": ddp, "optimizer_state_dict": {"state": {}},
+                                      "epoch": 3, "state_dict_ema": ema}, True),
+    }
+
+
+def _assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+# --- registry and parameter counts -----------------------------------------------------------------------------------
+
+def test_registry_lists_all_cvst_models() -> None:
+    expected = set(PAPER_PARAMS) | set(MICRO)
+    assert expected == set(CVST_MODELS)
+    for name in PAPER_PARAMS:
+        cfg = timm.models.get_pretrained_cfg(name)  # the default tag
+        assert cfg.tag == "rat_in1k_linf4" and not cfg.has_weights  # local files only, nothing to download
+        assert cfg.mean == IMAGENET_MEAN and cfg.std == IMAGENET_STD
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_paper_parameter_counts(name: str) -> None:
+    with torch.device("meta"):
+        timm_model = timm.create_model(name)
+        rat_model = create_model(name)
+    assert rm.count_params(timm_model) == PAPER_PARAMS[name]
+    assert rm.count_params(rat_model) == PAPER_PARAMS[name]  # the normalizing wrapper adds no parameters
+
+
+@pytest.mark.parametrize("name", MICRO)
+def test_micro_models_are_small(name: str) -> None:
+    assert rm.count_params(create_model(name)) < 1_000_000
+
+
+def test_stem_layouts() -> None:
+    with torch.device("meta"):
+        convnext_b = timm.create_model("convnext_base_cvst")
+        vit_m = timm.create_model("vit_medium_patch16_cvst")
+    assert convnext_b.stem.channels == (64, 96, 128) and convnext_b.stem.strides == (2, 2, 1)
+    assert not convnext_b.stem.has_proj
+    stem = vit_m.patch_embed.proj
+    assert stem.channels == (48, 96, 192, 384) and stem.stride == 16 and stem.out_chs == 512 and stem.has_proj
+    assert vit_m.no_embed_class and vit_m.blocks[0].ls1.gamma.shape == (512,)
+
+
+# --- forward / backward ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CVST_MODELS)
+def test_forward_backward_meta(name: str) -> None:
+    with torch.device("meta"):
+        model = create_model(name, img_size=64, num_classes=7)
+        out = model(torch.rand(2, 3, 64, 64))
+        out.sum().backward()
+    assert out.shape == (2, 7)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", CVST_MODELS)
+@pytest.mark.timeout(120)
+def test_forward_backward_cpu(name: str) -> None:
+    with torch.device("meta"):
+        size = rm.count_params(timm.create_model(name))
+    if size > MAX_CPU_PARAMS:
+        pytest.skip(f"{name} has {size / 1e6:.0f}M parameters; covered on the meta device")
+    torch.manual_seed(0)
+    res = 32
+    model = create_model(name, img_size=res, num_classes=5)
+    x = _inputs(res)
+    out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters without gradient (DDP would need find_unused_parameters): {unused[:5]}"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.to(memory_format=torch.channels_last)(x), model(x.contiguous()))
+
+
+@pytest.mark.parametrize("name", MICRO)
+@pytest.mark.parametrize("res", [32, 48, 64])
+def test_micro_models_run_at_small_resolutions(name: str, res: int) -> None:
+    model = create_model(name, img_size=res, num_classes=10).eval()
+    with torch.no_grad():
+        out = model(_inputs(res))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny", "vit_small_patch16_224"])
+def test_generic_timm_models_through_the_same_entry_point(name: str) -> None:
+    with torch.device("meta"):
+        model = create_model(name, num_classes=3)
+        out = model(torch.rand(1, 3, 224, 224))
+    assert out.shape == (1, 3)
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert model.input_mean == tuple(cfg.mean) and model.input_std == tuple(cfg.std)
+
+
+def test_generic_timm_vit_checkpoint_and_resolution(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4).eval()
+    _randomize(model)
+    path = tmp_path / "vit_tiny.pt"
+    torch.save({"model": model.state_dict(), "arch": "vit_tiny_patch16_224",
+                "model_kwargs": {"depth": 2, "num_classes": 4, "img_size": 32}}, path)
+    _assert_same_outputs(model, rm.create_model_from_checkpoint(path), _inputs(32))
+    big = rm.create_model_from_checkpoint(path, img_size=64)
+    assert big.model.pos_embed.shape == (1, 17, 192) and big.model.patch_embed.img_size == (64, 64)
+    assert big.input_mean == (0.5, 0.5, 0.5)  # normalization from this model's own pretrained cfg
+
+
+@pytest.mark.parametrize("name", CVST_MODELS)
+def test_features_only(name: str) -> None:
+    res = timm.models.get_pretrained_cfg(name).input_size[-1]
+    with torch.device("meta"):
+        model = timm.create_model(name, features_only=True)
+        feats = model(torch.rand(1, 3, res, res))
+    assert len(feats) >= 3 and all(f.ndim == 4 for f in feats)
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match="unknown model 'convnext_tiny_cvts'"):
+        create_model("convnext_tiny_cvts")
+
+
+# --- input normalization ---------------------------------------------------------------------------------------------
+
+def test_normalization_is_inside_the_model() -> None:
+    model = create_model("convnext_micro_cvst").eval()
+    x = _inputs(64)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.model((x - mean) / std))
+    assert model.pretrained_cfg["mean"] == (0.0, 0.0, 0.0) and model.pretrained_cfg["std"] == (1.0, 1.0, 1.0)
+    assert model.model.pretrained_cfg["mean"] == IMAGENET_MEAN
+    assert not any(k.startswith("normalize") for k in model.state_dict())  # mean/std come from the cfg
+
+    raw = create_model("convnext_micro_cvst", normalize=False).eval()
+    raw.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(raw(x), model.model(x))
+    assert raw.input_mean is None and raw.pretrained_cfg["mean"] == IMAGENET_MEAN
+
+
+# --- checkpoints: rat layouts ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(SMALL_BUILDS))
+def test_rat_state_dict_round_trip(family: str, tmp_path: Path) -> None:
+    model, name, kwargs, res = _build(family)
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    _assert_same_outputs(model, create_model(name, checkpoint=path, **kwargs), _inputs(res))
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model, name, kwargs, res = _build("vit")
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    _assert_same_outputs(model, create_model(name, checkpoint=path, **kwargs), _inputs(res))
+
+
+def test_trainer_checkpoint_model_ema_and_kwargs(tmp_path: Path) -> None:
+    model, name, kwargs, res = _build("vit", num_classes=10)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    ema.update(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(_inputs(res)).sum().backward()
+    optimizer.step()
+    model_kwargs = {"num_classes": 10, "normalize": True, "drop_path_rate": 0.1, "img_size": 32}
+    ckpt = {"model": model.state_dict(), "model_ema": ema.module.state_dict(), "arch": name,
+            "model_kwargs": model_kwargs, "optimizer": optimizer.state_dict(), "epoch": 3,
+            "config": {"adv.eps": 4 / 255, "model.arch": name}, "metrics": {"top1": 0.5}}
+    path = tmp_path / "checkpoint.pt"
+    torch.save(ckpt, path)
+    x = _inputs(res)
+    _assert_same_outputs(model, create_model(name, checkpoint=path, num_classes=10), x)
+    _assert_same_outputs(ema.module, create_model(name, checkpoint=path, use_ema=True, num_classes=10), x)
+    rebuilt = rm.create_model_from_checkpoint(path)
+    assert rebuilt.num_classes == 10 and rebuilt.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    _assert_same_outputs(model, rebuilt, x)
+    # the EMA wrapper's own state_dict (module.-prefixed) loads too
+    _assert_same_outputs(ema.module, create_model(name, checkpoint=ema.state_dict(), num_classes=10), x)
+
+
+@pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
+def test_ddp_and_ema_wrap_the_model(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    model, name, kwargs, res = _build("convnext", num_classes=10)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ema = ModelEmaV3(model, decay=0.9)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp.train()
+        loss = F.cross_entropy(ddp(_inputs(res)), torch.tensor([1, 2]))
+        loss.backward()
+        ema.update(model)
+        path = tmp_path / "ddp.pt"
+        torch.save(ddp.state_dict(), path)  # module.model.* keys
+    finally:
+        dist.destroy_process_group()
+    _assert_same_outputs(model, create_model(name, checkpoint=path, num_classes=10), _inputs(res))
+
+
+# --- checkpoints: revisiting-at layouts ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["convnext", "iso", "vit"])
+@pytest.mark.parametrize("layout", ["ddp_wrapped_normalized", "ema_wrapped_normalized", "robustbench_normalized",
+                                    "ddp_no_normalization", "bare_reference", "full_training_checkpoint"])
+def test_reference_layouts_load(family: str, layout: str, tmp_path: Path) -> None:
+    model, name, kwargs, res = _build(family)
+    ckpt, normalized = _reference_layouts(model.model.state_dict(), family)[layout]
+    path = tmp_path / "released.pt"
+    torch.save(ckpt, path)
+    loaded = create_model(name, checkpoint=path, normalize=normalized, **kwargs)
+    x = _inputs(res)
+    if normalized:
+        _assert_same_outputs(model, loaded, x)
+    else:
+        _assert_same_outputs(model.model, loaded, x)  # a model trained on raw [0, 1] inputs
+    if layout == "full_training_checkpoint":
+        _assert_same_outputs(model, create_model(name, checkpoint=path, use_ema=True, **kwargs), x)
+
+
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+def test_reference_layout_through_timm_pretrained_file(family: str, tmp_path: Path) -> None:
+    model, name, kwargs, res = _build(family)
+    ckpt, _ = _reference_layouts(model.model.state_dict(), family)["ddp_wrapped_normalized"]
+    path = tmp_path / "released.pt"
+    torch.save(ckpt, path)
+    if family == "vit":
+        kwargs = dict(kwargs, img_size=res)
+    timm_model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    x = _inputs(res)
+    _assert_same_outputs(model, nn.Sequential(model.normalize, timm_model), x)
+
+
+def test_reference_stem_is_functionally_equivalent() -> None:
+    """A stem laid out like the paper's (conv, channels-first LN eps 1e-6, GELU, ..., 1x1) computes the same."""
+    torch.manual_seed(0)
+    channels, strides, out_chs = (8, 16, 32), (2, 2, 1), 24
+    ref_layers: list[nn.Module] = []
+    in_chs = 3
+    for chs, stride in zip(channels, strides):
+        ref_layers += [nn.Conv2d(in_chs, chs, 3, stride, 1), nn.GroupNorm(1, chs), nn.GELU()]
+        in_chs = chs
+    ref_layers.append(nn.Conv2d(in_chs, out_chs, 1))
+    ref = nn.Sequential(*ref_layers)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+
+    def forward_ref(x: torch.Tensor) -> torch.Tensor:
+        for layer in ref:
+            if isinstance(layer, nn.GroupNorm):  # LayerNorm over the channel dimension only, eps 1e-6
+                u = x.mean(1, keepdim=True)
+                s = (x - u).pow(2).mean(1, keepdim=True)
+                x = (x - u) / torch.sqrt(s + 1e-6) * layer.weight[:, None, None] + layer.bias[:, None, None]
+            else:
+                x = layer(x)
+        return x
+
+    stem = rm.ConvStem(3, channels, strides, out_chs=out_chs)
+    ref_sd = {f"stem.stem.{k}": v for k, v in ref.state_dict().items()}
+    mapped = rm.checkpoint.remap_reference_stem(ref_sd, "stem.stem.", "stem.")
+    rm.checkpoint.load_state_dict_strict(stem, {k[len("stem."):]: v for k, v in mapped.items()})
+    x = torch.randn(2, 3, 24, 24)
+    torch.testing.assert_close(stem(x), forward_ref(x), rtol=1e-5, atol=1e-5)
+
+
+# --- checkpoints: strict errors and safety ---------------------------------------------------------------------------
+
+def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    vit, _, _, _ = _build("vit")
+    path = tmp_path / "vit.pt"
+    torch.save(vit.state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        create_model("convnext_micro_cvst", checkpoint=path)
+    message = str(info.value)
+    assert str(path) in message and "missing keys: " in message and "unexpected keys: " in message
+    assert "missing keys: head.fc.bias, head.fc.weight" in message and "unexpected keys: blocks.0.attn" in message
+    assert "(72 in all)" in message  # every convnext key is listed as missing, the list shortened in the message
+
+
+def test_shape_mismatch_and_stray_key_are_reported(tmp_path: Path) -> None:
+    model, name, _, _ = _build("convnext", num_classes=10)
+    sd = model.state_dict()
+    sd["model.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "w.pt"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"unexpected keys: extra\.weight.*shape mismatches: head\.fc\.bias: "
+                                              r"checkpoint \(10,\) vs model \(1000,\)"):
+        create_model(name, checkpoint=path)
+
+
+def test_trainer_checkpoint_errors(tmp_path: Path) -> None:
+    model, name, _, _ = _build("convnext", num_classes=10)
+    ckpt = {"model": model.state_dict(), "model_ema": None, "arch": name, "model_kwargs": {"num_classes": 10}}
+    with pytest.raises(CheckpointError, match="holds a 'convnext_micro_cvst' model, not 'vit_micro_patch16_cvst'"):
+        create_model("vit_micro_patch16_cvst", checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        create_model(name, checkpoint=ckpt, use_ema=True, num_classes=10)
+    with pytest.raises(CheckpointError, match="create_model_from_checkpoint"):
+        create_model(name, checkpoint=ckpt)  # num_classes forgotten: the hint names the recorded kwargs
+    with pytest.raises(CheckpointError, match="not a rat trainer checkpoint"):
+        rm.create_model_from_checkpoint(model.state_dict())
+
+
+def test_reference_normalization_is_checked() -> None:
+    model, name, _, _ = _build("convnext")
+    ckpt, _ = _reference_layouts(model.model.state_dict(), "convnext")["robustbench_normalized"]
+    with pytest.raises(CheckpointError, match="create it with normalize=True"):
+        create_model(name, checkpoint=ckpt, normalize=False)
+    ckpt["normalize.mean"] = torch.full((1, 3, 1, 1), 0.5)
+    with pytest.raises(CheckpointError, match=r"normalizes inputs with mean=\[0.5, 0.5, 0.5\]"):
+        create_model(name, checkpoint=ckpt)
+
+
+class _Payload:
+    """Pickles to a call of exec: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("fmt", ["torch_zip", "torch_legacy", "raw_pickle"])
+def test_malicious_pickle_is_refused_not_executed(fmt: str, tmp_path: Path) -> None:
+    model, name, _, _ = _build("convnext")
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    payload = {"model": model.state_dict(), "arch": name, "extra": _Payload(marker)}
+    if fmt == "raw_pickle":
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=fmt == "torch_zip")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*Unsupported global"):
+        rm.load_checkpoint_file(path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        create_model(name, checkpoint=path)
+    assert not marker.exists()
+    # the payload does run when unpickled unsafely (so the test above can fail)
+    if fmt == "raw_pickle":
+        with open(path, "rb") as f:
+            pickle.load(f)
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        rm.load_checkpoint_file(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        rm.load_checkpoint_file(bad)
+
+
+# --- resolution ------------------------------------------------------------------------------------------------------
+
+def test_vit_resolution_round_trip_and_change(tmp_path: Path) -> None:
+    model, name, kwargs, res = _build("vit")
+    with torch.no_grad():
+        model.model.pos_embed.normal_(0, 1.0)  # strong position signal: zeros or a wrong grid would show
+    path = tmp_path / "vit32.pt"
+    torch.save(model.state_dict(), path)
+    x = _inputs(res)
+
+    # same resolution (given, or read from the checkpoint): unchanged
+    _assert_same_outputs(model, create_model(name, checkpoint=path, img_size=32), x)
+    _assert_same_outputs(model, create_model(name, checkpoint=path), x)
+
+    # new resolution: pos_embed resampled (not zeroed), outputs finite and input-dependent
+    big = create_model(name, checkpoint=path, img_size=64).eval()
+    expected = resample_abs_pos_embed(model.model.pos_embed.detach(), new_size=[4, 4], old_size=[2, 2],
+                                      num_prefix_tokens=1)
+    torch.testing.assert_close(big.model.pos_embed.detach(), expected)
+    assert big.model.pos_embed[:, 1:].abs().sum() > 0
+    with torch.no_grad():
+        y1, y2 = big(_inputs(64, seed=1)), big(_inputs(64, seed=2))
+    assert torch.isfinite(y1).all() and not torch.allclose(y1, y2)
+
+    # set_input_size through the wrapper, as the evaluator does between resolutions
+    model.set_input_size(48)
+    with torch.no_grad():
+        assert torch.isfinite(model(_inputs(48))).all()
+
+
+def test_vit_no_embed_class_resolution(tmp_path: Path) -> None:
+    model, name, kwargs, _ = _build("vit_ls")
+    path = tmp_path / "vitm.pt"
+    torch.save(model.state_dict(), path)
+    big = create_model(name, checkpoint=path, img_size=64, **kwargs).eval()
+    assert big.model.pos_embed.shape == (1, 16, 64)
+    with torch.no_grad():
+        assert torch.isfinite(big(_inputs(64))).all()
+
+
+@pytest.mark.parametrize("res", [224, 256, 288, 320, 384])
+def test_eval_resolutions_of_paper_models(res: int) -> None:
+    with torch.device("meta"):
+        vit = create_model("vit_small_patch16_cvst", img_size=res)
+        convnext = create_model("convnext_tiny_cvst", img_size=res)
+        x = torch.rand(1, 3, res, res)
+        assert vit(x).shape == convnext(x).shape == (1, 1000)
+    assert vit.model.pos_embed.shape[1] == 1 + (res // 16) ** 2
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------------------------
+
+def test_count_flops() -> None:
+    model = create_model("convnext_micro_cvst")
+    one = rm.count_flops(model, 64)
+    assert one > 0 and rm.count_flops(model, 64, batch_size=3) == 3 * one
+    assert model.training  # mode restored
+    with torch.device("meta"):
+        tiny = create_model("convnext_tiny_cvst")
+    flops = rm.count_flops(tiny, 224)
+    assert 8.5e9 < flops < 9.5e9  # ~4.6 GMACs, the paper reports 4.5 GFLOPs (fvcore counts MACs)
+
+
+def test_model_info_tool(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("model_info", REPO / "tools" / "model_info.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["convnext_tiny_cvst", "vit_small_patch16_cvst", "--res", "224", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in rows] == ["convnext_tiny_cvst", "vit_small_patch16_cvst"]
+    assert rows[0]["params"] == PAPER_PARAMS["convnext_tiny_cvst"] and rows[0]["res"] == 224
+    assert rows[1]["params"] == PAPER_PARAMS["vit_small_patch16_cvst"] and rows[1]["gflops"] > 0
+    assert tool.main(["vit_micro_patch16_cvst", "--res", "32", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "res   32" in lines[0] and "GFLOPs" in lines[1]
