@@ -1,0 +1,595 @@
+"""Heavy augmentation applied batch-wise on the training device, per sample: RandAugment and random erasing.
+
+timm's RandAugment works on one PIL image at a time, which is why reference code leaves FFCV for a torch
+``DataLoader``. Here the same policy runs on a decoded ``[0, 1]`` batch (any device, any memory format): every image
+draws its own ops, magnitudes, signs and erase boxes, and the images that drew the same op are processed together.
+
+RandAugment semantics matched (timm 1.0 ``rand_augment_transform``, e.g. ``'rand-m9-mstd0.5-inc1'``):
+
+* ``n`` layers (default 2); in each, every image picks one op uniformly (with replacement across layers) and applies
+  it with probability ``p`` (default 0.5);
+* magnitude per image and layer: ``m`` (``mN``), plus Gaussian noise ``mstd`` (uniform in ``[0, m]`` if ``mstd`` >
+  100), clipped to ``[0, mmax]`` (default 10); level = magnitude / 10;
+* ops (``inc1`` set; the ``inc0`` set replaces the *Increasing* ops by the plain ones) and their arguments:
+
+  ==================== ===========================================================================================
+  AutoContrast         per channel, stretch [min, max] to [0, 1]
+  Equalize             per-channel histogram equalization (PIL ``ImageOps.equalize`` on 8-bit values)
+  Invert               ``1 - x``
+  Rotate               ``30 * level`` degrees, random sign, about the centre
+  PosterizeIncreasing  keep ``4 - int(4 * level)`` bits (Posterize: ``int(4 * level)``)
+  SolarizeIncreasing   invert 8-bit values ``>= 256 - int(256 * level)`` (Solarize: ``>= int(256 * level)``)
+  SolarizeAdd          add ``min(128, int(110 * level))`` / 255 to 8-bit values below 128
+  ColorIncreasing      blend with greyscale, factor ``max(0.1, 1 ± 0.9 * level)`` (Color: ``0.1 + 1.8 * level``)
+  ContrastIncreasing   blend with the mean grey level, same factor
+  BrightnessIncreasing blend with black, same factor
+  SharpnessIncreasing  blend with the 3x3 SMOOTH-filtered image (borders kept), same factor
+  ShearX / ShearY      shear ``0.3 * level``, random sign (PIL affine: origin at the top-left corner)
+  TranslateXRel / YRel ``0.45 * level`` of the width / height, random sign
+  ==================== ===========================================================================================
+
+  Geometric ops fill uncovered pixels with ``fill`` (timm uses the transform's mean; the reference recipe ran timm
+  with ``mean=(0, 0, 0)``, hence black, the default) and interpolate bicubic (the reference
+  ``--train_interpolation bicubic``), bilinear, or a per-image random choice of the two (timm's ``'random'``).
+
+Differences from timm, by design: the ops work on float images (timm rounds to 8 bits after every op; the 8-bit ops
+here quantize their input), and geometric ops resample with ``grid_sample``, not PIL, so edge pixels differ slightly.
+
+Random erasing (timm ``RandomErasing`` semantics: probability ``p``; box area ``U(0.02, 1/3)`` of the image over
+``count``; log-uniform aspect in ``[0.3, 1/0.3]``; up to 10 tries for a box that fits; ``'pixel'`` mode fills
+per-pixel normal noise, ``'rand'`` one normal colour per box, ``'const'`` zeros) is implemented batched here: timm's
+loops over images in Python with the global ``random`` module, so it cannot follow a ``torch.Generator``. timm erases
+*normalized* tensors; the noise here is ``mean + std * N(0, 1)`` with ``mean=(0, 0, 0), std=(1, 1, 1)`` by default
+(the reference recipe's un-normalized pipeline) and is clipped to ``[0, 1]``, so batches keep the [0, 1] contract
+that attacks rely on.
+
+Mixup/CutMix and label smoothing are timm's ``Mixup``: :func:`build_mixup`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RAND_INCREASING_OPS", "RAND_OPS", "BatchAugment", "BatchRandAugment", "BatchRandomErasing", "RandAugmentSpec",
+    "build_augment", "build_mixup", "parse_rand_augment",
+]
+
+_logger = logging.getLogger(__name__)
+
+LEVEL_DENOM = 10.0
+RAND_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+RAND_INCREASING_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's ITU-R 601-2 luma, as in Image.convert('L')
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment string (see :func:`parse_rand_augment`)."""
+
+    magnitude: float = 10.0
+    num_layers: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+    magnitude_max: float = LEVEL_DENOM
+    increasing: bool = False
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return RAND_INCREASING_OPS if self.increasing else RAND_OPS
+
+
+def parse_rand_augment(config: str) -> RandAugmentSpec:
+    """Parse a timm RandAugment string such as ``'rand-m9-mstd0.5-inc1'`` (sections ``m n p mstd mmax inc``).
+
+    Raises:
+        ValueError: not a ``rand-...`` string, an unknown section, or a transform-set section (``t...``).
+    """
+    parts = config.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"RandAugment config {config!r} must start with 'rand-' (e.g. 'rand-m9-mstd0.5-inc1')")
+    values: dict[str, float] = {}
+    for part in parts[1:]:
+        if part.startswith("t"):
+            raise ValueError(f"RandAugment config {config!r}: transform sets ('{part}') are not supported; use the "
+                             "default set (inc0) or the increasing set (inc1)")
+        pieces = re.split(r"(\d.*)", part)
+        if len(pieces) < 2 or pieces[0] not in ("m", "n", "p", "mstd", "mmax", "inc"):
+            raise ValueError(f"RandAugment config {config!r}: unknown section {part!r} (known: m, n, p, mstd, "
+                             "mmax, inc)")
+        try:
+            values[pieces[0]] = float(pieces[1])
+        except ValueError as exc:
+            raise ValueError(f"RandAugment config {config!r}: section {part!r} has no number") from exc
+    mstd = values.get("mstd", 0.0)
+    return RandAugmentSpec(
+        magnitude=float(int(values.get("m", LEVEL_DENOM))),
+        num_layers=int(values.get("n", 2)),
+        prob=values.get("p", 0.5),
+        magnitude_std=math.inf if mstd > 100 else mstd,
+        magnitude_max=float(int(values.get("mmax", LEVEL_DENOM))),
+        increasing=bool(int(values.get("inc", 0))),
+    )
+
+
+def level_to_arg(name: str, magnitude: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Per-image op argument from magnitude (0..10) and sign (+1/-1), as timm's ``LEVEL_TO_ARG`` (sign where timm
+    negates at random)."""
+    level = magnitude / LEVEL_DENOM
+    if name == "Rotate":
+        return level * 30.0 * sign
+    if name in ("ShearX", "ShearY"):
+        return level * 0.3 * sign
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return level * 0.45 * sign
+    if name == "Posterize":
+        return torch.floor(level * 4)
+    if name == "PosterizeIncreasing":
+        return 4 - torch.floor(level * 4)
+    if name == "Solarize":
+        return torch.floor(level * 256).clamp(max=256)
+    if name == "SolarizeIncreasing":
+        return 256 - torch.floor(level * 256).clamp(max=256)
+    if name == "SolarizeAdd":
+        return torch.floor(level * 110).clamp(max=128)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return level * 1.8 + 0.1
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
+        return (1.0 + level * 0.9 * sign).clamp(min=0.1)
+    return torch.zeros_like(magnitude)  # AutoContrast, Equalize, Invert take no argument
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ops on a float batch (n, 3, H, W) in [0, 1] with a per-image argument (n,). Each returns a new tensor.
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _to_levels(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255.0).round_().clamp_(0, 255)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (degenerate + _col(factor) * (x - degenerate)).clamp_(0.0, 1.0)
+
+
+def auto_contrast(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    spread = hi - lo
+    ok = spread > 0
+    scale = torch.where(ok, 1.0 / spread.clamp(min=1e-12), torch.ones_like(spread))
+    lo = torch.where(ok, lo, torch.zeros_like(lo))
+    return ((x - lo) * scale).clamp_(0.0, 1.0)
+
+
+def equalize(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
+    n, c, h, w = x.shape
+    q = _to_levels(x).to(torch.int64).reshape(n * c, h * w)
+    hist = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    last = hist.gather(1, q.amax(dim=1, keepdim=True))  # count of the highest level present
+    step = torch.div(h * w - last, 255, rounding_mode="floor")
+    usable = ((hist > 0).sum(dim=1, keepdim=True) > 1) & (step > 0)
+    safe_step = step.clamp(min=1)
+    before = hist.cumsum(dim=1) - hist  # pixels strictly below each level
+    lut = torch.div(torch.div(safe_step, 2, rounding_mode="floor") + before, safe_step, rounding_mode="floor")
+    lut = lut.clamp_(max=255)
+    out = torch.where(usable, lut.gather(1, q), q)
+    return out.reshape(n, c, h, w).to(x.dtype).div_(255.0)
+
+
+def invert(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
+    return 1.0 - x
+
+
+def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    q = _to_levels(x).to(torch.int64)
+    shift = (8 - bits.to(torch.int64)).clamp(0, 8)
+    mask = _col(torch.bitwise_left_shift(torch.bitwise_right_shift(torch.full_like(shift, 255), shift), shift))
+    return torch.bitwise_and(q, mask).to(x.dtype).div_(255.0)
+
+
+def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    # round(255 x) >= t  <=>  x >= (t - 0.5) / 255 for integer t
+    return torch.where(x >= _col((threshold.to(x.dtype) - 0.5) / 255.0), 1.0 - x, x)
+
+
+def solarize_add(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    return torch.where(x < 127.5 / 255.0, (x + _col(add.to(x.dtype)) / 255.0).clamp(max=1.0), x)
+
+
+def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(_gray(x), x, factor)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = torch.floor(_gray(x).mean(dim=(1, 2, 3), keepdim=True) * 255.0 + 0.5) / 255.0
+    return _blend(mean, x, factor)
+
+
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _col(factor)).clamp_(0.0, 1.0)
+
+
+def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # PIL's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3x3 box sum + 4 * centre) / 13; a box filter is
+    # much faster than a depthwise conv2d on CPU.
+    box = F.avg_pool2d(x, kernel_size=3, stride=1) * 9.0
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = (box + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0  # PIL keeps the border pixels
+    return _blend(degenerate, x, factor)
+
+
+_COLOR_OPS = {
+    "AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
+    "Posterize": posterize, "PosterizeIncreasing": posterize,
+    "Solarize": solarize, "SolarizeIncreasing": solarize, "SolarizeAdd": solarize_add,
+    "Color": color, "ColorIncreasing": color, "Contrast": contrast, "ContrastIncreasing": contrast,
+    "Brightness": brightness, "BrightnessIncreasing": brightness,
+    "Sharpness": sharpness, "SharpnessIncreasing": sharpness,
+}
+
+
+def affine_theta(names: Sequence[str], args: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``affine_grid`` matrices (n, 2, 3) mapping output to input coordinates for PIL-style geometric ops.
+
+    PIL's ``Image.transform(AFFINE, (a, b, c, d, e, f))`` samples the input at ``(a x + b y + c, d x + e y + f)``
+    for output pixel ``(x, y)`` (origin top-left); ``rotate`` turns counter-clockwise about the centre. These are
+    the same maps in ``grid_sample``'s normalized coordinates (``align_corners=False``).
+    """
+    n = len(names)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    a = args.detach().to("cpu", torch.float64)
+    for i, name in enumerate(names):
+        v = float(a[i])
+        if name == "ShearX":  # x_in = x + v * y, y measured from the top edge
+            theta[i, 0, 1] = v * height / width
+            theta[i, 0, 2] = v * height / width
+        elif name == "ShearY":  # y_in = v * x + y, x measured from the left edge
+            theta[i, 1, 0] = v * width / height
+            theta[i, 1, 2] = v * width / height
+        elif name == "TranslateXRel":  # x_in = x + v * width
+            theta[i, 0, 2] = 2.0 * v
+        elif name == "TranslateYRel":
+            theta[i, 1, 2] = 2.0 * v
+        elif name == "Rotate":  # counter-clockwise by v degrees about the centre
+            rad = math.radians(v)
+            cos, sin = math.cos(rad), math.sin(rad)
+            theta[i, 0, 0] = cos
+            theta[i, 0, 1] = -sin * height / width
+            theta[i, 1, 0] = sin * width / height
+            theta[i, 1, 1] = cos
+        else:
+            raise ValueError(f"{name} is not a geometric op")
+    return theta
+
+
+def geometric(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, mode: str) -> torch.Tensor:
+    """Resample each image with its affine ``theta``; pixels from outside the image take ``fill`` (C,)."""
+    fill = fill.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.add_(fill).clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_batch(x: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        raise ValueError(f"expected a float (N, 3, H, W) batch in [0, 1], got {x.dtype} {tuple(x.shape)}")
+
+
+def _working_copy(x: torch.Tensor) -> torch.Tensor:
+    """A private NCHW-contiguous copy: grid_sample and the row gathers are faster on it than on channels_last."""
+    out = x.contiguous()
+    return out.clone() if out is x else out
+
+
+def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return generator
+    dev_gen = torch.Generator(device=device)
+    dev_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return dev_gen
+
+
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        if generator.device.type != "cpu":
+            raise ValueError("pass a CPU torch.Generator: the per-image parameters are drawn on the CPU (the noise "
+                             "is drawn on the batch's device from a seed it gives)")
+        return generator
+    fresh = torch.Generator()
+    fresh.manual_seed(int(torch.randint(0, 2**62, (1,))))  # follows torch.manual_seed
+    return fresh
+
+
+class BatchRandAugment:
+    """timm RandAugment with per-image ops and magnitudes on a batch (see the module docstring for the semantics).
+
+    Args:
+        config: timm RandAugment string, e.g. ``'rand-m9-mstd0.5-inc1'``.
+        fill: colour (in [0, 1], per channel) of pixels uncovered by geometric ops.
+        interpolation: ``'bicubic'``, ``'bilinear'`` or ``'random'`` (per image) for geometric ops.
+    """
+
+    def __init__(self, config: str = "rand-m9-mstd0.5-inc1", *, fill: Sequence[float] = (0.0, 0.0, 0.0),
+                 interpolation: str = "bicubic"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} must be one of {INTERPOLATIONS}")
+        if len(fill) != 3:
+            raise ValueError(f"fill must have 3 values (RGB in [0, 1]), got {fill}")
+        self.config = config
+        self.spec = parse_rand_augment(config)
+        self.fill = torch.tensor([float(v) for v in fill])
+        self.interpolation = interpolation
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r}, fill={self.fill.tolist()}, interpolation={self.interpolation})"
+
+    def _magnitudes(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        spec = self.spec
+        if spec.magnitude_std == math.inf:
+            mag = torch.rand(n, generator=generator, dtype=torch.float64) * spec.magnitude
+        elif spec.magnitude_std > 0:
+            mag = spec.magnitude + spec.magnitude_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        else:
+            mag = torch.full((n,), spec.magnitude, dtype=torch.float64)
+        return mag.clamp(0.0, spec.magnitude_max)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment a batch; returns a new tensor (same device, dtype and memory format)."""
+        _check_batch(x)
+        out = _working_copy(x)
+        self.apply_(out, _cpu_generator(generator))
+        return _restore_format(out, x)
+
+    def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
+        """Augment ``out`` (a float NCHW batch) in place, drawing the parameters from the CPU generator ``gen``."""
+        n, _, height, width = out.shape
+        x = out
+        ops = self.spec.ops
+        for _ in range(self.spec.num_layers):
+            choice = torch.randint(len(ops), (n,), generator=gen)
+            applied = torch.rand(n, generator=gen) < self.spec.prob
+            magnitude = self._magnitudes(n, gen)
+            sign = torch.where(torch.rand(n, generator=gen) > 0.5, -1.0, 1.0).to(torch.float64)
+            bicubic = torch.rand(n, generator=gen) >= 0.5
+            args = {name: level_to_arg(name, magnitude, sign) for name in ops}
+            geo_rows: list[torch.Tensor] = []
+            geo_names: list[str] = []
+            geo_args: list[torch.Tensor] = []
+            for k, name in enumerate(ops):
+                rows = torch.nonzero(applied & (choice == k)).flatten()
+                if len(rows) == 0:
+                    continue
+                if name in GEOMETRIC_OPS:
+                    geo_rows.append(rows)
+                    geo_names += [name] * len(rows)
+                    geo_args.append(args[name][rows])
+                    continue
+                idx = rows.to(x.device)
+                arg = args[name][rows].to(device=x.device, dtype=x.dtype)
+                out.index_copy_(0, idx, _COLOR_OPS[name](out.index_select(0, idx), arg))
+            if geo_rows:
+                rows = torch.cat(geo_rows)
+                theta = affine_theta(geo_names, torch.cat(geo_args), height, width)
+                if self.interpolation == "random":
+                    modes = torch.where(bicubic[rows], 1, 0)
+                    groups = [("bilinear", modes == 0), ("bicubic", modes == 1)]
+                else:
+                    groups = [(self.interpolation, torch.ones(len(rows), dtype=torch.bool))]
+                for mode, member in groups:
+                    if not bool(member.any()):
+                        continue
+                    idx = rows[member].to(x.device)
+                    out.index_copy_(0, idx, geometric(out.index_select(0, idx), theta[member], self.fill, mode))
+
+
+class BatchRandomErasing:
+    """timm ``RandomErasing`` semantics on a batch, per image, vectorized, seeded by a ``torch.Generator``.
+
+    Args:
+        probability: chance that an image is erased.
+        mode: ``'pixel'`` (per-pixel noise), ``'rand'`` (one noise colour per box) or ``'const'`` (``mean``).
+        min_area, max_area: box area range as a fraction of the image (divided by the box count).
+        min_aspect, max_aspect: aspect ratio range (log-uniform); ``max_aspect`` defaults to ``1 / min_aspect``.
+        min_count, max_count: number of boxes per erased image (uniform in the range).
+        mean, std: noise is ``mean + std * N(0, 1)`` per channel, then clipped to [0, 1].
+    """
+
+    def __init__(self, probability: float = 0.25, mode: str = "pixel", *, min_area: float = 0.02,
+                 max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
+                 min_count: int = 1, max_count: int | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
+                 std: Sequence[float] = (1.0, 1.0, 1.0)):
+        if mode not in ("pixel", "rand", "const"):
+            raise ValueError(f"random erasing mode={mode!r} must be 'pixel', 'rand' or 'const'")
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"random erasing probability={probability} must be in [0, 1]")
+        max_count = max_count or min_count
+        if not 1 <= min_count <= max_count:
+            raise ValueError(f"random erasing counts ({min_count}, {max_count}) must satisfy 1 <= min <= max")
+        self.probability = probability
+        self.mode = mode
+        self.area = (min_area, max_area)
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect or 1.0 / min_aspect))
+        self.count = (min_count, max_count)
+        self.mean = torch.tensor([float(v) for v in mean])
+        self.std = torch.tensor([float(v) for v in std])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.probability}, mode={self.mode}, count={self.count})"
+
+    def boxes(self, n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """Sample boxes: ``(n, max_count, 4)`` int64 ``(top, left, h, w)``, ``h == 0`` where no box is drawn."""
+        erase = torch.rand(n, generator=generator) < self.probability
+        count = torch.randint(self.count[0], self.count[1] + 1, (n,), generator=generator)
+        out = torch.zeros(n, self.count[1], 4, dtype=torch.int64)
+        tries = 10
+        for slot in range(self.count[1]):
+            area = torch.empty(n, tries, dtype=torch.float64).uniform_(*self.area, generator=generator)
+            area = area * (height * width) / count.unsqueeze(1)
+            aspect = torch.exp(torch.empty(n, tries, dtype=torch.float64).uniform_(*self.log_aspect,
+                                                                                   generator=generator))
+            h = torch.round(torch.sqrt(area * aspect)).to(torch.int64)
+            w = torch.round(torch.sqrt(area / aspect)).to(torch.int64)
+            fits = (w < width) & (h < height)
+            first = torch.argmax(fits.to(torch.int64), dim=1, keepdim=True)  # first try that fits
+            h = h.gather(1, first).squeeze(1)
+            w = w.gather(1, first).squeeze(1)
+            u_top = torch.rand(n, generator=generator, dtype=torch.float64)
+            u_left = torch.rand(n, generator=generator, dtype=torch.float64)
+            drawn = erase & (slot < count) & fits.any(dim=1)
+            top = torch.floor(u_top * (height - h + 1)).to(torch.int64)
+            left = torch.floor(u_left * (width - w + 1)).to(torch.int64)
+            out[:, slot] = torch.stack([top, left, h, w], dim=1) * drawn.unsqueeze(1)
+        return out
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Erase boxes in a batch; returns a new tensor (same device, dtype and memory format)."""
+        _check_batch(x)
+        out = _working_copy(x)
+        self.apply_(out, _cpu_generator(generator))
+        return _restore_format(out, x)
+
+    def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
+        """Erase boxes in ``out`` in place, drawing the boxes from the CPU generator ``gen``."""
+        x = out
+        n, c, height, width = x.shape
+        boxes = self.boxes(n, height, width, gen)
+        dev_gen = _device_generator(gen, x.device)
+        rows = torch.nonzero((boxes[:, :, 2] > 0).any(dim=1)).flatten()
+        if len(rows) == 0:
+            return
+        b = boxes[rows].to(x.device)
+        ys = torch.arange(height, device=x.device).view(1, 1, height, 1)
+        xs = torch.arange(width, device=x.device).view(1, 1, 1, width)
+        top, left, h, w = (b[..., i].view(len(rows), -1, 1, 1) for i in range(4))
+        inside = ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)).any(dim=1, keepdim=True)
+        mean = self.mean.to(device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        std = self.std.to(device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        if self.mode == "pixel":
+            noise = torch.randn(len(rows), c, height, width, generator=dev_gen, device=x.device, dtype=x.dtype)
+        elif self.mode == "rand":
+            noise = torch.randn(len(rows), c, 1, 1, generator=dev_gen, device=x.device, dtype=x.dtype)
+        else:
+            noise = torch.zeros(len(rows), c, 1, 1, device=x.device, dtype=x.dtype)
+        fill = (mean + std * noise).clamp_(0.0, 1.0)
+        idx = rows.to(x.device)
+        out.index_copy_(0, idx, torch.where(inside, fill, out.index_select(0, idx)))
+
+
+class BatchAugment:
+    """RandAugment then random erasing on a ``[0, 1]`` batch on its device: the recipe's per-image heavy augmentation.
+
+    ``augment(x, generator)`` returns a new batch; with the same CPU ``generator`` state the result is identical on a
+    given device. Without a generator the parameters follow ``torch.manual_seed``.
+    """
+
+    def __init__(self, rand_augment: BatchRandAugment | None, random_erasing: BatchRandomErasing | None):
+        self.rand_augment = rand_augment
+        self.random_erasing = random_erasing
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.rand_augment!r}, {self.random_erasing!r})"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _check_batch(x)
+        gen = _cpu_generator(generator)
+        with torch.no_grad():
+            out = _working_copy(x)
+            if self.rand_augment is not None:
+                self.rand_augment.apply_(out, gen)
+            if self.random_erasing is not None:
+                self.random_erasing.apply_(out, gen)
+        return _restore_format(out, x)
+
+
+def build_augment(
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        *,
+        interpolation: str = "bicubic",
+        fill: Sequence[float] = (0.0, 0.0, 0.0),
+        re_mean: Sequence[float] = (0.0, 0.0, 0.0),
+        re_std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> BatchAugment | None:
+    """The heavy-augmentation recipe (defaults: the paper's RandAugment + random erasing p=0.25, pixel mode).
+
+    Args:
+        auto_augment: timm RandAugment string, or ``None``/``''`` for none.
+        re_prob: random erasing probability (0 disables it).
+        re_mode: ``'pixel'``, ``'rand'`` or ``'const'``.
+        re_count: maximum boxes per erased image.
+        interpolation: geometric-op interpolation (``'bicubic'``, ``'bilinear'``, ``'random'``).
+        fill: colour of pixels uncovered by geometric ops.
+        re_mean, re_std: random-erasing noise distribution (per channel, pixel units).
+
+    Returns:
+        A :class:`BatchAugment`, or ``None`` when both parts are disabled.
+    """
+    rand_augment = BatchRandAugment(auto_augment, fill=fill, interpolation=interpolation) if auto_augment else None
+    erasing = BatchRandomErasing(re_prob, re_mode, max_count=re_count, mean=re_mean, std=re_std) \
+        if re_prob > 0 else None
+    if rand_augment is None and erasing is None:
+        return None
+    return BatchAugment(rand_augment, erasing)
+
+
+def build_mixup(
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        *,
+        num_classes: int,
+        prob: float = 1.0,
+        mode: str = "batch",
+):
+    """timm ``Mixup`` for the recipe (mixup 0.8, cutmix 1.0, switch 0.5, label smoothing 0.1), or ``None``.
+
+    ``mixup_fn(x, y)`` mixes ``x`` in place on its device and returns soft targets ``(N, num_classes)`` (use
+    ``timm.loss.SoftTargetCrossEntropy``). It needs an even batch size, and draws from numpy's global RNG (seed it).
+    Returns ``None`` when both alphas are 0: label smoothing then belongs to the loss.
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must be >= 2")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob, mode=mode,
+                 label_smoothing=label_smoothing, num_classes=num_classes)

@@ -1,0 +1,424 @@
+"""One AutoAttack evaluation: a model, a threat model, a resolution, a version, a fixed subset of the val set.
+
+``run_evaluation(spec)`` builds the model from a checkpoint (the architecture comes from the checkpoint), loops over
+fixed batches of the subset and runs AutoAttack's attacks one at a time on each batch (``rat.eval.autoattack``). After
+every attack of every batch it saves the per-example robust flags atomically (``rat.eval.state``), so a killed run
+restarts where it stopped, without redoing finished batches, and gives the same result as an uninterrupted one
+(AutoAttack reseeds every attack call with the fixed seed, so a batch's result does not depend on the others).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rat.config import DEFAULT_EPS, NORMS
+from rat.eval.autoattack import (
+    AUTOATTACK_VERSION,
+    attack_settings,
+    build_autoattack,
+    check_square,
+    resolve_attacks,
+    robust_after_attack,
+)
+from rat.eval.data import SUBSET_RULE, dataset_size, eval_subset, iter_eval_batches, shard_batches
+from rat.eval.results import RESULT_FORMAT, accuracies, eps_tag
+from rat.eval.state import EvalState, atomic_write_json, flags_to_str
+
+__all__ = [
+    "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "default_model_name", "default_output",
+    "file_sha256", "resolve",
+    "run_evaluation", "state_path_for",
+]
+
+_logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_RESOLUTION = 224
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be evaluated as asked (no architecture, wrong architecture, no EMA weights...)."""
+
+
+@dataclasses.dataclass
+class EvalSpec:
+    """What to evaluate. ``None`` fields take their documented defaults.
+
+    Attributes:
+        data: a val ``.beton`` or an ImageNet-style val folder.
+        checkpoint: a rat trainer checkpoint, a bare state dict or a released revisiting-at checkpoint; ``None`` with
+            ``arch`` evaluates the registered model with random weights (smoke tests).
+        arch: the architecture; needed only when the checkpoint does not name it.
+        model_kwargs: extra ``create_model`` kwargs, on top of the checkpoint's (e.g. ``num_classes`` for a bare
+            state dict).
+        use_ema: evaluate the checkpoint's EMA weights.
+        norm: ``Linf``, ``L2`` or ``L1``.
+        eps: radius in pixel units; default 4/255, 2, 75 for Linf, L2, L1.
+        resolution: input side; default the checkpoint's training ``img_size``, else 224.
+        version: ``standard``, ``fast`` or ``custom``.
+        attacks: the attacks of ``custom``.
+        n_ex: number of val images (the fixed subset of ``rat.eval.data``).
+        batch_size: images per batch (the unit of resuming and sharding).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; logits are returned in fp32).
+        device: default ``cuda`` when available, else ``cpu``.
+        num_workers: data loader workers.
+        seed: AutoAttack's seed.
+        shard: ``(index, count)`` to evaluate one slice of the batches.
+        n_iter: APGD/FAB iterations instead of 100 (smoke tests only; flagged in the result).
+        n_queries: Square queries instead of 5000 (same).
+        output: the JSON result; default ``aa_<norm>-<eps>_r<res>_<version>_n<n_ex>.json`` next to the checkpoint.
+        name: the model's name in the result; default ``default_model_name``.
+    """
+
+    data: Path
+    checkpoint: Path | None = None
+    arch: str | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    use_ema: bool = False
+    norm: str = "Linf"
+    eps: float | None = None
+    resolution: int | None = None
+    version: str = "standard"
+    attacks: list[str] | None = None
+    n_ex: int = 5000
+    batch_size: int = 100
+    precision: str = "fp32"
+    device: str | None = None
+    num_workers: int = 4
+    seed: int = 0
+    shard: tuple[int, int] | None = None
+    n_iter: int | None = None
+    n_queries: int | None = None
+    output: Path | None = None
+    name: str | None = None
+
+
+@dataclasses.dataclass
+class _ModelSource:
+    arch: str
+    model_kwargs: dict[str, Any]
+    train_resolution: int | None
+    checkpoint_sha256: str | None
+    checkpoint: dict[str, Any] | None = dataclasses.field(default=None, repr=False)  # loaded once, for create_model
+
+
+def default_model_name(checkpoint: str | Path | None, arch: str) -> str:
+    """``<folder>-<file stem>`` of a checkpoint, where the folder is the run folder for the trainer's layout
+    (``runs/convnext_b/checkpoints/last.pt`` → ``convnext_b-last``); the architecture without a checkpoint."""
+    if checkpoint is None:
+        return arch
+    path = Path(checkpoint).resolve()
+    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{folder.name}-{path.stem}" if folder.name else path.stem
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve_source(spec: EvalSpec) -> _ModelSource:
+    """Architecture and model kwargs from the checkpoint (and the spec), with clear errors."""
+    from rat.models import load_checkpoint_file
+
+    if spec.checkpoint is None:
+        if spec.arch is None:
+            raise CheckpointError("nothing to evaluate: pass --checkpoint PATH, or --arch NAME for random weights")
+        return _ModelSource(spec.arch, dict(spec.model_kwargs), None, None)
+    path = Path(spec.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = load_checkpoint_file(path)
+    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    kwargs: dict[str, Any] = dict(ckpt.get("model_kwargs") or {}) if isinstance(ckpt, dict) and arch else {}
+    if arch is None:
+        if spec.arch is None:
+            raise CheckpointError(f"checkpoint {path} does not name its architecture (not a rat trainer checkpoint): "
+                                  "pass --arch NAME, e.g. --arch convnext_base_cvst")
+        arch = spec.arch
+    elif spec.arch is not None and spec.arch != arch:
+        raise CheckpointError(f"checkpoint {path} holds a {arch} but --arch {spec.arch} was given: drop --arch "
+                              "(rat checkpoints name their architecture)")
+    if spec.use_ema and isinstance(ckpt, dict) and "model_ema" in ckpt and ckpt["model_ema"] is None:
+        raise CheckpointError(f"checkpoint {path} has no EMA weights: drop --use-ema")
+    train_resolution = kwargs.pop("img_size", None)
+    if isinstance(train_resolution, (tuple, list)):
+        train_resolution = int(train_resolution[-1])
+    kwargs.update(spec.model_kwargs)
+    return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), ckpt)
+
+
+class _ContiguousInputGrad(torch.autograd.Function):
+    """Identity whose backward returns a contiguous gradient.
+
+    A channels_last model gives channels_last input gradients, and AutoAttack calls ``.view`` on them (which needs
+    a contiguous tensor); this keeps the speed of channels_last and hands AutoAttack the layout it expects.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class EvalModel(nn.Module):
+    """The model as AutoAttack sees it: contiguous input gradients, optional autocast, fp32 logits.
+
+    Args:
+        model: the classifier on [0,1] inputs.
+        dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for fp32.
+        device_type: ``cuda`` or ``cpu``.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, device_type: str):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            x = _ContiguousInputGrad.apply(x)
+        if self.dtype is None:
+            return self.model(x)
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def build_eval_model(arch: str, checkpoint: str | Path | dict[str, Any] | None, *, resolution: int,
+                     model_kwargs: dict[str, Any], use_ema: bool, device: torch.device,
+                     precision: str = "fp32") -> nn.Module:
+    """The model to attack: built at ``resolution`` (ViT position embeddings resampled by the factory), weights loaded
+    strictly, on ``device``, channels_last, eval mode, parameters frozen, optionally under autocast.
+
+    Raises:
+        CheckpointError: the checkpoint's weights do not fit the architecture.
+    """
+    from rat.models import create_model
+
+    kwargs = dict(model_kwargs)
+    normalize = kwargs.pop("normalize", True)
+    try:
+        model = create_model(arch, checkpoint=checkpoint, img_size=resolution, normalize=normalize, use_ema=use_ema,
+                             **kwargs)
+    except RuntimeError as exc:
+        if checkpoint is None:
+            raise
+        where = "" if isinstance(checkpoint, dict) else f" {checkpoint}"
+        raise CheckpointError(f"checkpoint{where} does not fit architecture {arch} (model kwargs {kwargs}): {exc}. "
+                              "Pass the --arch the checkpoint was trained with (and --model-kwargs such as "
+                              "num_classes)") from exc
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    model.requires_grad_(False)
+    return EvalModel(model, PRECISIONS[precision], device.type).eval()
+
+
+def _software_versions(device: torch.device) -> dict[str, Any]:
+    versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                                "pyautoattack": AUTOATTACK_VERSION, "numpy": np.__version__}
+    for package in ("timm", "ffcv", "rat"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["cuda"] = torch.version.cuda
+    versions["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return versions
+
+
+def default_output(spec: EvalSpec, norm: str, eps: float, resolution: int) -> Path:
+    """``aa_<norm>-<eps>_r<res>_<version>_n<n_ex>[_shard<i>of<k>].json`` next to the checkpoint (or in the cwd)."""
+    folder = Path(spec.checkpoint).parent if spec.checkpoint is not None else Path.cwd()
+    shard = f"_shard{spec.shard[0]}of{spec.shard[1]}" if spec.shard else ""
+    return folder / f"aa_{norm}-{eps_tag(norm, eps)}_r{resolution}_{spec.version}_n{spec.n_ex}{shard}.json"
+
+
+def state_path_for(output: Path) -> Path:
+    """The state file of a result: ``<result>.state.json``."""
+    return output.with_name(output.name + ".state.json")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_spec(spec: EvalSpec) -> None:
+    if spec.norm not in NORMS:
+        raise ValueError(f"unknown norm {spec.norm!r}: use one of {', '.join(NORMS)}")
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if spec.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {spec.batch_size}")
+    if spec.eps is not None and not spec.eps > 0:
+        raise ValueError(f"eps must be positive, got {spec.eps}")
+    if spec.resolution is not None and spec.resolution < 1:
+        raise ValueError(f"resolution must be positive, got {spec.resolution}")
+
+
+@dataclasses.dataclass
+class ResolvedEval:
+    """An ``EvalSpec`` with every default filled in (eps, resolution, output, name) and its model source read."""
+
+    spec: EvalSpec
+    source: _ModelSource
+    attacks: list[str]
+    device: torch.device
+
+
+def resolve(spec: EvalSpec) -> ResolvedEval:
+    """Check a spec, read the checkpoint's architecture and fill in the defaults.
+
+    Raises:
+        ValueError: bad threat model, version, attacks, precision or batch size (the message says which).
+        CheckpointError: the checkpoint does not name its architecture and no --arch was given, or names another.
+    """
+    _check_spec(spec)
+    attacks = resolve_attacks(spec.version, spec.attacks)
+    source = _resolve_source(spec)
+    eps = float(spec.eps) if spec.eps is not None else DEFAULT_EPS[spec.norm]
+    resolution = spec.resolution or source.train_resolution or DEFAULT_RESOLUTION
+    output = Path(spec.output) if spec.output is not None else default_output(spec, spec.norm, eps, resolution)
+    name = spec.name or default_model_name(spec.checkpoint, source.arch)
+    device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    filled = dataclasses.replace(spec, eps=eps, resolution=resolution, output=output, name=name)
+    return ResolvedEval(filled, source, attacks, device)
+
+
+def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
+    """Run (or resume) one evaluation and write its JSON result; see the module docstring.
+
+    Returns:
+        The result (also written to the spec's ``output``, by default ``default_output``).
+    """
+    wall_start = time.time()
+    started = _now()
+    resolved = spec if isinstance(spec, ResolvedEval) else resolve(spec)
+    spec, source, attacks, device = resolved.spec, resolved.source, resolved.attacks, resolved.device
+    eps, resolution, output, name = float(spec.eps), int(spec.resolution), Path(spec.output), str(spec.name)
+
+    n_total = dataset_size(spec.data)
+    indices = eval_subset(n_total, spec.n_ex)
+    n_batches = -(-len(indices) // spec.batch_size)
+    batch_ids = shard_batches(n_batches, *spec.shard) if spec.shard else range(n_batches)
+
+    def batch_slice(b: int) -> slice:
+        return slice(b * spec.batch_size, min((b + 1) * spec.batch_size, len(indices)))
+
+    model = build_eval_model(source.arch, source.checkpoint, resolution=resolution, model_kwargs=source.model_kwargs,
+                             use_ema=spec.use_ema, device=device, precision=spec.precision)
+    source.checkpoint = None  # free the loaded checkpoint (optimizer state and all)
+    adversary = build_autoattack(model, norm=spec.norm, eps=eps, attacks=attacks, device=device, seed=spec.seed,
+                                 n_iter=spec.n_iter, n_queries=spec.n_queries)
+    settings = attack_settings(adversary)
+    subset = {"rule": SUBSET_RULE, "dataset_size": n_total,
+              "indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest()}
+    shard = {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None
+    fingerprint = {
+        "arch": source.arch, "model_kwargs": source.model_kwargs, "checkpoint_sha256": source.checkpoint_sha256,
+        "use_ema": spec.use_ema, "norm": spec.norm, "eps": eps, "resolution": resolution, "attacks": attacks,
+        "attack_settings": settings, "n_ex": spec.n_ex, "subset": subset, "batch_size": spec.batch_size,
+        "precision": spec.precision, "shard": shard,
+    }
+    steps = ["clean", *attacks]
+    state = EvalState.load_or_create(state_path_for(output), fingerprint, steps)
+    finished = [b for b in batch_ids if state.is_done(b)]
+    todo = [b for b in batch_ids if not state.is_done(b)]
+    _logger.info("evaluating %s (%s) %s eps=%.6g at %d px, %s (%s) on %d of %d images%s, %d batches of %d on %s",
+                 name, source.arch, spec.norm, eps, resolution, spec.version, ", ".join(attacks), spec.n_ex, n_total,
+                 f", shard {shard['index']}/{shard['count']}" if shard else "", len(batch_ids), spec.batch_size, device)
+    if finished:
+        _logger.info("resuming from %s: skipping %d finished batches, %d to go", state.path, len(finished), len(todo))
+
+    todo_indices = np.concatenate([indices[batch_slice(b)] for b in todo]) if todo else indices[:0]
+    sizes = [batch_slice(b).stop - batch_slice(b).start for b in todo]
+    batches = iter_eval_batches(spec.data, todo_indices, sizes, resolution=resolution, device=device,
+                                num_workers=spec.num_workers)
+    for b, (x, y) in zip(todo, batches):
+        x = x.contiguous()  # AutoAttack reshapes with .view
+        _run_batch(state, b, x, y, model, adversary, attacks)
+        robust = state.flags(b, steps[-1])
+        _logger.info("batch %d/%d: clean %d/%d, robust %d/%d (%.1fs)", b + 1, n_batches,
+                     sum(state.flags(b, "clean")), len(robust), sum(robust), len(robust), state.batches[b]["time_s"])
+
+    per_example: dict[str, Any] = {"indices": [int(i) for b in batch_ids for i in indices[batch_slice(b)]]}
+    for step in steps:
+        per_example[step] = "".join(state.batches[b]["flags"][step] for b in batch_ids)
+    clean, after = accuracies(per_example, attacks)
+    check_square({"clean": clean, **after})
+    result = {
+        "format": RESULT_FORMAT,
+        "model": name,
+        "arch": source.arch,
+        "model_kwargs": source.model_kwargs,
+        "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint is not None else None,
+        "checkpoint_sha256": source.checkpoint_sha256,
+        "use_ema": spec.use_ema,
+        "norm": spec.norm,
+        "eps": eps,
+        "resolution": resolution,
+        "version": spec.version,
+        "attacks": attacks,
+        "attack_settings": settings,
+        "standard_settings": spec.n_iter is None and spec.n_queries is None,
+        "n_ex": spec.n_ex,
+        "data": str(Path(spec.data).resolve()),
+        "subset": subset,
+        "shard": shard,
+        "batch_size": spec.batch_size,
+        "precision": spec.precision,
+        "seed": spec.seed,
+        "device": str(device),
+        "clean_accuracy": clean,
+        "robust_accuracy": after[attacks[-1]],
+        "robust_accuracy_after": after,
+        "time_s": state.total_time(),
+        "wall_s": time.time() - wall_start,
+        "started": started,
+        "finished": _now(),
+        "runs": state.runs,
+        "software": _software_versions(device),
+        "output": str(output),
+        "per_example": per_example,
+    }
+    atomic_write_json(output, result)
+    state.path.unlink(missing_ok=True)
+    return result
+
+
+def _run_batch(state: EvalState, batch: int, x: torch.Tensor, y: torch.Tensor, model: nn.Module, adversary: Any,
+               attacks: list[str]) -> None:
+    """Run the unfinished steps (clean, then each attack on the points still robust) of one batch."""
+    done = state.done_steps(batch)
+    if "clean" not in done:
+        start = time.time()
+        with torch.no_grad():
+            robust = model(x).argmax(dim=1).eq(y).cpu()
+        state.record(batch, "clean", robust, time.time() - start)
+        done = ["clean"]
+    robust = torch.tensor(state.flags(batch, done[-1]), dtype=torch.bool)
+    for attack in attacks[len(done) - 1:]:
+        start = time.time()
+        alive = robust.nonzero().squeeze(1)
+        if alive.numel() > 0:
+            on_device = alive.to(x.device)
+            robust[alive] = robust_after_attack(adversary, attack, x[on_device], y[on_device])
+        state.record(batch, attack, robust, time.time() - start)
+        _logger.debug("batch %d %s: %s", batch, attack, flags_to_str(robust))

@@ -1,0 +1,202 @@
+"""Tests of runner_aa_eval.py (rat.eval.runner): jobs files, commands, GPU/CPU slots, a real sweep on CPU slots."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_eval_support import tiny_checkpoint
+
+from rat.eval.__main__ import build_parser
+from rat.eval.results import RESULT_FORMAT, load_result
+from rat.eval.runner import (
+    JobsError,
+    Slots,
+    Task,
+    expand_jobs,
+    is_finished,
+    load_jobs_file,
+    main,
+    result_differences,
+    task_command,
+    tasks_for,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONVNEXT = "convnext_micro_cvst"
+
+
+def _docs_jobs_file(tmp_path: Path) -> Path:
+    """The example jobs file of docs/eval.md, as a file."""
+    text = (REPO / "docs" / "eval.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1
+    path = tmp_path / "jobs.yaml"
+    path.write_text(blocks[0])
+    return path
+
+
+def test_documented_jobs_file_expands_and_its_commands_parse(tmp_path: Path):
+    jobs, output_dir = load_jobs_file(_docs_jobs_file(tmp_path))
+    assert output_dir == Path("runs/aa_eval")
+    # 4 threats × 3 resolutions, + 2 checkpoints × 1 × 1, + 1 custom job
+    assert len(jobs) == 12 + 2 + 1
+    assert len(tasks_for(jobs)) == 12 * 2 + 2 + 1  # the first entry is split in 2 shards
+    first = jobs[0]
+    assert (first.name, first.norm, first.resolution, first.version, first.precision, first.use_ema) == (
+        "convnext_b_cvst_linf4", "Linf", 224, "standard", "bf16", True)
+    assert first.output == Path("runs/aa_eval/convnext_b_cvst_linf4/Linf-4_255_r224_standard_n5000.json")
+    custom = jobs[-1]
+    assert custom.attacks == ("apgd-ce", "square") and custom.arch == "vit_base_patch16_cvst"
+    parser = build_parser()
+    for task in tasks_for(jobs):
+        cmd = task_command(task, "cuda")
+        assert cmd[:3] == [sys.executable, "-m", "rat.eval"]
+        args = parser.parse_args(cmd[3:])  # exits (SystemExit) on a command rat.eval cannot parse
+        job = task.job
+        assert (args.norm, args.eps, args.resolution, args.version, args.n_ex) == (
+            job.norm, job.eps, job.resolution, job.version, job.n_ex)
+        assert args.output == task.output and args.use_ema == job.use_ema and args.arch == job.arch
+        assert args.shard == (None if task.shard is None else (task.shard, job.shards))
+        assert args.attacks == (list(job.attacks) if job.attacks else None)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"checkpoint": "a.pth", "data": "v", "typo": 1}, "unknown key"),
+    ({"checkpoint": "a.pth"}, "needs data"),
+    ({"data": "v"}, "needs checkpoint"),
+    ({"checkpoint": "a.pth", "data": "v", "threats": ["Linf:x"]}, "Linf:x"),
+    ({"checkpoint": "a.pth", "data": "v", "threats": ["L3"]}, "norm must be one of"),
+    ({"checkpoint": "a.pth", "data": "v", "versions": ["custom"]}, "needs --attacks"),
+    ({"checkpoints": ["x/a.pth", "x/./a.pth"], "data": "v"}, "distinct names"),
+    ({"checkpoints": ["a.pth", "b.pth"], "name": "n", "data": "v"}, "single checkpoint"),
+])
+def test_bad_jobs_are_refused_clearly(entry: dict, message: str):
+    with pytest.raises(JobsError, match=message):
+        expand_jobs([entry], "out")
+
+
+def test_gpu_slots_come_from_gputil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """GPUtil reads nvidia-smi; a stand-in nvidia-smi on PATH reports one idle, one busy and one excluded GPU."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    rows = ["0, GPU-0, 2, 81920, 500, 81420, 550.54, NVIDIA H100, 0, Disabled, Disabled, 30",
+            "1, GPU-1, 97, 81920, 60000, 21920, 550.54, NVIDIA H100, 1, Disabled, Disabled, 70",
+            "2, GPU-2, 0, 81920, 10, 81910, 550.54, NVIDIA H100, 2, Disabled, Disabled, 30",
+            "3, GPU-3, 0, 81920, 10, 81910, 550.54, NVIDIA H100, 3, Disabled, Disabled, 30"]
+    fake.write_text("#!/bin/sh\nprintf '" + "\\n".join(rows) + "\\n'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    slots = Slots(gpus=True, cpu_slots=1, max_load=0.1, max_memory=0.1, exclude=[3])
+    assert slots.n_gpus == 4
+    assert slots.free([]) == [0, 2]
+    assert slots.free([0]) == [2]  # a GPU running one of our jobs is not handed out again
+    env = slots.env(2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    cpu = Slots(gpus=False, cpu_slots=2, max_load=0.1, max_memory=0.1, exclude=[])
+    assert cpu.free([1]) == [0] and cpu.env(0)["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def _write_jobs(tmp_path: Path, data: Path, ckpt: Path) -> Path:
+    jobs = {
+        "output_dir": str(tmp_path / "aa"),
+        "defaults": {"data": str(data), "versions": ["fast"], "n_ex": 8, "batch_size": 4, "num_workers": 1,
+                     "n_iter": 2},
+        "jobs": [
+            {"checkpoint": str(ckpt), "name": "convnext", "threats": ["Linf:1/255"], "resolutions": [32, 40]},
+            {"checkpoint": str(ckpt), "name": "broken", "arch": "vit_micro_patch16_cvst", "threats": ["Linf"],
+             "resolutions": [32]},  # the checkpoint holds a ConvNeXt: this job fails
+            {"checkpoint": str(ckpt), "name": "convnext", "threats": ["L2:0.1"], "resolutions": [32], "shards": 2},
+        ],
+    }
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump(jobs))
+    return path
+
+
+def test_dry_run_lists_without_running(tmp_path: Path, capsys: pytest.CaptureFixture):
+    jobs = _write_jobs(tmp_path, tmp_path / "val.beton", tmp_path / "ckpt.pth")
+    assert main(["--jobs", str(jobs), "--dry-run", "--cpu", "--cpu-slots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run  ") == 5 and "5 of 5 tasks would run on 2 CPU slot(s)" in out
+    assert "--shard 1/2" in out and "--device cpu" in out
+    assert not (tmp_path / "aa").exists()
+
+
+@pytest.mark.ffcv
+@pytest.mark.slow
+def test_runner_on_cpu_slots(tmp_path: Path, demo_betons, tmp_path_factory: pytest.TempPathFactory):
+    ckpt = tiny_checkpoint(tmp_path_factory.getbasetemp(), CONVNEXT)
+    jobs = _write_jobs(tmp_path, demo_betons[1], ckpt)
+    cmd = [sys.executable, str(REPO / "runner_aa_eval.py"), "--jobs", str(jobs), "--cpu-slots", "2",
+           "--poll-interval", "0.2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    log = first.stderr
+    assert first.returncode == 1, log  # one job failed ...
+    starts = [m.start() for m in re.finditer(r"start on CPU slot", log)]
+    ends = [m.start() for m in re.finditer(r"done in |FAILED", log)]
+    assert len(starts) == 5 and len(ends) == 5
+    assert starts[1] < ends[0]  # two jobs ran at the same time
+    assert "CPU slot 0" in log and "CPU slot 1" in log
+    out = tmp_path / "aa"
+    broken_log = out / "broken" / "Linf-4_255_r32_fast_n8.log"
+    assert f"log: {broken_log}" in log and "holds a convnext_micro_cvst" in broken_log.read_text()
+    assert "4 done, 0 skipped (already finished), 1 failed" in log  # ... the others did not
+    for name in ("Linf-1_255_r32_fast_n8", "Linf-1_255_r40_fast_n8", "L2-0.1_r32_fast_n8"):
+        result = load_result(out / "convnext" / f"{name}.json")
+        assert result["n_ex"] == 8 and len(result["per_example"]["indices"]) == 8
+    merged = load_result(out / "convnext" / "L2-0.1_r32_fast_n8.json")
+    assert merged["shard"] is None and len(merged["merged_from"]) == 2
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["norm"], r["resolution"]) for r in rows) == [("L2", "32"), ("Linf", "32"), ("Linf", "40")]
+    assert "| convnext | Linf ε=1/255 | 40 |" in (out / "summary.md").read_text()
+    assert (out / "robust_vs_resolution.png").stat().st_size > 1000
+
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert second.returncode == 1
+    assert second.stderr.count("skip (finished)") == 4  # two jobs and the two shards of the third
+    assert len(re.findall(r"start on CPU slot", second.stderr)) == 1  # only the failing job runs again
+    assert "0 done, 4 skipped (already finished), 1 failed" in second.stderr
+
+
+def test_finished_task_detection(tmp_path: Path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights v1")
+    job = expand_jobs([{"checkpoint": str(ckpt), "data": "v", "threats": ["Linf"], "versions": ["fast"], "n_ex": 2,
+                        "batch_size": 2}], tmp_path / "aa")[0]
+    assert job.name == "run-last"
+    task = Task(job)
+    assert not is_finished(task)
+    task.output.parent.mkdir(parents=True)
+    task.output.write_text("{not json")
+    assert not is_finished(task)
+    result = {"format": RESULT_FORMAT, "model": job.name, "arch": CONVNEXT, "norm": "Linf", "eps": 4 / 255,
+              "resolution": 224, "version": "fast", "attacks": ["apgd-ce", "apgd-t"], "n_ex": 2, "shard": None,
+              "use_ema": False, "precision": "fp32", "seed": 0, "batch_size": 2,
+              "attack_settings": {"apgd": {"n_iter": 100}, "square": {"n_queries": 5000}},
+              "checkpoint_sha256": hashlib.sha256(b"weights v1").hexdigest(), "clean_accuracy": 0.5,
+              "robust_accuracy": 0.0, "robust_accuracy_after": {"apgd-ce": 0.0, "apgd-t": 0.0},
+              "per_example": {"indices": [3, 7], "clean": "10", "apgd-ce": "00", "apgd-t": "00"}}
+    task.output.write_text(json.dumps(result))
+    assert is_finished(task)
+    task.output.write_text(json.dumps({**result, "batch_size": 1}))
+    assert not is_finished(task)
+    assert result_differences({**result, "batch_size": 1, "eps": 1.0}, job) == [
+        "threat model, resolution, version or n_ex", "batch_size"]
+    task.output.write_text(json.dumps(result))
+    time.sleep(0.01)
+    ckpt.write_bytes(b"weights v2, retrained")  # a retrained checkpoint is evaluated again
+    assert not is_finished(task)
+    assert result_differences(result, job) == ["checkpoint (file changed since)"]
