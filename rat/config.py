@@ -112,6 +112,9 @@ def _declare_sections() -> None:
         num_workers=Param(_int(0), "FFCV decoding threads per process", default=2),
         in_memory=Param(Flag(), "1: load the whole beton in RAM; 0: read through the OS page cache", default=1),
         num_classes=Param(_int(0), "number of classes; 0 = read from the beton's classes file", default=0),
+        crop_scale_min=Param(_float(0.01, 1), "smallest area fraction of the training RandomResizedCrop", default=0.08),
+        flip=Param(Flag(), "1: random horizontal flip in training (0 for data whose mirror image means something else)",
+                   default=1),
     )
     Section("augment", "Heavy augmentation (applied per sample, batch-wise on the training device)").params(
         heavy=Param(Flag(), "1: RandAugment + random erasing + mixup/cutmix (the paper's recipe)", default=0),

@@ -3,12 +3,13 @@
 No dataset can be downloaded at run time, and no PyPI package ships CIFAR, Imagenette or Tiny-ImageNet. scikit-learn
 does ship two things that are real: ``load_digits`` (1,797 handwritten 8×8 greyscale digits, 10 balanced classes)
 and two colour photographs (``load_sample_images``: a Chinese temple and a flower, 427×640). Each demo image is one
-digit, upscaled with bicubic interpolation to 26–44 px, tinted in a random colour that contrasts with its surroundings
-and alpha-blended at a random position over a random crop (random scale and horizontal flip) of one of the two photos,
-at 64×64 RGB. The label is the digit's own label.
+digit, upscaled with bicubic interpolation to 32–51 px, tinted in a random colour that contrasts with its surroundings
+and alpha-blended at a random position over a random crop (random scale and horizontal flip) of one of the two
+photos (blurred, contrast halved), at 64×64 RGB. The label is the digit's own label.
 
-Split: a class-stratified, seeded split of the 1,797 digits into 1,497 train and 300 val images (every digit is used
-once), so val digits were never seen in training. The whole thing is deterministic: the same arrays on every machine.
+Split: a class-stratified, seeded split of the 1,797 digits into 1,497 train and 300 val digits; each train digit is
+composited three times (4,491 train images, different photo crops, colours and positions), each val digit once (300
+images), so val digits were never seen in training. The whole thing is deterministic: the same arrays on every machine.
 
 It is a smoke-test dataset for the demo run and the tests, not a benchmark: numbers on it say the pipeline learns,
 nothing about ImageNet.
@@ -21,20 +22,22 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 _logger = logging.getLogger(__name__)
 
 DEMO_CLASSES: list[str] = [str(d) for d in range(10)]
 DEMO_RESOLUTION = 64
 DEMO_VAL_PER_CLASS = 30
+DEMO_TRAIN_COPIES = 3
 # Bump when the generator changes so cached betons are rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 _SEED = 20230301
 
 
 def _background(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random square crop of ``photo`` (side 15–60 % of the short edge), flipped half the time, resized to size."""
+    """A random square crop of ``photo`` (side 15–60 % of the short edge), flipped half the time, resized to size,
+    softened (Gaussian blur, contrast halved) so that the digit, not the photo's texture, carries the label."""
     height, width = photo.shape[:2]
     side = int(rng.uniform(0.15, 0.6) * min(height, width))
     top = int(rng.integers(0, height - side + 1))
@@ -43,13 +46,14 @@ def _background(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.nd
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     resized = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
+    soft = np.asarray(resized.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)
+    return 0.5 * soft + 0.5 * soft.mean(axis=(0, 1), keepdims=True)
 
 
 def _composite(digit: np.ndarray, photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """Blend one 8×8 digit (values 0–16) in a contrasting colour over a photo crop; returns uint8 (size, size, 3)."""
     canvas = _background(photo, rng, size)
-    digit_size = int(rng.integers(int(0.4 * size), int(0.7 * size) + 1))
+    digit_size = int(rng.integers(int(0.5 * size), int(0.8 * size) + 1))
     digit_img = Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8))
     alpha_img = digit_img.resize((digit_size, digit_size), Image.BICUBIC)
     alpha = np.asarray(alpha_img, dtype=np.float32)[..., None] / 255.0
@@ -76,21 +80,20 @@ def _build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     ])
     is_val = np.zeros(len(labels), dtype=bool)
     is_val[val_idx] = True
-    images = np.stack([
-        _composite(digits.images[i], photos[int(rng.integers(len(photos)))], rng, DEMO_RESOLUTION)
-        for i in range(len(labels))
-    ])
-    return {
-        "train": (images[~is_val], labels[~is_val]),
-        "val": (images[is_val], labels[is_val]),
-    }
+    def composites(indices: np.ndarray) -> np.ndarray:
+        return np.stack([_composite(digits.images[i], photos[int(rng.integers(len(photos)))], rng, DEMO_RESOLUTION)
+                         for i in indices])
+
+    train_idx = np.tile(np.flatnonzero(~is_val), DEMO_TRAIN_COPIES)
+    val_idx = np.flatnonzero(is_val)
+    return {"train": (composites(train_idx), labels[train_idx]), "val": (composites(val_idx), labels[val_idx])}
 
 
 def load_demo_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Return the demo split as ``(images uint8 (N, 64, 64, 3) RGB, labels int64 (N,))``.
 
     Args:
-        split: ``'train'`` (1,497 images) or ``'val'`` (300 images, 30 per class).
+        split: ``'train'`` (4,491 images) or ``'val'`` (300 images, 30 per class).
     """
     splits = _build()
     if split not in splits:

@@ -138,6 +138,8 @@ def build_attack(module: nn.Module, seed: int, attack: str, norm: str, eps: str,
     options: dict[str, Any] = {}
     if step_size > 0 and attack != "none":
         options["step_size"] = step_size
+    if attack == "fgsm":
+        n_iter = "1"  # a single step by definition
     if attack == "pgd":
         options["random_start"] = bool(random_start)
     norms, eps_values, iters = zip(*threat_models(norm, eps, n_iter))
@@ -237,7 +239,8 @@ def run(config) -> dict[str, Any]:
     train_loader = build_train_loader(train_path, batch_size=training["batch_size"],
                                       resolution=cfg["resolution"]["min_res"], device=info.device,
                                       num_workers=data["num_workers"], seed=training["seed"],
-                                      distributed=info.distributed, in_memory=bool(data["in_memory"]))
+                                      distributed=info.distributed, in_memory=bool(data["in_memory"]),
+                                      scale=(data["crop_scale_min"], 1.0), flip=bool(data["flip"]))
     steps_per_epoch = len(train_loader) if not training["limit_batches"] else min(training["limit_batches"],
                                                                                    len(train_loader))
     res_kwargs = {k: cfg["resolution"][k] for k in ("min_res", "max_res", "start_ramp", "end_ramp", "step")}
