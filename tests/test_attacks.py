@@ -541,13 +541,12 @@ def test_bench_tool_prints_the_overhead_json(capsys):
 # APGD against AutoAttack's own APGD-CE on a small trained model.
 # ----------------------------------------------------------------------------------------------------------------
 
-# The demo data are hard for a 0.27M-parameter model: in a few epochs convnext_micro_cvst stays at chance on the val
-# split, so attack strength cannot be compared there. A few epochs on a 256-image subset of the train split fit that
-# subset instead (~95-100 % accuracy), which gives a genuinely trained model with non-trivial robust accuracy on the
-# images it was trained on — all an attack comparison needs.
+# A short training run that generalises takes minutes on CPU; a few epochs on a 256-image subset of the train split
+# fit that subset instead (~90-100 % accuracy), which gives a genuinely trained model with non-trivial robust accuracy
+# on the images it was trained on — all an attack comparison needs.
 COMPARE_N = 256
 COMPARE_N_ITER = 10
-COMPARE_EPS = {"Linf": 0.75 / 255, "L2": 0.15, "L1": 4.0}
+COMPARE_EPS = {"Linf": 0.75 / 255, "L2": 0.3, "L1": 8.0}
 
 
 @pytest.fixture(scope="session")
@@ -561,10 +560,10 @@ def demo_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = create_model("convnext_micro_cvst", num_classes=NUM_CLASSES)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         order = torch.Generator().manual_seed(0)
         model.train()
-        for _ in range(25):
+        for _ in range(40):
             perm = torch.randperm(COMPARE_N, generator=order)
             for i in range(0, COMPARE_N, 32):
                 idx = perm[i:i + 32]

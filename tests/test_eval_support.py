@@ -48,7 +48,7 @@ def train_tiny_checkpoint(path: Path, arch: str, *, resolution: int = 32, steps:
 
 # Fit settings per micro architecture: enough steps for clean accuracy well above chance on the demo val images.
 TINY_FIT = {
-    "convnext_micro_cvst": {"steps": 80, "lr": 3e-3},
+    "convnext_micro_cvst": {"steps": 80, "lr": 1e-3},
     "vit_micro_patch16_cvst": {"steps": 60, "lr": 1e-3},
 }
 
