@@ -314,10 +314,9 @@ def run(config) -> dict[str, Any]:
             precision=precision, scaler=scaler, ema=ema, augment=augment, mixup=mixup, on_step=on_step,
             grad_clip=training["grad_clip"], num_batches=steps_per_epoch, skip_batches=skip_batches,
             world_size=info.world_size, log_every=logging_cfg["log_every"], stop_requested=stop_flag,
-            progress=bool(logging_cfg["progress"]) and info.is_primary, resolution=res)
+            progress=bool(logging_cfg["progress"]) and info.is_primary, resolution=res,
+            on_log=lambda record: metrics_writer.write({"kind": "step", **record}))
         skip_batches = 0
-        for record in result.history:
-            metrics_writer.write({"kind": "step", **record})
         if result.stop_reason == "nonfinite":
             raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {result.step}: stopped without applying "
                                   f"that update; the last good checkpoint in {run_dir / 'checkpoints'} is intact "

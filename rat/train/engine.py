@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,7 +35,6 @@ class EpochResult:
     seconds: float
     step: int
     stop_reason: str | None = None  # None, 'nonfinite' or 'sigterm'
-    history: list[dict] = field(default_factory=list)
 
     @property
     def img_per_s(self) -> float:
@@ -66,6 +65,7 @@ def train_one_epoch(
     world_size: int = 1,
     log_every: int = 50,
     stop_requested: Callable[[], bool] = lambda: False,
+    on_log: Callable[[dict], None] | None = None,
     progress: bool = False,
     resolution: int | None = None,
 ) -> EpochResult:
@@ -76,6 +76,7 @@ def train_one_epoch(
     adversarial inputs (mixed with the clean loss when ``mixed_loss`` > 0) goes through ``model`` (DDP-wrapped).
 
     ``skip_batches`` batches at the start are read and discarded (resuming a checkpoint written mid-epoch).
+    ``on_log(record)`` receives the step metrics every ``log_every`` steps, as they happen.
     ``on_step(step)`` runs before each update (e.g. the ε warm-up). ``ema`` is a timm ``ModelEmaV3``; it is updated
     after every optimizer step. Stops early, on every rank at the same step, when the loss is not finite on some rank
     (``stop_reason='nonfinite'``, without applying that update) or when ``stop_requested()`` is true on some rank
@@ -86,7 +87,6 @@ def train_one_epoch(
     bar = tqdm(total=total, initial=skip_batches, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True,
                leave=False)
     loss_sum, images, batches = 0.0, 0, 0
-    history: list[dict] = []
     stop_reason = None
     start = time.perf_counter()
     window_start, window_images = start, 0
@@ -138,8 +138,10 @@ def train_one_epoch(
         if batches % log_every == 0 or flags[2] > 0:
             now = time.perf_counter()
             rate = window_images / max(now - window_start, 1e-9)
-            history.append({"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": rate,
-                            "resolution": resolution})
+            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": rate,
+                      "resolution": resolution}
+            if on_log is not None:
+                on_log(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", res=resolution)
             window_start, window_images = now, 0
         if flags[2] > 0:
@@ -147,7 +149,7 @@ def train_one_epoch(
             break
     bar.close()
     return EpochResult(loss=loss_sum / max(batches, 1), batches=skip_batches + batches, images=images,
-                       seconds=time.perf_counter() - start, step=step, stop_reason=stop_reason, history=history)
+                       seconds=time.perf_counter() - start, step=step, stop_reason=stop_reason)
 
 
 @torch.no_grad()
