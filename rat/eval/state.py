@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from rat.io import atomic_write
 
 __all__ = ["EvalState", "StateMismatchError", "atomic_write_json"]
 
@@ -35,25 +35,12 @@ class StateMismatchError(ValueError):
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``obj`` as JSON to ``path`` atomically (see :func:`rat.io.atomic_write`)."""
+    def write(handle) -> None:
+        json.dump(obj, handle, indent=1)
+        handle.write("\n")
+
+    atomic_write(path, write, mode="w")
 
 
 def _now() -> str:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rat.io import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -17,28 +17,8 @@ LAST = "last.pt"
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync it, then rename it over ``path``.
-
-    A crash or a full disk at any point leaves the previous file at ``path`` intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`rat.io.atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, names: list[str]) -> Path:
