@@ -621,7 +621,7 @@ def test_apgd_matches_autoattack_apgd_ce(demo_model, norm):
 # APGD step by step against AutoAttack's APGD from the same starting point (no random start).
 # ----------------------------------------------------------------------------------------------------------------
 
-APGD_SAME_START_EPS = {"Linf": 4 / 255, "L2": 0.5, "L1": 6.0}
+APGD_SAME_START_EPS = {"Linf": 4 / 255, "L2": 0.5}
 
 
 def _autoattack_apgd_from_x(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
@@ -638,7 +638,7 @@ def _autoattack_apgd_from_x(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
-@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_apgd_follows_autoattack_step_by_step(norm, loss):
     """From the same start (x itself), rat's APGD in its default (paper) settings finds AutoAttack's best loss for
     every sample and its best iterate for (nearly) every sample: step sizes, momentum, the checkpoint rule with
@@ -647,16 +647,19 @@ def test_apgd_follows_autoattack_step_by_step(norm, loss):
     loss (to 1e-6) at two iterates, and rounding picks either, hence the 90 % bar on the iterates.
 
     With the DLR loss (negative while a sample is classified correctly) the old convention, which compares the first
-    step with the loss at the start instead of with 0, halves other step sizes and ends elsewhere."""
+    step with the loss at the start instead of with 0, halves other step sizes and ends elsewhere.
+
+    L1 is not compared this way: given a starting point, AutoAttack's L1-APGD derives its initial sparsity from that
+    point (0 for x itself), unlike the training variant."""
     model = _tiny_net(1).eval()
     x, y = _batch(n=64, size=16, seed=4)
     eps = APGD_SAME_START_EPS[norm]
     x_ref, loss_ref = _autoattack_apgd_from_x(model, x, y, norm, eps, n_iter=10, loss=loss)
-    result = APGDAttack(model, norm=norm, eps=eps, n_iter=10, topk_init=0.2, loss=loss).run(x, y)
+    result = APGDAttack(model, norm=norm, eps=eps, n_iter=10, loss=loss).run(x, y)
     torch.testing.assert_close(result.loss_best, loss_ref, atol=1e-5, rtol=1e-5)
     same_iterate = (result.x_best - x_ref).abs().amax(dim=(1, 2, 3)) <= 1e-5
     assert same_iterate.float().mean() >= 0.9
-    if norm != "L1" and loss == "dlr":
+    if loss == "dlr":
         old = APGDAttack(model, norm=norm, eps=eps, n_iter=10, loss=loss, first_step_vs_start=True).run(x, y)
         assert ((old.loss_best - loss_ref).abs() > 1e-4).sum() >= 3
 

@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from .base import LpAttack, attack_mode
 from .norms import lp_norm, point_projector, random_in_ball, select
-
-PROJECTIONS = ("paper", "exact")
 from .registry import register_attack
 
 _logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("paper", "exact")
 
 
 class APGDResult(NamedTuple):
