@@ -615,3 +615,63 @@ def test_apgd_matches_autoattack_apgd_ce(demo_model, norm):
     assert abs(ours_acc - aa_acc) <= 2.0
     assert abs(best_loss_acc - aa_acc) <= 2.0
     assert ours_acc < noise_acc - 25.0 and aa_acc < noise_acc - 25.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# APGD step by step against AutoAttack's APGD from the same starting point (no random start).
+# ----------------------------------------------------------------------------------------------------------------
+
+APGD_SAME_START_EPS = {"Linf": 4 / 255, "L2": 0.5}
+
+
+def _autoattack_apgd_from_x(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
+                            n_iter: int, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAttack's APGD single run started at ``x`` itself: (best-loss iterate, its loss)."""
+    from pyautoattack.autopgd_base import APGDAttack as AutoAttackAPGD
+
+    reference = AutoAttackAPGD(model, n_iter=n_iter, norm=norm, n_restarts=1, eps=eps, seed=0, loss=loss,
+                               device=x.device, topk=0.2)
+    reference.init_hyperparam(x)
+    with torch.random.fork_rng():  # it draws (and then ignores) a random start from the global RNG
+        x_best, _, loss_best, _ = reference.attack_single_run(x, y, x_init=x.clone())
+    return x_best, loss_best
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_apgd_follows_autoattack_step_by_step(norm, loss):
+    """From the same start (x itself), rat's APGD in its default (paper) settings finds AutoAttack's best loss for
+    every sample and its best iterate for (nearly) every sample: step sizes, momentum, the checkpoint rule with
+    AutoAttack's first-step convention and (L2) the ball-then-clip projection. n_iter=10 puts checkpoints after steps
+    2, 4, 6, 8 (window 2), so the first step's bookkeeping decides step-size halvings. A few samples reach the same
+    loss (to 1e-6) at two iterates, and rounding picks either, hence the 90 % bar on the iterates.
+
+    With the DLR loss (negative while a sample is classified correctly) the old convention, which compares the first
+    step with the loss at the start instead of with 0, halves other step sizes and ends elsewhere.
+
+    L1 is not compared this way: given a starting point, AutoAttack's L1-APGD derives its initial sparsity from that
+    point (0 for x itself), unlike the training variant."""
+    model = _tiny_net(1).eval()
+    x, y = _batch(n=64, size=16, seed=4)
+    eps = APGD_SAME_START_EPS[norm]
+    x_ref, loss_ref = _autoattack_apgd_from_x(model, x, y, norm, eps, n_iter=10, loss=loss)
+    result = APGDAttack(model, norm=norm, eps=eps, n_iter=10, loss=loss).run(x, y)
+    torch.testing.assert_close(result.loss_best, loss_ref, atol=1e-5, rtol=1e-5)
+    same_iterate = (result.x_best - x_ref).abs().amax(dim=(1, 2, 3)) <= 1e-5
+    assert same_iterate.float().mean() >= 0.9
+    if loss == "dlr":
+        old = APGDAttack(model, norm=norm, eps=eps, n_iter=10, loss=loss, first_step_vs_start=True).run(x, y)
+        assert ((old.loss_best - loss_ref).abs() > 1e-4).sum() >= 3
+
+
+def test_apgd_exact_l2_projection_is_one_flag_away():
+    """projection='exact' keeps rat's exact ball ∩ box projection: feasible, and a different attack."""
+    model = _tiny_net(1).eval()
+    x, y = _batch(n=64, size=16, seed=4)
+    paper = APGDAttack(model, norm="L2", eps=0.5, n_iter=10).run(x, y)
+    exact = APGDAttack(model, norm="L2", eps=0.5, n_iter=10, projection="exact").run(x, y)
+    _assert_in_ball(exact.x_best, x, "L2", 0.5)
+    _assert_in_ball(paper.x_best, x, "L2", 0.5)
+    assert not torch.equal(paper.x_best, exact.x_best)
+    with pytest.raises(ValueError, match="projection must be one of"):
+        APGDAttack(model, norm="L2", eps=0.5, projection="nearest")

@@ -3,11 +3,17 @@
 Linf / L2 (APGD, Croce & Hein 2020, Alg. 1):
     step size η = 2ε, first step plain, later steps with momentum α = 0.75:
     ``z = P(x_k + η·d(∇)); x_{k+1} = P(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1}))`` with ``d = sign`` (Linf) or
-    ``∇/‖∇‖₂`` (L2) and ``P`` the exact projection onto the ε-ball ∩ [0, 1] box (:mod:`rat.attacks.norms`).
+    ``∇/‖∇‖₂`` (L2). ``P`` is, as in the paper's ``apgd_train`` and AutoAttack, a clip for Linf and for L2 the
+    rescaling onto the ε-ball followed by a clip to [0, 1] (``projection='paper'``, the default);
+    ``projection='exact'`` uses the exact Euclidean projection onto the ε-ball ∩ box (:mod:`rat.attacks.norms`),
+    which is the nearest feasible point and gives a slightly stronger attack.
     Checkpoints: the first after ``max(⌊0.22 N⌋, 1)`` iterations, then every ``max(w − ⌊0.03 N⌋, ⌊0.06 N⌋)``
     (each term at least 1). At a checkpoint a sample's step size is halved and its iterate restarted from its best
     point when (1) the loss increased in at most ρ = 0.75 of the steps since the last checkpoint, or (2) its step size
-    was not halved at the last checkpoint and its best loss has not improved since.
+    was not halved at the last checkpoint and its best loss has not improved since. The first step's loss is compared
+    with 0, not with the loss at the starting point, exactly as ``apgd_train`` and AutoAttack do (their oscillation
+    check reads the not yet written, zero-initialised ``loss_steps[-1]``): for cross-entropy the first step always
+    counts as an increase. ``first_step_vs_start=True`` compares it with the starting loss instead.
 L1 (l1-APGD, Croce & Hein, ICML 2021):
     step size η = ε; the step moves along the signs of the ``topk`` fraction of largest gradient entries
     (``η·sign(∇_S)/|S|``), followed by the exact projection onto the L1 ball ∩ box. No momentum. Every
@@ -34,6 +40,8 @@ from .registry import register_attack
 
 _logger = logging.getLogger(__name__)
 
+PROJECTIONS = ("paper", "exact")
+
 
 class APGDResult(NamedTuple):
     """Everything one APGD run finds.
@@ -55,6 +63,20 @@ def _bview(t: Tensor, like: Tensor) -> Tensor:
     return t.view((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
+def _paper_l2_projector(x: Tensor, eps: float):
+    """The L2 projection of ``apgd_train`` / AutoAttack: ``clip(x + δ·min(ε, ‖δ‖) / (‖δ‖ + 1e-12), 0, 1)``.
+
+    Feasible for the box, and inside the ball unless the clip moves the point out of it (it never does: clipping
+    toward ``x`` ∈ [0, 1] only shortens δ); not the nearest point of the ball ∩ box.
+    """
+    def project(z: Tensor) -> Tensor:
+        delta = z - x
+        length = _bview(lp_norm(delta, "L2"), x)
+        return (x + delta / (length + 1e-12) * length.clamp(max=eps)).clamp_(0.0, 1.0)
+
+    return project
+
+
 @register_attack("apgd")
 class APGDAttack(LpAttack):
     """APGD with cross-entropy (or DLR) loss, Linf / L2 / L1, hard or soft targets; see the module docstring.
@@ -73,6 +95,11 @@ class APGDAttack(LpAttack):
         topk_init: initial sparsity of the L1 step (0.05 training, 0.2 AutoAttack).
         step_size: initial step size η₀; ``None`` → 2ε (Linf, L2) or ε (L1). Scaled together with ε by
             :meth:`set_eps_scale`.
+        projection: L2 projection, ``'paper'`` (onto the ball, then clip to [0, 1], as ``apgd_train`` and AutoAttack)
+            or ``'exact'`` (the nearest point of the ball ∩ box). Linf is a clip and L1 the exact projection (as in
+            the reference) either way.
+        first_step_vs_start: count the first step as an increase if its loss beats the loss at the starting point.
+            Default False: compare it with 0, as ``apgd_train`` and AutoAttack do.
         use_best: ``perturb`` returns the highest-loss iterate (APGD; costs one forward pass to score the last
             iterate). ``False`` returns the last iterate instead, so N steps cost exactly N forward + input-backward
             passes. :meth:`run` always scores every iterate.
@@ -87,7 +114,8 @@ class APGDAttack(LpAttack):
     def __init__(self, model: nn.Module, *, norm: str = "Linf", eps: float | None = None, n_iter: int | None = None,
                  n_restarts: int = 1, seed: int = 0, loss: str = "ce", random_start: bool = False,
                  momentum: float = 0.75, rho: float = 0.75, topk_init: float = 0.05,
-                 step_size: float | None = None, use_best: bool = True) -> None:
+                 step_size: float | None = None, use_best: bool = True, projection: str = "paper",
+                 first_step_vs_start: bool = False) -> None:
         super().__init__(model, norm=norm, eps=eps, n_iter=n_iter, seed=seed, loss=loss)
         if not isinstance(n_restarts, int) or n_restarts < 1:
             raise ValueError(f"n_restarts must be an int >= 1, got {n_restarts!r}")
@@ -99,6 +127,8 @@ class APGDAttack(LpAttack):
             raise ValueError(f"topk_init must lie in (0, 1], got {topk_init}")
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be > 0, got {step_size}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if n_restarts > 1 and not use_best:
             raise ValueError("n_restarts > 1 keeps the best restart by loss, which needs use_best=True")
         self.use_best = bool(use_best)
@@ -108,6 +138,8 @@ class APGDAttack(LpAttack):
         self.momentum = float(momentum)
         self.rho = float(rho)
         self.topk_init = float(topk_init)
+        self.projection = projection
+        self.first_step_vs_start = bool(first_step_vs_start)
 
     @property
     def current_step_size(self) -> float:
@@ -182,7 +214,8 @@ class APGDAttack(LpAttack):
         norm, n_iter = self.norm, self.n_iter
         batch = x.shape[0]
         n_features = x[0].numel()
-        project = point_projector(x, norm, eps)
+        project = _paper_l2_projector(x, eps) if norm == "L2" and self.projection == "paper" \
+            else point_projector(x, norm, eps)
         eta = self.current_step_size
         step = torch.full((batch,) + (1,) * (x.dim() - 1), eta, device=x.device)
         m = self.momentum
@@ -204,7 +237,7 @@ class APGDAttack(LpAttack):
         min_window = max(int(0.06 * n_iter), 1)
         window_decrease = max(int(0.03 * n_iter), 1)
         increases = torch.zeros(batch, device=x.device)
-        loss_prev = loss
+        loss_prev = loss if self.first_step_vs_start else torch.zeros_like(loss)
         loss_best_at_check = loss_best
         reduced_at_check = torch.ones(batch, dtype=torch.bool, device=x.device)
         # L1 state.
