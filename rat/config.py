@@ -224,6 +224,9 @@ def _load_file(config: Config, fname: str) -> dict:
         raise ConfigError(f"config file {fname} does not exist: check the path given to --config-file")
     try:
         content = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {fname} is not a text file ({err.reason} at byte {err.start}): pass a YAML "
+                          "or JSON config such as configs/demo.yaml") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {fname} is not valid YAML: {err}".replace("\n", " ")) from err
     if not isinstance(content, dict):

@@ -1,20 +1,53 @@
-"""Atomic file writes shared by checkpoints and evaluation state files."""
+"""File writes that never leave a torn or half-written file: atomic replace, temp-file hygiene, writable checks.
+
+Every file rat writes that a later run reads back (checkpoints, evaluation state and result files) goes through
+:func:`atomic_write`. Its temporary files are named ``.<name>.<pid>.<random>.tmp`` so that a later start can remove
+the leftovers of a killed writer (:func:`remove_stale_temps`) without touching a write still in progress.
+"""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+__all__ = ["OutputError", "atomic_write", "check_writable", "pid_alive", "remove_stale_temps"]
+
+
+class OutputError(OSError):
+    """An output folder or file that cannot be written; the message names it and the fix."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> Path:
     """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync it, rename it over ``path`` and fsync
-    the folder. A crash or a full disk at any point leaves the previous file at ``path`` intact, never a torn one."""
+    the folder. A crash or a full disk at any point leaves the previous file at ``path`` intact, never a torn one; a
+    failed write removes its temporary file. The file gets the permissions of a plain ``open()`` (0666 less the
+    umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
@@ -29,3 +62,39 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
+    """Remove the temporary files that killed :func:`atomic_write` calls left in ``folder`` (for target ``name``, or
+    every target); files of writers still running on this machine are kept. Returns the removed paths."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        pid_text = tmp.name[:-len(".tmp")].split(".")[-2]
+        if pid_text.isdigit() and pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and check that a file can be created in it (a real write, which also catches
+    read-only mounts and full disks that permission bits do not show).
+
+    Raises:
+        OutputError: the folder cannot be created or written; the message names it and says what to do.
+    """
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(errno.ENOTDIR, "exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".write-check.{socket.gethostname()}.") as handle:
+            handle.write(b"x")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"{what} {folder} is not writable ({reason}): free space or fix its permissions, or "
+                          "choose another folder") from exc
+    return folder
