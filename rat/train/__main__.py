@@ -5,7 +5,6 @@ is read only by the ``build_*`` functions here; the engine below them takes plai
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import random
@@ -30,7 +29,7 @@ from rat.data.demo import ensure_demo_betons
 from rat.io import OutputError, check_writable
 from rat.logging import MetricsWriter, setup_logging
 from rat.models import CheckpointError, create_model
-from rat.models.input_size import InputSizeError, check_input_size
+from rat.models.preflight import InputSizeError, UnknownArchError, check_arch, check_input_size
 from rat.train.checkpoint import (
     CheckpointWriteError,
     config_changes,
@@ -75,13 +74,11 @@ def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | N
         OutputError: the run folder cannot be written.
         RunFinished: the resumed run has trained all its epochs.
     """
-    import timm
-
     arch = cfg["model"]["arch"]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"closest registered: {', '.join(close)}" if close else "rat's models are timm.list_models('*_cvst')"
-        raise ConfigError(f"model.arch={arch!r} is not a registered model ({hint})")
+    try:
+        check_arch(arch)
+    except UnknownArchError as exc:
+        raise ConfigError(f"model.arch: {exc}") from exc
     for key in ("data.train_dataset", "data.val_dataset"):
         section, name = key.split(".")
         if cfg[section][name]:

@@ -1,17 +1,40 @@
-"""Whether a model can take a given input resolution, checked on the meta device (no memory, no compute)."""
+"""Up-front model checks for the CLIs: the architecture exists, and it takes the resolution (on the meta device: no
+memory, no compute)."""
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
 
-__all__ = ["InputSizeError", "check_input_size"]
+__all__ = ["InputSizeError", "UnknownArchError", "check_arch", "check_input_size"]
 
 _SEARCH = range(8, 1025, 8)
 
 
 class InputSizeError(ValueError):
     """A resolution the model cannot take; the message names the smallest one it can."""
+
+
+class UnknownArchError(ValueError):
+    """A model name that timm does not know; the message names the closest registered ones."""
+
+
+def check_arch(arch: str) -> None:
+    """Check that ``arch`` is a registered timm model (rat's ``*_cvst`` models included).
+
+    Raises:
+        UnknownArchError: it is not; the message lists the closest registered names.
+    """
+    import timm
+
+    import rat.models  # noqa: F401  (registers the *_cvst models)
+
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"closest registered: {', '.join(close)}" if close else "rat's models are timm.list_models('*_cvst')"
+    raise UnknownArchError(f"{arch!r} is not a registered model ({hint})")
 
 
 def _fits(arch: str, resolution: int, kwargs: dict[str, Any]) -> str | None:
