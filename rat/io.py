@@ -7,14 +7,17 @@ the leftovers of a killed writer (:func:`remove_stale_temps`) without touching a
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["OutputError", "atomic_write", "check_writable", "pid_alive", "remove_stale_temps"]
+__all__ = ["FileLock", "OutputError", "atomic_write", "check_writable", "pid_alive", "remove_stale_temps"]
 
 
 class OutputError(OSError):
@@ -98,3 +101,69 @@ def check_writable(folder: str | Path, what: str = "output folder") -> Path:
         raise OutputError(f"{what} {folder} is not writable ({reason}): free space or fix its permissions, or "
                           "choose another folder") from exc
     return folder
+
+
+class FileLock:
+    """An exclusive claim on a piece of work, held as a ``flock`` on ``path`` while the holder lives.
+
+    The kernel drops the lock when its holder exits, however it dies (SIGKILL, OOM, a lost node on NFS with lockd), so
+    a dead process's lock file never blocks anyone: it is only a file with the last holder's pid, host and start time,
+    which :meth:`holder` reports. The lock file is removed on release.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; returns whether this object holds it now."""
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder released (and unlinked) it between our open and flock: try the new file
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """``pid N on HOST since HH:MM:SS`` of the process that wrote the lock file last (for messages)."""
+        try:
+            info = json.loads(self.path.read_text())
+            since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+            return f"pid {info['pid']} on {info['host']} since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (unlink first, so nobody locks the old file after us)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -457,7 +457,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "per_example": per_example,
     }
     atomic_write_json(output, result)
-    state.path.unlink(missing_ok=True)
+    state.close(finished=True)
     return result
 
 
