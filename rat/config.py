@@ -25,6 +25,8 @@ import yaml
 from fastargs import Config, Param, Section, set_current_config
 from fastargs.validation import And, Checker, InRange, OneOf
 
+from rat.cli import ArgumentParser
+
 NORMS = ("Linf", "L2", "L1")
 # Default radii for ImageNet, in pixel units of [0,1] images. Croce & Hein's E-AT code used L1 eps=255 on ImageNet;
 # the paper's evaluation (and rat's default) is 75.
@@ -182,9 +184,10 @@ def _declare_sections() -> None:
         attack=Param(OneOf(["none", "apgd", "pgd", "fgsm"]), "attack generating the training inputs", default="none"),
         norm=Param(CommaList(OneOf(NORMS), "norms from Linf, L2, L1"),
                    "threat model; several (e.g. Linf,L1) alternate batch by batch as in E-AT", default="Linf"),
-        eps=Param(CommaList(PositiveFloat(), "floats", allow_empty=True),
+        eps=Param(CommaList(PositiveFloat(), "numbers > 0 (one per norm, e.g. 0.0157,75)", allow_empty=True),
                   "radius per norm in [0,1] pixel units; empty = Linf 4/255, L2 2, L1 75", default=""),
-        n_iter=Param(CommaList(_int(1), "ints"), "attack steps, one value or one per norm", default="2"),
+        n_iter=Param(CommaList(_int(1), "ints >= 1 (one per norm, e.g. 2 or 2,5)"),
+                     "attack steps, one value or one per norm", default="2"),
         step_size=Param(_float(0), "attack step size (0 = the attack's default, 2*eps for APGD-Linf)", default=0.0),
         random_start=Param(Flag(), "1: random start (PGD; FGSM always starts at random)", default=0),
         mixed_loss=Param(_float(0, 1), "weight of the clean loss: (1-w)*adv + w*clean (0 = adversarial only)",
@@ -224,6 +227,9 @@ def _load_file(config: Config, fname: str) -> dict:
         raise ConfigError(f"config file {fname} does not exist: check the path given to --config-file")
     try:
         content = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {fname} is not a text file ({err.reason} at byte {err.start}): pass a YAML "
+                          "or JSON config such as configs/demo.yaml") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {fname} is not valid YAML: {err}".replace("\n", " ")) from err
     if not isinstance(content, dict):
@@ -239,7 +245,7 @@ def _load_file(config: Config, fname: str) -> dict:
 
 
 def _parser(config: Config, prog: str | None, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+    parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", "-C", action="append", default=[],
                         help="YAML/JSON config file; repeatable, later files win, flags win over files")

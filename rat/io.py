@@ -1,20 +1,56 @@
-"""Atomic file writes shared by checkpoints and evaluation state files."""
+"""File writes that never leave a torn or half-written file: atomic replace, temp-file hygiene, writable checks.
+
+Every file rat writes that a later run reads back (checkpoints, evaluation state and result files) goes through
+:func:`atomic_write`. Its temporary files are named ``.<name>.<pid>.<random>.tmp`` so that a later start can remove
+the leftovers of a killed writer (:func:`remove_stale_temps`) without touching a write still in progress.
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+__all__ = ["FileLock", "OutputError", "atomic_write", "check_writable", "pid_alive", "remove_stale_temps"]
+
+
+class OutputError(OSError):
+    """An output folder or file that cannot be written; the message names it and the fix."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> Path:
     """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync it, rename it over ``path`` and fsync
-    the folder. A crash or a full disk at any point leaves the previous file at ``path`` intact, never a torn one."""
+    the folder. A crash or a full disk at any point leaves the previous file at ``path`` intact, never a torn one; a
+    failed write removes its temporary file. The file gets the permissions of a plain ``open()`` (0666 less the
+    umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
@@ -29,3 +65,105 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
+    """Remove the temporary files that killed :func:`atomic_write` calls left in ``folder`` (for target ``name``, or
+    every target); files of writers still running on this machine are kept. Returns the removed paths."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        pid_text = tmp.name[:-len(".tmp")].split(".")[-2]
+        if pid_text.isdigit() and pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and check that a file can be created in it (a real write, which also catches
+    read-only mounts and full disks that permission bits do not show).
+
+    Raises:
+        OutputError: the folder cannot be created or written; the message names it and says what to do.
+    """
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(errno.ENOTDIR, "exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".write-check.{socket.gethostname()}.") as handle:
+            handle.write(b"x")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"{what} {folder} is not writable ({reason}): free space or fix its permissions, or "
+                          "choose another folder") from exc
+    return folder
+
+
+class FileLock:
+    """An exclusive claim on a piece of work, held as a ``flock`` on ``path`` while the holder lives.
+
+    The kernel drops the lock when its holder exits, however it dies (SIGKILL, OOM, a lost node on NFS with lockd), so
+    a dead process's lock file never blocks anyone: it is only a file with the last holder's pid, host and start time,
+    which :meth:`holder` reports. The lock file is removed on release.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; returns whether this object holds it now."""
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder released (and unlinked) it between our open and flock: try the new file
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """``pid N on HOST since HH:MM:SS`` of the process that wrote the lock file last (for messages)."""
+        try:
+            info = json.loads(self.path.read_text())
+            since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+            return f"pid {info['pid']} on {info['host']} since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (unlink first, so nobody locks the old file after us)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -105,7 +105,7 @@ def test_state_is_atomic_and_refuses_other_evaluations(tmp_path: Path):
     path = tmp_path / "r.json.state.json"
     state = EvalState.load_or_create(path, {"eps": 0.1, "arch": "a"}, ["clean", "apgd-ce"])
     state.record(0, "clean", [True, False], 0.5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".lock"]  # no temporary file
     again = EvalState.load_or_create(path, {"eps": 0.1, "arch": "a"}, ["clean", "apgd-ce"])
     assert again.done_steps(0) == ["clean"] and not again.is_done(0) and again.flags(0, "clean") == [True, False]
     assert len(again.runs) == 2

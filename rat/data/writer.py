@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "IMAGE_FIELD", "LABEL_FIELD", "IMG_EXTENSIONS", "WRITE_MODES", "BetonWriteError", "WriteReport",
+    "IMAGE_FIELD", "LABEL_FIELD", "check_beton", "IMG_EXTENSIONS", "WRITE_MODES", "BetonWriteError", "WriteReport",
     "classes_path", "find_classes", "list_image_folder", "load_cifar", "read_beton_info", "read_beton_item",
     "read_classes", "write_arrays_beton", "write_cifar_beton", "write_folder_beton",
 ]
@@ -113,13 +113,39 @@ def read_beton_info(beton_path: str | Path) -> dict[str, Any]:
             from exc
     if not isinstance(info, dict) or info.get("format") != CLASSES_FORMAT or not isinstance(info.get("classes"), list):
         raise ValueError(f"{side} is not a rat classes file (format {CLASSES_FORMAT!r}): rewrite the beton")
-    from ffcv.reader import Reader
-
-    num_samples = int(Reader(str(beton_path)).num_samples)
+    num_samples = check_beton(beton_path)
     if num_samples != info.get("num_samples"):
         raise ValueError(f"{side} describes {info.get('num_samples')} samples but {beton_path} holds {num_samples}: "
-                         "the two come from different writes; rewrite the beton")
+                         "the two come from different writes; rewrite the beton with tools/write_ffcv.py")
     return info
+
+
+def check_beton(beton_path: str | Path) -> int:
+    """Check that a file is a complete beton with rat's fields (``image``, ``label``); returns its sample count.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: empty, truncated, or a beton with other fields; the message names the file and the fix.
+    """
+    from ffcv.reader import Reader
+
+    beton_path = Path(beton_path)
+    if not beton_path.is_file():
+        raise FileNotFoundError(f"beton {beton_path} does not exist: write it with tools/write_ffcv.py")
+    fix = "rewrite it with tools/write_ffcv.py"
+    try:
+        reader = Reader(str(beton_path))
+        ends = reader.alloc_table["ptr"].astype(np.int64) + reader.alloc_table["size"].astype(np.int64)
+    except (IndexError, ValueError, KeyError, OSError, TypeError) as exc:  # what ffcv's header parsing raises
+        raise ValueError(f"beton {beton_path} is empty, truncated or not a beton ({type(exc).__name__}: {exc}): "
+                         f"{fix}") from exc
+    if list(reader.field_names) != [IMAGE_FIELD, LABEL_FIELD]:
+        raise ValueError(f"beton {beton_path} holds the fields {', '.join(reader.field_names)}, not "
+                         f"{IMAGE_FIELD}, {LABEL_FIELD}: it was not written by rat; {fix}")
+    if len(ends) and int(ends.max()) > beton_path.stat().st_size:
+        raise ValueError(f"beton {beton_path} is truncated ({beton_path.stat().st_size} bytes, its table points up to "
+                         f"byte {int(ends.max())}): {fix}")
+    return int(reader.num_samples)
 
 
 def read_classes(beton_path: str | Path) -> list[str]:

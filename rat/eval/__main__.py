@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from rat.cli import EXIT_BAD_INPUT, EXIT_FAILED, ArgumentParser
 from rat.config import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
 from rat.eval.evaluate import PRECISIONS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
+from rat.io import OutputError, check_writable
 from rat.logging import setup_logging
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +46,30 @@ def _eps(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: rat.eval runs on cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible here; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return text
+
+
 def _kwargs(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -57,7 +83,7 @@ def _kwargs(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m rat.eval``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m rat.eval",
         description="One AutoAttack evaluation of a checkpoint: writes a JSON result and a log, prints a one-line "
                     "summary. Run the same command again to resume an interrupted evaluation.",
@@ -72,34 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     threat.add_argument("--norm", choices=NORMS, default="Linf")
     threat.add_argument("--eps", type=_eps, help="radius in [0,1] pixel units, e.g. 4/255 (default: Linf 4/255, "
                                                  "L2 2, L1 75)")
-    threat.add_argument("--resolution", type=int, help="input side (default: the checkpoint's training size, or 224)")
+    threat.add_argument("--resolution", type=_positive_int,
+                        help="input side (default: the checkpoint's training size, or 224)")
     attack = parser.add_argument_group("AutoAttack")
     attack.add_argument("--version", choices=VERSIONS, default="standard",
                         help="standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, APGD-T; custom: --attacks")
     attack.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, help="attacks of --version custom, in order")
     attack.add_argument("--seed", type=int, default=0, help="AutoAttack seed")
-    attack.add_argument("--n-iter", type=int, help="APGD/FAB iterations instead of 100 (smoke tests only)")
-    attack.add_argument("--n-queries", type=int, help="Square queries instead of 5000 (smoke tests only)")
+    attack.add_argument("--n-iter", type=_positive_int, help="APGD/FAB iterations instead of 100 (smoke tests only)")
+    attack.add_argument("--n-queries", type=_positive_int, help="Square queries instead of 5000 (smoke tests only)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="val .beton or ImageNet-style val folder")
-    data.add_argument("--n-ex", type=int, default=5000, help="images of the fixed val subset")
-    data.add_argument("--batch-size", type=int, default=100, help="images per batch (unit of resuming/sharding)")
-    data.add_argument("--num-workers", type=int, default=4)
+    data.add_argument("--n-ex", type=_positive_int, default=5000, help="images of the fixed val subset")
+    data.add_argument("--batch-size", type=_positive_int, default=100,
+                      help="images per batch (unit of resuming/sharding)")
+    data.add_argument("--num-workers", type=_positive_int, default=4)
     data.add_argument("--shard", type=_shard, help="INDEX/COUNT: evaluate one of COUNT slices of the batches")
     run = parser.add_argument_group("run")
     run.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
-    run.add_argument("--device", help="default: cuda if available, else cpu")
-    run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--device", type=_device, help="default: cuda if available, else cpu")
+    run.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     run.add_argument("--output", type=Path,
-                     help="JSON result (default: aa_<norm>-<eps>_r<res>_<version>_n<n_ex>.json next to the checkpoint)")
+                     help="JSON result (default: aa_<norm>-<eps>_r<res>_<version>_n<n_ex>_<checkpoint>_<fingerprint>"
+                          ".json next to the checkpoint; never replaces another evaluation's result)")
     run.add_argument("--log", help="log file (default: the result path with .log; '-' for none)")
     return parser
 
 
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     """An ``EvalSpec`` from parsed arguments."""
-    if args.checkpoint is None and args.arch is None:
-        raise SystemExit("python -m rat.eval: pass --checkpoint PATH (or --arch NAME for random weights)")
     return EvalSpec(data=args.data, checkpoint=args.checkpoint, arch=args.arch, model_kwargs=args.model_kwargs,
                     use_ema=args.use_ema, norm=args.norm, eps=args.eps, resolution=args.resolution,
                     version=args.version, attacks=args.attacks, n_ex=args.n_ex, batch_size=args.batch_size,
@@ -109,28 +136,39 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one evaluation; returns the exit status (0 done, 1 failed, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    """Run one evaluation; returns the exit status (0 done, 1 failed, 2 bad input), each error one line on stderr."""
+    from rat.models import CheckpointError as UnreadableCheckpoint
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and args.arch is None:
+        parser.error("pass --checkpoint PATH (or --arch NAME for random weights)")
     setup_logging(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         resolved = resolve(spec_from_args(args))
-    except (ValueError, FileNotFoundError) as exc:
+        output = Path(resolved.spec.output)
+        check_writable(output.parent, "output folder")
+    except (ValueError, FileNotFoundError, UnreadableCheckpoint, OutputError) as exc:
         _logger.error("%s", exc)
-        return 2
+        return EXIT_BAD_INPUT
     if args.log != "-":
-        log_file = Path(args.log) if args.log else Path(resolved.spec.output).with_suffix(".log")
+        log_file = Path(args.log) if args.log else output.with_suffix(".log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         setup_logging(0, log_file)
     try:
         result = run_evaluation(resolved)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, UnreadableCheckpoint) as exc:
         _logger.error("%s", exc)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        _logger.error("evaluation stopped: %s; finished batches are kept in its state file, run the same command "
+                      "again to resume", exc)
+        return EXIT_FAILED
     except Exception:
         _logger.exception("evaluation failed")
-        return 1
+        return EXIT_FAILED
     _logger.info("wrote %s", result["output"])
     print(summary_line(result))  # the one-line summary on stdout, for people and scripts
     return 0

@@ -96,9 +96,9 @@ def dataset_size(path: str | Path) -> int:
     path = Path(path)
     _check_source(path)
     if _is_beton(path):
-        from ffcv.reader import Reader
+        from rat.data.writer import check_beton
 
-        return int(Reader(str(path)).num_samples)
+        return check_beton(path)
     return len(_image_folder(path, None))
 
 

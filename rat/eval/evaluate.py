@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import platform
 import time
@@ -32,12 +33,12 @@ from rat.eval.autoattack import (
     robust_after_attack,
 )
 from rat.eval.data import SUBSET_RULE, dataset_size, eval_subset, iter_eval_batches, shard_batches
-from rat.eval.results import RESULT_FORMAT, accuracies, eps_tag
+from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 
 __all__ = [
-    "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "default_model_name", "default_output",
-    "file_sha256", "resolve",
+    "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "check_output", "default_model_name",
+    "default_output", "evaluation_identity", "file_sha256", "resolve",
     "run_evaluation", "state_path_for",
 ]
 
@@ -77,7 +78,7 @@ class EvalSpec:
         shard: ``(index, count)`` to evaluate one slice of the batches.
         n_iter: APGD/FAB iterations instead of 100 (smoke tests only; flagged in the result).
         n_queries: Square queries instead of 5000 (same).
-        output: the JSON result; default ``aa_<norm>-<eps>_r<res>_<version>_n<n_ex>.json`` next to the checkpoint.
+        output: the JSON result; default ``default_output``, next to the checkpoint.
         name: the model's name in the result; default ``default_model_name``.
     """
 
@@ -134,8 +135,12 @@ def file_sha256(path: str | Path) -> str:
 
 def _resolve_source(spec: EvalSpec) -> _ModelSource:
     """Architecture and model kwargs from the checkpoint (and the spec), with clear errors."""
+    from rat.models import CheckpointError as UnreadableCheckpoint
     from rat.models import load_checkpoint_file
+    from rat.models.preflight import check_arch
 
+    if spec.arch is not None:
+        check_arch(spec.arch)
     if spec.checkpoint is None:
         if spec.arch is None:
             raise CheckpointError("nothing to evaluate: pass --checkpoint PATH, or --arch NAME for random weights")
@@ -143,7 +148,10 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
     path = Path(spec.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = load_checkpoint_file(path)
+    try:
+        ckpt = load_checkpoint_file(path)
+    except UnreadableCheckpoint as exc:
+        raise CheckpointError(str(exc)) from exc
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     kwargs: dict[str, Any] = dict(ckpt.get("model_kwargs") or {}) if isinstance(ckpt, dict) and arch else {}
     if arch is None:
@@ -244,11 +252,54 @@ def _software_versions(device: torch.device) -> dict[str, Any]:
     return versions
 
 
-def default_output(spec: EvalSpec, norm: str, eps: float, resolution: int) -> Path:
-    """``aa_<norm>-<eps>_r<res>_<version>_n<n_ex>[_shard<i>of<k>].json`` next to the checkpoint (or in the cwd)."""
+# --- What defines an evaluation: its default file name, and the check that a result is never replaced by another's.
+_IDENTITY_KEYS = ("arch", "model_kwargs", "checkpoint_sha256", "use_ema", "norm", "eps", "resolution", "version",
+                  "attacks", "n_ex", "batch_size", "precision", "seed", "shard", "n_iter", "n_queries", "data")
+
+
+def evaluation_identity(spec: EvalSpec, source: _ModelSource, attacks: list[str]) -> dict[str, Any]:
+    """Everything that defines an evaluation's numbers, as the result JSON records it (``spec`` with defaults)."""
+    identity = {
+        "arch": source.arch, "model_kwargs": source.model_kwargs, "checkpoint_sha256": source.checkpoint_sha256,
+        "use_ema": spec.use_ema, "norm": spec.norm, "eps": spec.eps, "resolution": spec.resolution,
+        "version": spec.version, "attacks": attacks, "n_ex": spec.n_ex, "batch_size": spec.batch_size,
+        "precision": spec.precision, "seed": spec.seed,
+        "shard": {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None,
+        "n_iter": spec.n_iter, "n_queries": spec.n_queries, "data": str(Path(spec.data).resolve()),
+    }
+    return json.loads(json.dumps(identity))  # as it reads back from JSON
+
+
+def default_output(spec: EvalSpec, identity: dict[str, Any]) -> Path:
+    """``aa_<norm>-<eps>_r<res>_<version>_n<n_ex>[_shard<i>of<k>]_<checkpoint stem>[-ema]_<fingerprint>.json`` next
+    to the checkpoint (or in the cwd), where the fingerprint (8 hex digits) hashes everything else that defines the
+    evaluation (checkpoint hash, seed, precision, batch size, n_iter, data...): another evaluation gets another name."""
     folder = Path(spec.checkpoint).parent if spec.checkpoint is not None else Path.cwd()
     shard = f"_shard{spec.shard[0]}of{spec.shard[1]}" if spec.shard else ""
-    return folder / f"aa_{norm}-{eps_tag(norm, eps)}_r{resolution}_{spec.version}_n{spec.n_ex}{shard}.json"
+    stem = Path(spec.checkpoint).stem if spec.checkpoint is not None else identity["arch"]
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return folder / (f"aa_{spec.norm}-{eps_tag(spec.norm, spec.eps)}_r{spec.resolution}_{spec.version}_n{spec.n_ex}"
+                     f"{shard}_{stem}{'-ema' if spec.use_ema else ''}_{fingerprint}.json")
+
+
+def check_output(output: Path, identity: dict[str, Any]) -> None:
+    """Refuse an output that is a folder, or a file holding anything but a result of this same evaluation.
+
+    Raises:
+        ValueError: the message names the file, what differs, and the fix.
+    """
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder: pass a file name such as {output / 'result.json'}")
+    if not output.exists():
+        return
+    try:
+        existing = load_result(output)
+    except ResultError as exc:
+        raise ValueError(f"{exc}; refusing to overwrite it: pass another --output, or move it away") from exc
+    differs = [k for k in _IDENTITY_KEYS if k in existing and existing[k] != identity[k]]
+    if differs:
+        raise ValueError(f"{output} holds the result of a different evaluation (differs in {', '.join(differs)}); "
+                         "refusing to replace it: pass another --output, or move it away")
 
 
 def state_path_for(output: Path) -> Path:
@@ -290,16 +341,21 @@ def resolve(spec: EvalSpec) -> ResolvedEval:
         ValueError: bad threat model, version, attacks, precision or batch size (the message says which).
         CheckpointError: the checkpoint does not name its architecture and no --arch was given, or names another.
     """
+    from rat.models.preflight import check_input_size
+
     _check_spec(spec)
     attacks = resolve_attacks(spec.version, spec.attacks)
     source = _resolve_source(spec)
     eps = float(spec.eps) if spec.eps is not None else DEFAULT_EPS[spec.norm]
     resolution = spec.resolution or source.train_resolution or DEFAULT_RESOLUTION
-    output = Path(spec.output) if spec.output is not None else default_output(spec, spec.norm, eps, resolution)
+    check_input_size(source.arch, resolution, **source.model_kwargs)
+    filled = dataclasses.replace(spec, eps=eps, resolution=resolution)
+    identity = evaluation_identity(filled, source, attacks)
+    output = Path(spec.output) if spec.output is not None else default_output(filled, identity)
+    check_output(output, identity)
     name = spec.name or default_model_name(spec.checkpoint, source.arch)
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    filled = dataclasses.replace(spec, eps=eps, resolution=resolution, output=output, name=name)
-    return ResolvedEval(filled, source, attacks, device)
+    return ResolvedEval(dataclasses.replace(filled, output=output, name=name), source, attacks, device)
 
 
 def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
@@ -378,6 +434,8 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "attacks": attacks,
         "attack_settings": settings,
         "standard_settings": spec.n_iter is None and spec.n_queries is None,
+        "n_iter": spec.n_iter,
+        "n_queries": spec.n_queries,
         "n_ex": spec.n_ex,
         "data": str(Path(spec.data).resolve()),
         "subset": subset,
@@ -399,7 +457,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "per_example": per_example,
     }
     atomic_write_json(output, result)
-    state.path.unlink(missing_ok=True)
+    state.close(finished=True)
     return result
 
 

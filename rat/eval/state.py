@@ -11,7 +11,10 @@ The state file (JSON, next to the result: ``<result>.state.json``) holds
   resumed run can show that it did not redo finished work.
 
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over the old state (and the folder
-fsync'ed), so a process killed at any moment leaves either the old or the new state, never a torn file.
+fsync'ed), so a process killed at any moment leaves either the old or the new state, never a torn file; the next
+start removes the temporary file a killed write left. While a process works on an evaluation it holds a lock
+(``<state>.lock``, :class:`rat.io.FileLock`): a second process on the same result is refused instead of interleaving
+its batches, and a killed process's lock never blocks the next start.
 """
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rat.io import atomic_write
+from rat.io import FileLock, atomic_write, remove_stale_temps
 
-__all__ = ["EvalState", "StateMismatchError", "atomic_write_json"]
+__all__ = ["EvalState", "StateBusyError", "StateMismatchError", "atomic_write_json"]
 
 _logger = logging.getLogger(__name__)
 
@@ -32,6 +35,10 @@ STATE_FORMAT = "rat.eval.state/1"
 
 class StateMismatchError(ValueError):
     """A state file belongs to another evaluation."""
+
+
+class StateBusyError(ValueError):
+    """Another live process is computing the same evaluation."""
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -57,6 +64,9 @@ def str_to_flags(text: str) -> list[bool]:
     return [c == "1" for c in text]
 
 
+_LOCKS: dict[Path, FileLock] = {}
+
+
 def _diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
 
@@ -76,6 +86,9 @@ class EvalState:
         self.steps = list(steps)
         self.batches: dict[int, dict[str, Any]] = {}
         self.runs: list[dict[str, Any]] = []
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        # One lock per state file and process: an in-process retry after a failed run (the API, tests) reuses it.
+        self.lock = _LOCKS.setdefault(lock_path.resolve(), FileLock(lock_path))
 
     @classmethod
     def load_or_create(cls, path: str | Path, fingerprint: dict[str, Any], steps: list[str]) -> EvalState:
@@ -83,26 +96,46 @@ class EvalState:
 
         Raises:
             StateMismatchError: the file belongs to a different evaluation or is not a rat state file.
+            StateBusyError: another live process works on this evaluation.
         """
         state = cls(path, fingerprint, steps)
-        if state.path.exists():
-            try:
-                data = json.loads(state.path.read_text())
-            except json.JSONDecodeError as exc:
-                raise StateMismatchError(f"state file {state.path} is not valid JSON ({exc}): delete it to start "
-                                         "the evaluation over") from exc
-            if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-                raise StateMismatchError(f"{state.path} is not a rat.eval state file: delete it or pass another "
-                                         "--output")
-            if data["fingerprint"] != state.fingerprint:
-                differs = ", ".join(_diff(state.fingerprint, data["fingerprint"]))
-                raise StateMismatchError(
-                    f"state file {state.path} was written by a different evaluation (differs in: {differs}); "
-                    "delete it to start over, or pass another --output")
-            state.batches = {int(k): v for k, v in data["batches"].items()}
-            state.runs = list(data["runs"])
+        if not state.lock.held and not state.lock.try_acquire():
+            raise StateBusyError(f"another process ({state.lock.holder()}) is computing this evaluation "
+                                 f"({state.path}): wait for it to finish, or pass another --output")
+        for tmp in remove_stale_temps(state.path.parent, state.path.name):
+            _logger.info("removed %s, left by a killed write", tmp)
+        try:
+            state._read()
+        except BaseException:
+            state.close(finished=False)
+            raise
         state.runs.append({"started": _now(), "batches_computed": 0, "steps_computed": 0})
         return state
+
+    def _read(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StateMismatchError(f"state file {self.path} is not valid JSON ({exc}): delete it to start "
+                                     "the evaluation over") from exc
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise StateMismatchError(f"{self.path} is not a rat.eval state file: delete it or pass another --output")
+        if data["fingerprint"] != self.fingerprint:
+            differs = ", ".join(_diff(self.fingerprint, data["fingerprint"]))
+            raise StateMismatchError(
+                f"state file {self.path} was written by a different evaluation (differs in: {differs}); "
+                "delete it to start over, or pass another --output")
+        self.batches = {int(k): v for k, v in data["batches"].items()}
+        self.runs = list(data["runs"])
+
+    def close(self, finished: bool) -> None:
+        """Release the lock; with ``finished`` (the result is written) delete the state file first."""
+        if finished:
+            self.path.unlink(missing_ok=True)
+        self.lock.release()
+        _LOCKS.pop(self.lock.path.resolve(), None)
 
     def done_steps(self, batch: int) -> list[str]:
         """The steps finished for ``batch``, in order."""

@@ -87,8 +87,10 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
             f"torch.load(weights_only=True), which rejected it: {_unpickler_reason(err)}). A file that holds more "
             f"than tensors and plain containers is never unpickled; if you trust it, re-save only its weights: "
             f"torch.save(model.state_dict(), new_path)") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:  # torch.load on a non-checkpoint file
+        raise CheckpointError(f"cannot read checkpoint {path}: empty, truncated or not a torch checkpoint "
+                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); pass a file written by "
+                              "torch.save (rat.train writes them under <run>/checkpoints/)") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)

@@ -26,9 +26,19 @@ from rat.attacks import create_attack, eps_warmup_factor
 from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
 from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info, read_classes
 from rat.data.demo import ensure_demo_betons
+from rat.io import OutputError, check_writable
 from rat.logging import MetricsWriter, setup_logging
-from rat.models import create_model, load_checkpoint_file
-from rat.train.checkpoint import find_resume_checkpoint, rng_state, save_training_checkpoint, set_rng_state
+from rat.models import CheckpointError, create_model
+from rat.models.preflight import InputSizeError, UnknownArchError, check_arch, check_input_size
+from rat.train.checkpoint import (
+    CheckpointWriteError,
+    config_changes,
+    load_resume_checkpoint,
+    remove_failed_writes,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from rat.train.distributed import (
     DistInfo,
     barrier,
@@ -45,6 +55,67 @@ _logger = logging.getLogger("rat.train")
 
 class TrainingStopped(RuntimeError):
     """The run stopped before its last epoch (non-finite loss); the message says why and what is intact."""
+
+
+class RunFinished(Exception):
+    """``training.resume`` points at a run that has already trained all its epochs; nothing to do."""
+
+
+def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | None:
+    """Every check of the configuration that needs no process group and no compute, run before anything starts
+    (``python -m rat.train --validate-only`` runs only these): the architecture exists, it takes the configured
+    resolutions, the betons are readable rat betons, the run folder is writable, and a resumed checkpoint is readable
+    and was trained with the same settings. Returns the checkpoint to resume (path and contents), if any.
+
+    Raises:
+        ConfigError: a bad setting or a resume that would change the run; the message names the key.
+        FileNotFoundError: a missing beton or resume checkpoint.
+        CheckpointError: an unreadable resume checkpoint.
+        OutputError: the run folder cannot be written.
+        RunFinished: the resumed run has trained all its epochs.
+    """
+    arch = cfg["model"]["arch"]
+    try:
+        check_arch(arch)
+    except UnknownArchError as exc:
+        raise ConfigError(f"model.arch: {exc}") from exc
+    for key in ("data.train_dataset", "data.val_dataset"):
+        section, name = key.split(".")
+        if cfg[section][name]:
+            try:
+                read_beton_info(cfg[section][name])
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
+    resolution, validation = cfg["resolution"], cfg["validation"]
+    for key, value in (("resolution.min_res", resolution["min_res"]), ("resolution.max_res", resolution["max_res"]),
+                       ("validation.resolution", validation["resolution"])):
+        if value:
+            try:
+                check_input_size(arch, value, num_classes=cfg["data"]["num_classes"] or 1000)
+            except InputSizeError as exc:
+                raise ConfigError(f"{key}={value}: {exc}") from exc
+    run_dir = Path(cfg["logging"]["folder"])
+    check_writable(run_dir / "checkpoints", "run folder (logging.folder)")
+    resumed = load_resume_checkpoint(cfg["training"]["resume"], run_dir)
+    if resumed is None:
+        return None
+    path, state = resumed
+    recorded = state.get("config") if isinstance(state.get("config"), dict) else None
+    if recorded is None or "arch" not in state:
+        raise ConfigError(f"cannot resume {path}: it is not a rat.train checkpoint (no recorded config); use it as "
+                          f"--model.init_checkpoint {path} to start a new run from its weights")
+    refused, allowed = config_changes(recorded, cfg)
+    if refused:
+        raise ConfigError(f"cannot resume {path} with a different configuration: {'; '.join(refused)}. Resume with "
+                          f"the recorded settings (-C {run_dir / 'params.json'}), or start a new run in another "
+                          "--logging.folder")
+    if allowed:
+        _logger.warning("resuming %s with changed settings: %s", path, "; ".join(allowed))
+    epochs = cfg["training"]["epochs"]
+    if state.get("epoch", 0) >= epochs and not state.get("batches_done"):
+        raise RunFinished(f"run {run_dir} has already finished: {path} is at epoch {state.get('epoch')} of "
+                          f"training.epochs={epochs}; nothing to do (raise --training.epochs to train longer)")
+    return resumed
 
 
 def _demo_root(configured: str) -> Path:
@@ -211,10 +282,11 @@ def run(config) -> dict[str, Any]:
     """Train as configured; returns the final metrics (rank 0's view)."""
     cfg = config_to_dict(config)
     training, logging_cfg, validation = cfg["training"], cfg["logging"], cfg["validation"]
+    resumed = preflight(cfg)
     info = init_distributed(training["device"], cfg["dist"]["backend"])
     run_dir = Path(logging_cfg["folder"])
     if info.is_primary:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        remove_failed_writes(run_dir / "checkpoints")
     barrier()
     setup_logging(info.rank, run_dir / "train.log")
     seed = training["seed"] + info.rank
@@ -255,11 +327,12 @@ def run(config) -> dict[str, Any]:
                                      indices=robust_shard) if robust_shard else None
 
     start_epoch, step, skip_batches, best = 0, 0, 0, -1.0
-    resume_path = find_resume_checkpoint(training["resume"], run_dir)
-    if resume_path is not None:
-        state = load_checkpoint_file(resume_path)
-        if state.get("arch") != arch:
-            raise ConfigError(f"cannot resume {resume_path}: it holds a {state.get('arch')} but model.arch={arch}")
+    if resumed is not None:
+        resume_path, state = resumed
+        recorded_classes = (state.get("model_kwargs") or {}).get("num_classes")
+        if recorded_classes != num_classes:
+            raise ConfigError(f"cannot resume {resume_path}: it has {recorded_classes} classes but the data now has "
+                              f"{num_classes}; resume with the data it was trained on")
         module.load_state_dict(state["model"])
         if ema is not None and state.get("model_ema") is not None:
             ema.module.load_state_dict(state["model_ema"])
@@ -373,12 +446,29 @@ def _validate(module, ema, val_loader, robust_loader, eval_attack, ema_eval_atta
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; returns 0 when done (or already done), 1 when the run failed, 2 on bad input (one line on stderr).
+
+    ``--validate-only`` (``run_train.sh`` runs it before torchrun) runs only the up-front checks of ``preflight``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    validate_only = "--validate-only" in argv
+    if validate_only:
+        argv.remove("--validate-only")
     try:
-        config = make_config(sys.argv[1:] if argv is None else argv, prog="python -m rat.train")
+        config = make_config(argv, prog="python -m rat.train")
+        if validate_only:
+            preflight(config_to_dict(config))
+            return 0
         metrics = run(config)
-    except (ConfigError, TrainingStopped, FileNotFoundError) as err:
+    except RunFinished as done:
+        print(f"rat.train: {done}", file=sys.stderr)
+        return 0
+    except (ConfigError, FileNotFoundError, CheckpointError, OutputError) as err:
         print(f"rat.train: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        return 2
+    except (TrainingStopped, CheckpointWriteError) as err:
+        print(f"rat.train: error: {err}", file=sys.stderr)
+        return 1
     finally:
         cleanup_distributed()
     if "top1" in metrics:

@@ -3,17 +3,33 @@ from __future__ import annotations
 
 import logging
 import random
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rat.io import atomic_write
+from rat.io import atomic_write, remove_stale_temps
+from rat.models import CheckpointError, load_checkpoint_file
 
 _logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
+# Settings that may differ between a checkpoint's recorded config and the config that resumes it: those that do not
+# change what the run computes (where it logs, how often it saves or validates, where the data lives, how it is
+# launched), and the schedule knobs that apply cleanly from the next step on (epochs, the lr schedule, gradient
+# clipping). Everything else (architecture, classes, optimizer, attack, augmentation, batch size, precision, seed...)
+# is refused on resume: it would crash mid-epoch or silently mix two different runs.
+RESUME_MAY_CHANGE = ("training.epochs", "lr.*", "training.grad_clip", "training.resume", "training.save_every",
+                     "training.limit_batches",
+                     "training.device", "logging.*", "validation.*", "dist.*", "data.num_workers", "data.in_memory",
+                     "data.train_dataset", "data.val_dataset", "data.demo_root", "model.init_checkpoint",
+                     "model.compile", "model.channels_last", "ema.cpu")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous one is intact."""
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
@@ -23,25 +39,83 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
 
 def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, names: list[str]) -> Path:
     """Write ``state`` under each of ``names`` (e.g. ``epoch_0003.pt``, ``best.pt``), then as ``last.pt``, which is
-    therefore always the newest complete checkpoint."""
+    therefore always the newest complete checkpoint.
+
+    Raises:
+        CheckpointWriteError: a write failed (its temporary file is removed; ``last.pt`` is the previous one).
+    """
     checkpoint_dir = Path(checkpoint_dir)
-    for name in names:
-        save_atomic(state, checkpoint_dir / name)
-    return save_atomic(state, checkpoint_dir / LAST)
+    path = checkpoint_dir / LAST
+    try:
+        for name in names:
+            path = checkpoint_dir / name
+            save_atomic(state, path)
+        path = checkpoint_dir / LAST
+        return save_atomic(state, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError (inline_container.cc)
+        last = checkpoint_dir / LAST
+        intact = f"the previous checkpoint {last} is intact" if last.exists() else "no earlier checkpoint exists"
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+        raise CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {intact}: free disk space (or fix "
+                                   "the folder's permissions) and resume with --training.resume auto") from exc
 
 
-def find_resume_checkpoint(resume: str, run_dir: str | Path) -> Path | None:
-    """Resolve ``training.resume``: '' → None, 'auto' → ``run_dir/checkpoints/last.pt`` if it exists, else a path."""
+def remove_failed_writes(checkpoint_dir: str | Path) -> None:
+    """Remove the temporary files of checkpoint writes that a killed run left behind."""
+    for tmp in remove_stale_temps(checkpoint_dir):
+        _logger.warning("removed %s, the temporary file of a checkpoint write that was killed", tmp)
+
+
+def load_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """Resolve and read ``training.resume``: '' → None; 'auto' → ``run_dir/checkpoints/last.pt``, or, when that is
+    unreadable (a damaged disk, a copy cut short), the newest readable ``epoch_NNNN.pt`` with a warning naming both;
+    None when the run has no checkpoint yet; otherwise the given path.
+
+    Raises:
+        FileNotFoundError: an explicit path that does not exist.
+        CheckpointError: an explicit checkpoint, or every checkpoint of the run, is unreadable.
+    """
     if not resume:
         return None
-    if resume == "auto":
-        last = Path(run_dir) / "checkpoints" / LAST
-        return last if last.exists() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"training.resume={resume}: no such checkpoint file (use 'auto' to resume the run "
-                                "directory's newest checkpoint, or '' to start fresh)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"training.resume={resume}: no such checkpoint file (use 'auto' to resume the run "
+                                    "directory's newest checkpoint, or '' to start fresh)")
+        return path, load_checkpoint_file(path)
+    folder = Path(run_dir) / "checkpoints"
+    candidates = [p for p in [folder / LAST] if p.is_file()] + sorted(folder.glob("epoch_*.pt"), reverse=True)
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint_file(path)
+        except CheckpointError as exc:
+            problems.append((path, exc))
+            continue
+        if problems:
+            _logger.warning("%s is unreadable (%s); resuming from %s, the newest readable checkpoint, instead",
+                            problems[0][0], problems[0][1], path)
+        return path, state
+    if problems:
+        raise CheckpointError(f"no readable checkpoint in {folder}: {problems[0][1]}; move the damaged files away "
+                              "and resume from a copy, or start fresh with --training.resume ''")
+    return None
+
+
+def config_changes(recorded: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]],
+                   ) -> tuple[list[str], list[str]]:
+    """The settings that differ between a checkpoint's recorded config and the current one, as ``section.name: old ->
+    new``, split into (refused, allowed) by ``RESUME_MAY_CHANGE``. Keys one side does not have (written by another rat
+    version) are not compared."""
+    refused, allowed = [], []
+    for section, values in current.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            old = recorded.get(section, {}).get(name, value)
+            if old != value:
+                may = any(fnmatch(key, pattern) for pattern in RESUME_MAY_CHANGE)
+                (allowed if may else refused).append(f"{key}: {old!r} -> {value!r}")
+    return refused, allowed
 
 
 def rng_state(augment_generator: torch.Generator | None) -> dict[str, Any]:
