@@ -126,6 +126,29 @@ def _declare_sections() -> None:
         cutmix=Param(_float(0), "cutmix alpha (0 = off)", default=1.0),
         mixup_prob=Param(_float(0, 1), "probability of applying mixup or cutmix to a batch", default=1.0),
         mixup_switch_prob=Param(_float(0, 1), "probability of cutmix instead of mixup when both are on", default=0.5),
+        policy=Param(OneOf(["randaugment", "adversarial"]), "augmentation policy: randaugment (fixed, with "
+                     "augment.heavy 1) or adversarial (Adversarial AutoAugment, options in aaa.*; with augment.heavy "
+                     "1 random erasing follows it)", default="randaugment"),
+    )
+    Section("aaa", "Adversarial AutoAugment (augment.policy adversarial): a learned, loss-raising policy").params(
+        num_policies=Param(_int(1), "M: policies sampled per step; the batch is augmented M times (M x the cost)",
+                           default=8),
+        images_per_policy=Param(_int(0), "K: images per policy (0 = the whole batch, as in the paper; K < batch "
+                                "cuts the step to M*K images, the cost control)", default=0),
+        ops=Param(str, "comma-separated op types of the search space (default: all 15)",
+                  default="ShearX,ShearY,TranslateX,TranslateY,Rotate,AutoContrast,Invert,Equalize,Solarize,"
+                          "Posterize,Contrast,Color,Brightness,Sharpness,Cutout"),
+        magnitudes=Param(CommaList(_int(0, 10), "ints in [0, 10]"), "magnitude levels the controller chooses from "
+                         "(timm's scale, level = m/10)", default="0,1,2,3,4,5,6,7,8,9"),
+        sub_policies=Param(_int(1), "sub-policies per policy", default=5),
+        ops_per_sub_policy=Param(_int(1), "operations per sub-policy", default=2),
+        lr=Param(_float(0), "controller Adam learning rate (0 = frozen, uniformly random policies)", default=0.00035),
+        entropy_weight=Param(_float(0), "weight of the controller's entropy bonus (keeps it from collapsing)",
+                             default=1e-5),
+        baseline_decay=Param(_float(0, 0.9999), "decay of the moving-average reward baseline", default=0.95),
+        update_every=Param(_int(1), "update the controller every this many steps (their samples form one batch)",
+                           default=1),
+        hidden_size=Param(_int(1), "controller LSTM width", default=100),
     )
     Section("model", "Architecture").params(
         arch=Param(str, "any timm model name, e.g. convnext_tiny_cvst, vit_small_patch16_cvst, resnet50",
@@ -295,10 +318,31 @@ def _check_consistency(config: Config) -> None:
         if len(values) not in (0, 1, len(norms)) or (key == "adv.n_iter" and not values):
             raise ConfigError(f"{key} has {len(values)} values for {len(norms)} norms ({config['adv.norm']}): "
                               "give one value, or one per norm")
+    _check_augment_policy(config)
     if config["resolution.min_res"] > config["resolution.max_res"]:
         raise ConfigError("resolution.min_res must not exceed resolution.max_res")
     if config["resolution.end_ramp"] < config["resolution.start_ramp"]:
         raise ConfigError("resolution.end_ramp must not be before resolution.start_ramp")
+
+
+def _check_augment_policy(config: Config) -> None:
+    """The adversarial policy's search space, and the configs it cannot serve."""
+    if config["augment.policy"] != "adversarial":
+        return
+    from rat.data.policy import PolicySpace
+
+    try:
+        PolicySpace(tuple(v.strip() for v in config["aaa.ops"].split(",") if v.strip()),
+                    tuple(int(v) for v in config["aaa.magnitudes"].split(",")), config["aaa.sub_policies"],
+                    config["aaa.ops_per_sub_policy"])
+    except ValueError as err:
+        raise ConfigError(f"aaa.ops/aaa.magnitudes: {err}") from err
+    if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0):
+        raise ConfigError("augment.policy=adversarial needs each policy's own loss, which mixup/cutmix would mix "
+                          "across policies: add --augment.mixup 0 --augment.cutmix 0")
+    if config["aaa.images_per_policy"] > config["training.batch_size"]:
+        raise ConfigError(f"aaa.images_per_policy={config['aaa.images_per_policy']} exceeds training.batch_size="
+                          f"{config['training.batch_size']}: use at most the batch (0 = the whole batch)")
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:

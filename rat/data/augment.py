@@ -74,6 +74,7 @@ RAND_INCREASING_OPS = (
     "TranslateXRel", "TranslateYRel",
 )
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+CUTOUT_MAX = 0.2  # Cutout's square side at magnitude 10, as a fraction of the shorter image side
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's ITU-R 601-2 luma, as in Image.convert('L')
 
@@ -141,6 +142,8 @@ def level_to_arg(name: str, magnitude: torch.Tensor, sign: torch.Tensor) -> torc
         return torch.floor(level * 4)
     if name == "PosterizeIncreasing":
         return 4 - torch.floor(level * 4)
+    if name == "PosterizeOriginal":
+        return torch.floor(level * 4) + 4
     if name == "Solarize":
         return torch.floor(level * 256).clamp(max=256)
     if name == "SolarizeIncreasing":
@@ -151,6 +154,8 @@ def level_to_arg(name: str, magnitude: torch.Tensor, sign: torch.Tensor) -> torc
         return level * 1.8 + 0.1
     if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
         return (1.0 + level * 0.9 * sign).clamp(min=0.1)
+    if name == "Cutout":
+        return level * CUTOUT_MAX
     return torch.zeros_like(magnitude)  # AutoContrast, Equalize, Invert take no argument
 
 
@@ -244,7 +249,7 @@ def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 _COLOR_OPS = {
     "AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
-    "Posterize": posterize, "PosterizeIncreasing": posterize,
+    "Posterize": posterize, "PosterizeIncreasing": posterize, "PosterizeOriginal": posterize,
     "Solarize": solarize, "SolarizeIncreasing": solarize, "SolarizeAdd": solarize_add,
     "Color": color, "ColorIncreasing": color, "Contrast": contrast, "ContrastIncreasing": contrast,
     "Brightness": brightness, "BrightnessIncreasing": brightness,
@@ -299,21 +304,87 @@ def geometric(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, mode: st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def cutout_boxes(side: torch.Tensor, centre: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Cutout squares ``(n, 4)`` int64 ``(top, left, h, w)``: side ``round(side * min(height, width))`` pixels
+    around ``centre`` (``(n, 2)`` uniform [0, 1) draws, row then column), clipped to the image."""
+    px = torch.round(side.to(torch.float64) * min(height, width)).to(torch.int64)
+    cy = torch.floor(centre[:, 0] * height).to(torch.int64)
+    cx = torch.floor(centre[:, 1] * width).to(torch.int64)
+    top, left = (cy - px // 2).clamp(min=0), (cx - px // 2).clamp(min=0)
+    bottom, right = (cy - px // 2 + px).clamp(max=height), (cx - px // 2 + px).clamp(max=width)
+    return torch.stack([top, left, (bottom - top).clamp(min=0), (right - left).clamp(min=0)], dim=1)
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``(n, 1, H, W)`` bool: inside any of each image's boxes (``(n, k, 4)`` or ``(n, 4)`` ``(top, left, h, w)``)."""
+    b = boxes.to(device).view(boxes.shape[0], -1, 4)
+    ys = torch.arange(height, device=device).view(1, 1, height, 1)
+    xs = torch.arange(width, device=device).view(1, 1, 1, width)
+    top, left, h, w = (b[..., i].view(b.shape[0], -1, 1, 1) for i in range(4))
+    return ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)).any(dim=1, keepdim=True)
+
+
+def cutout(x: torch.Tensor, boxes: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Paint each image's box ``(top, left, h, w)`` (``boxes`` (n, 4)) with the colour ``fill`` (C,)."""
+    colour = fill.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return torch.where(box_mask(boxes, x.shape[2], x.shape[3], x.device), colour, x)
+
+
+def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magnitude: torch.Tensor,
+               gen: torch.Generator, *, fill: torch.Tensor, interpolation: str) -> None:
+    """One layer of per-image ops on ``out`` (float NCHW, in place): image ``i`` gets ``ops[choice[i]]`` at
+    ``magnitude[i]`` (0..10, timm's scale), or nothing where ``choice[i] < 0``.
+
+    The shared batched base of RandAugment and the adversarial policy. Draws from the CPU generator ``gen``, in this
+    order: a sign per image (for the ops timm negates at random), an interpolation per image (used when
+    ``interpolation='random'``), and, only when ``ops`` holds Cutout, a box centre per image. Images that drew the
+    same colour op are processed together; all geometric ops of the layer go through one ``grid_sample`` per
+    interpolation.
+    """
+    n, _, height, width = out.shape
+    sign = torch.where(torch.rand(n, generator=gen) > 0.5, -1.0, 1.0).to(torch.float64)
+    bicubic = torch.rand(n, generator=gen) >= 0.5
+    centres = torch.rand(n, 2, generator=gen, dtype=torch.float64) if "Cutout" in ops else None
+    geo_rows: list[torch.Tensor] = []
+    geo_names: list[str] = []
+    geo_args: list[torch.Tensor] = []
+    for k, name in enumerate(ops):
+        rows = torch.nonzero(choice == k).flatten()
+        if len(rows) == 0:
+            continue
+        arg = level_to_arg(name, magnitude[rows], sign[rows])
+        if name in GEOMETRIC_OPS:
+            geo_rows.append(rows)
+            geo_names += [name] * len(rows)
+            geo_args.append(arg)
+            continue
+        idx = rows.to(out.device)
+        if name == "Cutout":
+            result = cutout(out.index_select(0, idx), cutout_boxes(arg, centres[rows], height, width), fill)
+        else:
+            result = _COLOR_OPS[name](out.index_select(0, idx), arg.to(device=out.device, dtype=out.dtype))
+        out.index_copy_(0, idx, result)
+    if not geo_rows:
+        return
+    rows = torch.cat(geo_rows)
+    theta = affine_theta(geo_names, torch.cat(geo_args), height, width)
+    if interpolation == "random":
+        groups = [("bilinear", ~bicubic[rows]), ("bicubic", bicubic[rows])]
+    else:
+        groups = [(interpolation, torch.ones(len(rows), dtype=torch.bool))]
+    for mode, member in groups:
+        if not bool(member.any()):
+            continue
+        idx = rows[member].to(out.device)
+        out.index_copy_(0, idx, geometric(out.index_select(0, idx), theta[member], fill, mode))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def _check_batch(x: torch.Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
         raise ValueError(f"expected a float (N, 3, H, W) batch in [0, 1], got {x.dtype} {tuple(x.shape)}")
-
-
-def _working_copy(x: torch.Tensor) -> torch.Tensor:
-    """A private NCHW-contiguous copy: grid_sample and the row gathers are faster on it than on channels_last."""
-    out = x.contiguous()
-    return out.clone() if out is x else out
-
-
-def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
 
 
 def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
@@ -335,7 +406,40 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
     return fresh
 
 
-class BatchRandAugment:
+def check_fill_and_interpolation(fill: Sequence[float], interpolation: str) -> torch.Tensor:
+    """Validate the geometric-op settings; returns ``fill`` as a tensor."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} must be one of {INTERPOLATIONS}")
+    if len(fill) != 3:
+        raise ValueError(f"fill must have 3 values (RGB in [0, 1]), got {fill}")
+    return torch.tensor([float(v) for v in fill])
+
+
+class BatchTransform:
+    """Base of the batch augmentations: ``transform(x, generator)`` checks the batch, augments a private NCHW copy
+    in place with :meth:`apply_` (no autograd), and returns it in ``x``'s memory format; ``x`` is untouched.
+
+    The per-image parameters come from the CPU ``generator`` (without one they follow ``torch.manual_seed``), so the
+    same generator state gives the same batch on a given device.
+    """
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _check_batch(x)
+        gen = _cpu_generator(generator)
+        with torch.no_grad():
+            out = x.contiguous()  # grid_sample and the row gathers are faster on NCHW than on channels_last
+            out = out.clone() if out is x else out
+            self.apply_(out, gen)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
+        """Augment ``out`` (a float NCHW batch) in place, drawing the parameters from the CPU generator ``gen``."""
+        raise NotImplementedError
+
+
+class BatchRandAugment(BatchTransform):
     """timm RandAugment with per-image ops and magnitudes on a batch (see the module docstring for the semantics).
 
     Args:
@@ -346,13 +450,9 @@ class BatchRandAugment:
 
     def __init__(self, config: str = "rand-m9-mstd0.5-inc1", *, fill: Sequence[float] = (0.0, 0.0, 0.0),
                  interpolation: str = "bicubic"):
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation={interpolation!r} must be one of {INTERPOLATIONS}")
-        if len(fill) != 3:
-            raise ValueError(f"fill must have 3 values (RGB in [0, 1]), got {fill}")
+        self.fill = check_fill_and_interpolation(fill, interpolation)
         self.config = config
         self.spec = parse_rand_augment(config)
-        self.fill = torch.tensor([float(v) for v in fill])
         self.interpolation = interpolation
 
     def __repr__(self) -> str:
@@ -368,56 +468,18 @@ class BatchRandAugment:
             mag = torch.full((n,), spec.magnitude, dtype=torch.float64)
         return mag.clamp(0.0, spec.magnitude_max)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment a batch; returns a new tensor (same device, dtype and memory format)."""
-        _check_batch(x)
-        out = _working_copy(x)
-        self.apply_(out, _cpu_generator(generator))
-        return _restore_format(out, x)
-
     def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Augment ``out`` (a float NCHW batch) in place, drawing the parameters from the CPU generator ``gen``."""
-        n, _, height, width = out.shape
-        x = out
+        n = out.shape[0]
         ops = self.spec.ops
         for _ in range(self.spec.num_layers):
             choice = torch.randint(len(ops), (n,), generator=gen)
             applied = torch.rand(n, generator=gen) < self.spec.prob
             magnitude = self._magnitudes(n, gen)
-            sign = torch.where(torch.rand(n, generator=gen) > 0.5, -1.0, 1.0).to(torch.float64)
-            bicubic = torch.rand(n, generator=gen) >= 0.5
-            args = {name: level_to_arg(name, magnitude, sign) for name in ops}
-            geo_rows: list[torch.Tensor] = []
-            geo_names: list[str] = []
-            geo_args: list[torch.Tensor] = []
-            for k, name in enumerate(ops):
-                rows = torch.nonzero(applied & (choice == k)).flatten()
-                if len(rows) == 0:
-                    continue
-                if name in GEOMETRIC_OPS:
-                    geo_rows.append(rows)
-                    geo_names += [name] * len(rows)
-                    geo_args.append(args[name][rows])
-                    continue
-                idx = rows.to(x.device)
-                arg = args[name][rows].to(device=x.device, dtype=x.dtype)
-                out.index_copy_(0, idx, _COLOR_OPS[name](out.index_select(0, idx), arg))
-            if geo_rows:
-                rows = torch.cat(geo_rows)
-                theta = affine_theta(geo_names, torch.cat(geo_args), height, width)
-                if self.interpolation == "random":
-                    modes = torch.where(bicubic[rows], 1, 0)
-                    groups = [("bilinear", modes == 0), ("bicubic", modes == 1)]
-                else:
-                    groups = [(self.interpolation, torch.ones(len(rows), dtype=torch.bool))]
-                for mode, member in groups:
-                    if not bool(member.any()):
-                        continue
-                    idx = rows[member].to(x.device)
-                    out.index_copy_(0, idx, geometric(out.index_select(0, idx), theta[member], self.fill, mode))
+            apply_ops_(out, ops, torch.where(applied, choice, -1), magnitude, gen, fill=self.fill,
+                       interpolation=self.interpolation)
 
 
-class BatchRandomErasing:
+class BatchRandomErasing(BatchTransform):
     """timm ``RandomErasing`` semantics on a batch, per image, vectorized, seeded by a ``torch.Generator``.
 
     Args:
@@ -476,15 +538,7 @@ class BatchRandomErasing:
             out[:, slot] = torch.stack([top, left, h, w], dim=1) * drawn.unsqueeze(1)
         return out
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Erase boxes in a batch; returns a new tensor (same device, dtype and memory format)."""
-        _check_batch(x)
-        out = _working_copy(x)
-        self.apply_(out, _cpu_generator(generator))
-        return _restore_format(out, x)
-
     def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Erase boxes in ``out`` in place, drawing the boxes from the CPU generator ``gen``."""
         x = out
         n, c, height, width = x.shape
         boxes = self.boxes(n, height, width, gen)
@@ -492,11 +546,7 @@ class BatchRandomErasing:
         rows = torch.nonzero((boxes[:, :, 2] > 0).any(dim=1)).flatten()
         if len(rows) == 0:
             return
-        b = boxes[rows].to(x.device)
-        ys = torch.arange(height, device=x.device).view(1, 1, height, 1)
-        xs = torch.arange(width, device=x.device).view(1, 1, 1, width)
-        top, left, h, w = (b[..., i].view(len(rows), -1, 1, 1) for i in range(4))
-        inside = ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)).any(dim=1, keepdim=True)
+        inside = box_mask(boxes[rows], height, width, x.device)
         mean = self.mean.to(device=x.device, dtype=x.dtype).view(1, c, 1, 1)
         std = self.std.to(device=x.device, dtype=x.dtype).view(1, c, 1, 1)
         if self.mode == "pixel":
@@ -510,7 +560,7 @@ class BatchRandomErasing:
         out.index_copy_(0, idx, torch.where(inside, fill, out.index_select(0, idx)))
 
 
-class BatchAugment:
+class BatchAugment(BatchTransform):
     """RandAugment then random erasing on a ``[0, 1]`` batch on its device: the recipe's per-image heavy augmentation.
 
     ``augment(x, generator)`` returns a new batch; with the same CPU ``generator`` state the result is identical on a
@@ -524,16 +574,11 @@ class BatchAugment:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.rand_augment!r}, {self.random_erasing!r})"
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_batch(x)
-        gen = _cpu_generator(generator)
-        with torch.no_grad():
-            out = _working_copy(x)
-            if self.rand_augment is not None:
-                self.rand_augment.apply_(out, gen)
-            if self.random_erasing is not None:
-                self.random_erasing.apply_(out, gen)
-        return _restore_format(out, x)
+    def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
+        if self.rand_augment is not None:
+            self.rand_augment.apply_(out, gen)
+        if self.random_erasing is not None:
+            self.random_erasing.apply_(out, gen)
 
 
 def build_augment(

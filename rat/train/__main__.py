@@ -25,7 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from rat.attacks import create_attack, eps_warmup_factor
 from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
 from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info, read_classes
+from rat.data.augment import BatchRandomErasing
 from rat.data.demo import ensure_demo_betons
+from rat.data.policy import AdversarialAugment, PolicySpace
 from rat.io import OutputError, check_writable
 from rat.logging import MetricsWriter, setup_logging
 from rat.models import CheckpointError, create_model
@@ -41,6 +43,7 @@ from rat.train.checkpoint import (
 )
 from rat.train.distributed import (
     DistInfo,
+    all_reduce_sum,
     barrier,
     check_replicas_in_sync,
     cleanup_distributed,
@@ -226,14 +229,20 @@ def build_attack(module: nn.Module, seed: int, attack: str, norm: str, eps: str,
 @param("cutmix")
 @param("mixup_prob")
 @param("mixup_switch_prob")
+@param("policy")
 def build_augmentation(num_classes: int, label_smoothing: float, seed: int, heavy: int,
                        randaugment: str, reprob: float, mixup: float, cutmix: float, mixup_prob: float,
-                       mixup_switch_prob: float):
-    """(augment, mixup, criterion, generator): per-sample heavy augmentation on the device (its random parameters
-    drawn from ``generator``, a seeded CPU generator saved in checkpoints), timm Mixup/CutMix with label smoothing
-    folded into the soft targets, and the matching loss."""
+                       mixup_switch_prob: float, policy: str):
+    """(augment, mixup, criterion, generator, erasing): per-sample heavy augmentation on the device (its random
+    parameters drawn from ``generator``, a seeded CPU generator saved in checkpoints), timm Mixup/CutMix with label
+    smoothing folded into the soft targets, the matching loss, and, for the adversarial policy (which then replaces
+    ``augment``), the random erasing that follows it."""
+    if policy == "adversarial":
+        erasing = BatchRandomErasing(reprob) if heavy and reprob > 0 else None
+        return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), torch.Generator().manual_seed(seed), \
+            erasing
     if not heavy:
-        return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
+        return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), None, None
     generator = torch.Generator().manual_seed(seed)
     batch_augment = build_augment(randaugment, re_prob=reprob)
 
@@ -244,7 +253,34 @@ def build_augmentation(num_classes: int, label_smoothing: float, seed: int, heav
                            prob=mixup_prob)
     criterion = SoftTargetCrossEntropy() if mixup_fn is not None else nn.CrossEntropyLoss(
         label_smoothing=label_smoothing)
-    return augment, mixup_fn, criterion, generator
+    return augment, mixup_fn, criterion, generator, None
+
+
+@section("aaa")
+@param("num_policies")
+@param("images_per_policy")
+@param("ops")
+@param("magnitudes")
+@param("sub_policies")
+@param("ops_per_sub_policy")
+@param("lr")
+@param("entropy_weight")
+@param("baseline_decay")
+@param("update_every")
+@param("hidden_size")
+def build_policy(generator: torch.Generator, erasing: BatchRandomErasing | None, seed: int, world_size: int,
+                 num_policies: int, images_per_policy: int, ops: str, magnitudes: str, sub_policies: int,
+                 ops_per_sub_policy: int, lr: float, entropy_weight: float, baseline_decay: float,
+                 update_every: int, hidden_size: int) -> AdversarialAugment:
+    """The Adversarial AutoAugment policy; ``seed`` (the run's, not the rank's) makes every rank's controller the
+    same, and rewards are averaged over ranks so that they stay the same."""
+    space = PolicySpace(tuple(v.strip() for v in ops.split(",") if v.strip()),
+                        tuple(int(v) for v in magnitudes.split(",")), sub_policies, ops_per_sub_policy)
+    return AdversarialAugment(space, num_policies=num_policies, lr=lr, entropy_weight=entropy_weight,
+                              baseline_decay=baseline_decay, update_every=update_every,
+                              images_per_policy=images_per_policy, seed=seed, augment_generator=generator,
+                              random_erasing=erasing, reduce_mean=lambda t: all_reduce_sum(t) / world_size,
+                              hidden_size=hidden_size)
 
 
 def _eps_warmup(attack, warmup_epochs: float, steps_per_epoch: int):
@@ -304,7 +340,9 @@ def run(config) -> dict[str, Any]:
     optimizer = build_optim(module)
     precision = training["precision"]
     scaler = torch.amp.GradScaler(info.device.type) if precision == "fp16" else None
-    augment, mixup, criterion, generator = build_augmentation(num_classes, training["label_smoothing"], seed)
+    augment, mixup, criterion, generator, erasing = build_augmentation(num_classes, training["label_smoothing"], seed)
+    policy = build_policy(generator, erasing, training["seed"], info.world_size) \
+        if cfg["augment"]["policy"] == "adversarial" else None
     attack = build_attack(module, seed)
 
     data = cfg["data"]
@@ -342,6 +380,10 @@ def run(config) -> dict[str, Any]:
         start_epoch, step, skip_batches = state["epoch"], state["step"], state.get("batches_done", 0)
         best = state.get("best_robust", -1.0)
         attack.load_state_dict(state["attack"])
+        if policy is not None and state.get("augment_policy") is not None:
+            policy.load_state_dict(state["augment_policy"])
+        elif policy is not None:
+            _logger.warning("checkpoint has no adversarial policy state: the controller starts fresh")
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank], generator)
@@ -364,6 +406,8 @@ def run(config) -> dict[str, Any]:
 
     def checkpoint(epoch_done: int, batches_done: int, metrics: dict, names: list[str]) -> None:
         in_sync = check_replicas_in_sync(module)
+        if policy is not None:
+            check_replicas_in_sync(policy.controller)
         rngs = gather_objects(rng_state(generator))
         if not info.is_primary:
             return
@@ -371,7 +415,8 @@ def run(config) -> dict[str, Any]:
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                  "epoch": epoch_done, "step": step, "batches_done": batches_done, "arch": arch,
                  "attack": attack.state_dict(), "replicas_in_sync": in_sync,
-                 "model_kwargs": kwargs, "config": cfg, "rng": rngs, "metrics": metrics, "best_robust": best}
+                 "model_kwargs": kwargs, "config": cfg, "rng": rngs, "metrics": metrics, "best_robust": best,
+                 "augment_policy": policy.state_dict() if policy is not None else None}
         path = save_training_checkpoint(state, run_dir / "checkpoints", names)
         _logger.info("checkpoint written: %s", path)
 
@@ -384,7 +429,7 @@ def run(config) -> dict[str, Any]:
         result = train_one_epoch(
             model, attack, criterion, train_loader, optimizer, mixed_loss=cfg["adv"]["mixed_loss"],
             device=info.device, epoch=epoch, step=step, lr_fn=lr_fn,
-            precision=precision, scaler=scaler, ema=ema, augment=augment, mixup=mixup, on_step=on_step,
+            precision=precision, scaler=scaler, ema=ema, augment=augment, policy=policy, mixup=mixup, on_step=on_step,
             grad_clip=training["grad_clip"], num_batches=steps_per_epoch, skip_batches=skip_batches,
             world_size=info.world_size, log_every=logging_cfg["log_every"], stop_requested=stop_flag,
             progress=bool(logging_cfg["progress"]) and info.is_primary, resolution=res,
@@ -403,6 +448,8 @@ def run(config) -> dict[str, Any]:
         epoch_done = epoch + 1
         metrics = {"kind": "epoch", "epoch": epoch_done, "step": step, "train_loss": result.loss,
                    "img_per_s": result.img_per_s, "resolution": res, "lr": lr_fn(step - 1)}
+        if policy is not None:
+            metrics.update(policy.epoch_stats())
         last = epoch_done == training["epochs"]
         every = validation["every"]
         if last or (every and epoch_done % every == 0):
@@ -414,7 +461,8 @@ def run(config) -> dict[str, Any]:
             best = metrics[robust_key]
         metrics_writer.write(metrics)
         _logger.info("epoch %d: %s", epoch_done, " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "kind"))
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+            if k != "kind" and not isinstance(v, dict)))
         if last or epoch_done % training["save_every"] == 0 or is_best:
             checkpoint(epoch_done, 0, metrics, [f"epoch_{epoch_done:04d}.pt"] + (["best.pt"] if is_best else []))
     return metrics

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rat.attacks import Attack, adversarial_loss
+from rat.data.policy import AdversarialAugment
 from rat.train.distributed import all_reduce_sum
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,6 +58,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     ema=None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    policy: AdversarialAugment | None = None,
     mixup: Callable | None = None,
     on_step: Callable[[int], None] | None = None,
     grad_clip: float = 0.0,
@@ -74,6 +76,10 @@ def train_one_epoch(
     Each step: per-sample augmentation and mixup on the device, then ``rat.attacks.adversarial_loss`` — the attack
     runs on the unwrapped module (in eval mode, restored after; DDP does not synchronise during it), the loss on the
     adversarial inputs (mixed with the clean loss when ``mixed_loss`` > 0) goes through ``model`` (DDP-wrapped).
+
+    With an adversarial augmentation ``policy`` (instead of ``augment``), each batch becomes the M·K images of the
+    step's sampled policies (the attack, when there is one, runs on all of them), and each policy's share of the loss
+    is its reward (``policy.observe``, after the finite-loss check, every rank alike).
 
     ``skip_batches`` batches at the start are read and discarded (resuming a checkpoint written mid-epoch).
     ``on_log(record)`` receives the step metrics every ``log_every`` steps, as they happen.
@@ -100,19 +106,24 @@ def train_one_epoch(
             group["lr"] = lr
         if on_step is not None:
             on_step(step)
-        if augment is not None:
+        if policy is not None:
+            x, y = policy.expand(x, y)
+        elif augment is not None:
             x = augment(x)
         target = y
         if mixup is not None:
             x, target = mixup(x, y)
         with autocast(device, precision):
-            loss = adversarial_loss(model, attack, criterion, x, target, clean_weight=mixed_loss).loss
+            result = adversarial_loss(model, attack, criterion, x, target, clean_weight=mixed_loss)
+        loss = result.loss
         flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
                              torch.tensor(float(stop_requested()), device=loss.device)])
         flags = all_reduce_sum(flags)
         if flags[1] > 0:
             stop_reason = "nonfinite"
             break
+        if policy is not None:
+            policy.observe(policy.rewards(criterion, result.output, target, result.clean_output, mixed_loss))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
