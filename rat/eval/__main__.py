@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--arch", help="architecture; only for checkpoints that do not name it, or random weights")
     model.add_argument("--model-kwargs", type=_kwargs, default={}, help="JSON kwargs for create_model (num_classes...)")
     model.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a rat checkpoint")
+    model.add_argument("--normalize", type=int, choices=(0, 1),
+                       help="1: ImageNet mean/std normalization inside the model, 0: raw [0,1] inputs (default: what "
+                            "the checkpoint says; required for a checkpoint that does not say)")
     model.add_argument("--name", help="model name in the result (default: <run folder>-<file stem>)")
     threat = parser.add_argument_group("threat model")
     threat.add_argument("--norm", choices=NORMS, default="Linf")
@@ -101,7 +104,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     if args.checkpoint is None and args.arch is None:
         raise SystemExit("python -m rat.eval: pass --checkpoint PATH (or --arch NAME for random weights)")
     return EvalSpec(data=args.data, checkpoint=args.checkpoint, arch=args.arch, model_kwargs=args.model_kwargs,
-                    use_ema=args.use_ema, norm=args.norm, eps=args.eps, resolution=args.resolution,
+                    use_ema=args.use_ema, normalize=None if args.normalize is None else bool(args.normalize),
+                    norm=args.norm, eps=args.eps, resolution=args.resolution,
                     version=args.version, attacks=args.attacks, n_ex=args.n_ex, batch_size=args.batch_size,
                     precision=args.precision, device=args.device, num_workers=args.num_workers, seed=args.seed,
                     shard=args.shard, n_iter=args.n_iter, n_queries=args.n_queries, output=args.output,

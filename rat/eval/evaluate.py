@@ -63,6 +63,9 @@ class EvalSpec:
         model_kwargs: extra ``create_model`` kwargs, on top of the checkpoint's (e.g. ``num_classes`` for a bare
             state dict).
         use_ema: evaluate the checkpoint's EMA weights.
+        normalize: input normalization inside the model (ImageNet mean/std); None: what the checkpoint says (a rat
+            trainer checkpoint's record, released normalize.* buffers, the paper's release table), and a checkpoint
+            that does not say is refused. Recorded in the result.
         norm: ``Linf``, ``L2`` or ``L1``.
         eps: radius in pixel units; default 4/255, 2, 75 for Linf, L2, L1.
         resolution: input side; default the checkpoint's training ``img_size``, else 224.
@@ -86,6 +89,7 @@ class EvalSpec:
     arch: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     use_ema: bool = False
+    normalize: bool | None = None
     norm: str = "Linf"
     eps: float | None = None
     resolution: int | None = None
@@ -110,6 +114,7 @@ class _ModelSource:
     model_kwargs: dict[str, Any]
     train_resolution: int | None
     checkpoint_sha256: str | None
+    normalization: str = ""  # where the model's input normalization comes from
     checkpoint: dict[str, Any] | None = dataclasses.field(default=None, repr=False)  # loaded once, for create_model
 
 
@@ -133,13 +138,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _resolve_source(spec: EvalSpec) -> _ModelSource:
-    """Architecture and model kwargs from the checkpoint (and the spec), with clear errors."""
-    from rat.models import load_checkpoint_file
+    """Architecture, model kwargs and input normalization from the checkpoint (and the spec), with clear errors."""
+    from rat.models import CheckpointError as ModelCheckpointError
+    from rat.models import load_checkpoint_file, resolve_normalization
 
     if spec.checkpoint is None:
         if spec.arch is None:
             raise CheckpointError("nothing to evaluate: pass --checkpoint PATH, or --arch NAME for random weights")
-        return _ModelSource(spec.arch, dict(spec.model_kwargs), None, None)
+        kwargs = dict(spec.model_kwargs)
+        kwargs["normalize"], why = resolve_normalization(spec.arch, None, spec.normalize)
+        return _ModelSource(spec.arch, kwargs, None, None, why)
     path = Path(spec.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -160,7 +168,13 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
     if isinstance(train_resolution, (tuple, list)):
         train_resolution = int(train_resolution[-1])
     kwargs.update(spec.model_kwargs)
-    return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), ckpt)
+    kwargs.pop("normalize", None)
+    try:
+        kwargs["normalize"], why = resolve_normalization(arch, ckpt, spec.normalize, source=str(path),
+                                                         use_ema=spec.use_ema)
+    except ModelCheckpointError as exc:  # bad input: the message names --normalize
+        raise CheckpointError(str(exc)) from exc
+    return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), why, ckpt)
 
 
 class _ContiguousInputGrad(torch.autograd.Function):
@@ -215,7 +229,7 @@ def build_eval_model(arch: str, checkpoint: str | Path | dict[str, Any] | None, 
     from rat.models import create_model
 
     kwargs = dict(model_kwargs)
-    normalize = kwargs.pop("normalize", True)
+    normalize = kwargs.pop("normalize", None)
     try:
         model = create_model(arch, checkpoint=checkpoint, img_size=resolution, normalize=normalize, use_ema=use_ema,
                              **kwargs)
@@ -371,6 +385,8 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint is not None else None,
         "checkpoint_sha256": source.checkpoint_sha256,
         "use_ema": spec.use_ema,
+        "normalize": bool(source.model_kwargs["normalize"]),
+        "normalize_source": source.normalization,
         "norm": spec.norm,
         "eps": eps,
         "resolution": resolution,
