@@ -418,3 +418,11 @@ def test_export_robustbench(tmp_path: Path, demo_betons, convnext_ckpt: Path):
     assert entry["clean_acc"] == f"{100 * result['clean_accuracy']:.2f}"
     assert entry["autoattack_acc"] == entry["reported"] == f"{100 * result['robust_accuracy']:.2f}"
     assert "fast" in entry["footnote"] and "8 images" in entry["footnote"]
+    assert "Input normalization inside the model: ImageNet mean/std." in entry["footnote"]
+    contradicting = subprocess.run([*tool, "--allow-nonstandard", "--normalize", "0"], cwd=REPO, capture_output=True,
+                                   text=True, timeout=300)
+    assert contradicting.returncode == 2 and "drop --normalize" in contradicting.stderr
+    del result["normalize"]  # a result written before rat recorded the normalization
+    out.write_text(json.dumps(result))
+    unknown = subprocess.run([*tool, "--allow-nonstandard"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "--normalize 1" in unknown.stderr

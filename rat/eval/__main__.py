@@ -20,6 +20,7 @@ import torch
 
 from rat.config import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
+from rat.eval.data import SUBSETS
 from rat.eval.evaluate import PRECISIONS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.logging import setup_logging
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="val .beton or ImageNet-style val folder")
     data.add_argument("--n-ex", type=int, default=5000, help="images of the fixed val subset")
+    data.add_argument("--subset", choices=SUBSETS, default="auto",
+                      help="robustbench: RobustBench's 5000 ImageNet val files; seeded: a seeded sample of the val "
+                           "set; auto: robustbench on ImageNet-1k, else seeded")
     data.add_argument("--batch-size", type=int, default=100, help="images per batch (unit of resuming/sharding)")
     data.add_argument("--num-workers", type=int, default=4)
     data.add_argument("--shard", type=_shard, help="INDEX/COUNT: evaluate one of COUNT slices of the batches")
@@ -105,8 +109,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         raise SystemExit("python -m rat.eval: pass --checkpoint PATH (or --arch NAME for random weights)")
     return EvalSpec(data=args.data, checkpoint=args.checkpoint, arch=args.arch, model_kwargs=args.model_kwargs,
                     use_ema=args.use_ema, normalize=None if args.normalize is None else bool(args.normalize),
-                    norm=args.norm, eps=args.eps, resolution=args.resolution,
-                    version=args.version, attacks=args.attacks, n_ex=args.n_ex, batch_size=args.batch_size,
+                    norm=args.norm, eps=args.eps, resolution=args.resolution, version=args.version,
+                    attacks=args.attacks, n_ex=args.n_ex, subset=args.subset, batch_size=args.batch_size,
                     precision=args.precision, device=args.device, num_workers=args.num_workers, seed=args.seed,
                     shard=args.shard, n_iter=args.n_iter, n_queries=args.n_queries, output=args.output,
                     name=args.name)

@@ -31,7 +31,7 @@ from rat.eval.autoattack import (
     resolve_attacks,
     robust_after_attack,
 )
-from rat.eval.data import SUBSET_RULE, dataset_size, eval_subset, iter_eval_batches, shard_batches
+from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
 from rat.eval.results import RESULT_FORMAT, accuracies, eps_tag
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 
@@ -72,6 +72,8 @@ class EvalSpec:
         version: ``standard``, ``fast`` or ``custom``.
         attacks: the attacks of ``custom``.
         n_ex: number of val images (the fixed subset of ``rat.eval.data``).
+        subset: ``auto`` (RobustBench's 5,000-image list on ImageNet-1k, else ``seeded``), ``robustbench`` or
+            ``seeded`` (see ``rat.eval.data``); recorded in the result.
         batch_size: images per batch (the unit of resuming and sharding).
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; logits are returned in fp32).
         device: default ``cuda`` when available, else ``cpu``.
@@ -96,6 +98,7 @@ class EvalSpec:
     version: str = "standard"
     attacks: list[str] | None = None
     n_ex: int = 5000
+    subset: str = "auto"
     batch_size: int = 100
     precision: str = "fp32"
     device: str | None = None
@@ -328,8 +331,9 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     spec, source, attacks, device = resolved.spec, resolved.source, resolved.attacks, resolved.device
     eps, resolution, output, name = float(spec.eps), int(spec.resolution), Path(spec.output), str(spec.name)
 
-    n_total = dataset_size(spec.data)
-    indices = eval_subset(n_total, spec.n_ex)
+    indices, subset = select_subset(spec.data, spec.n_ex, spec.subset)
+    n_total = subset["dataset_size"]
+    preprocessing = preprocessing_info(spec.data)
     n_batches = -(-len(indices) // spec.batch_size)
     batch_ids = shard_batches(n_batches, *spec.shard) if spec.shard else range(n_batches)
 
@@ -342,8 +346,6 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     adversary = build_autoattack(model, norm=spec.norm, eps=eps, attacks=attacks, device=device, seed=spec.seed,
                                  n_iter=spec.n_iter, n_queries=spec.n_queries)
     settings = attack_settings(adversary)
-    subset = {"rule": SUBSET_RULE, "dataset_size": n_total,
-              "indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest()}
     shard = {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None
     fingerprint = {
         "arch": source.arch, "model_kwargs": source.model_kwargs, "checkpoint_sha256": source.checkpoint_sha256,
@@ -355,8 +357,9 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     state = EvalState.load_or_create(state_path_for(output), fingerprint, steps)
     finished = [b for b in batch_ids if state.is_done(b)]
     todo = [b for b in batch_ids if not state.is_done(b)]
-    _logger.info("evaluating %s (%s) %s eps=%.6g at %d px, %s (%s) on %d of %d images%s, %d batches of %d on %s",
-                 name, source.arch, spec.norm, eps, resolution, spec.version, ", ".join(attacks), spec.n_ex, n_total,
+    _logger.info("evaluating %s (%s) %s eps=%.6g at %d px, %s (%s) on %d of %d images (%s subset)%s, %d batches of %d "
+                 "on %s", name, source.arch, spec.norm, eps, resolution, spec.version, ", ".join(attacks), spec.n_ex,
+                 n_total, subset["name"],
                  f", shard {shard['index']}/{shard['count']}" if shard else "", len(batch_ids), spec.batch_size, device)
     if finished:
         _logger.info("resuming from %s: skipping %d finished batches, %d to go", state.path, len(finished), len(todo))
@@ -397,6 +400,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "n_ex": spec.n_ex,
         "data": str(Path(spec.data).resolve()),
         "subset": subset,
+        "preprocessing": preprocessing,
         "shard": shard,
         "batch_size": spec.batch_size,
         "precision": spec.precision,
