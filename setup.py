@@ -28,6 +28,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["rat", "rat.*"]),
+    package_data={"rat.eval": ["assets/*"]},  # RobustBench's ImageNet subset list (see rat/eval/assets/NOTICE.md)
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "dev": [

@@ -244,7 +244,13 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], A
     return flat
 
 
-def _load_file(config: Config, fname: str) -> dict:
+def load_config_file(config: Config, fname: str) -> dict:
+    """A YAML/JSON config file's values, every key checked against ``config``'s declared Params.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or has a key no Section declares (fastargs'
+            ``collect_config_file`` would silently ignore it); the message names the key and the closest declared one.
+    """
     path = Path(fname)
     if not path.is_file():
         raise ConfigError(f"config file {fname} does not exist: check the path given to --config-file")
@@ -298,7 +304,7 @@ def make_config(argv: Sequence[str] | None = None, *, prog: str | None = None,
     _declare_sections()
     args = vars(_parser(config, prog, description).parse_args(list(argv or [])))
     for fname in args.pop("config_file"):
-        config.collect(_load_file(config, fname))
+        config.collect(load_config_file(config, fname))
     config.collect({k: v for k, v in args.items() if v is not None})
     errors = config.validate(mode="errordict")
     if errors:

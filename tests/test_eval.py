@@ -312,14 +312,21 @@ def test_checkpoint_that_does_not_fit_the_architecture_is_refused(tmp_path: Path
     with pytest.raises(CheckpointError, match=f"holds a {CONVNEXT} but --arch {VIT}"):
         resolve(_spec(demo_betons[1], convnext_ckpt, tmp_path / "b.json", arch=VIT))
     with pytest.raises(CheckpointError, match=f"does not fit architecture {VIT}"):
-        run_evaluation(_spec(demo_betons[1], bare, tmp_path / "c.json", arch=VIT,
+        run_evaluation(_spec(demo_betons[1], bare, tmp_path / "c.json", arch=VIT, normalize=True,
                              model_kwargs={"num_classes": TINY_CLASSES}))
+    # A bare state dict does not say whether the model normalizes its input: refused, naming --normalize.
+    with pytest.raises(CheckpointError, match="does not record whether its model normalizes.*--normalize 1"):
+        resolve(_spec(demo_betons[1], bare, tmp_path / "g.json", arch=CONVNEXT))
     with pytest.raises(CheckpointError, match="no EMA weights"):
         resolve(_spec(demo_betons[1], convnext_ckpt, tmp_path / "d.json", use_ema=True))
     # The bare state dict with the right --arch evaluates like the rat checkpoint.
     result = run_evaluation(_spec(demo_betons[1], bare, tmp_path / "e.json", arch=CONVNEXT, resolution=32,
-                                  model_kwargs={"num_classes": TINY_CLASSES}, n_ex=8, n_iter=2))
+                                  normalize=True, model_kwargs={"num_classes": TINY_CLASSES}, n_ex=8, n_iter=2))
     assert result["arch"] == CONVNEXT and result["clean_accuracy"] > 0.3
+    assert (result["normalize"], result["normalize_source"]) == (True, "given")
+    # The wrong normalization would silently compute another function: a contradicting flag is refused.
+    with pytest.raises(CheckpointError, match="create it with normalize=True"):
+        resolve(_spec(demo_betons[1], convnext_ckpt, tmp_path / "h.json", normalize=False))
     # A registered model name alone: random weights (smoke test of an architecture).
     random = run_evaluation(_spec(demo_betons[1], None, tmp_path / "f.json", arch=VIT, resolution=32,
                                   model_kwargs={"num_classes": TINY_CLASSES}, n_ex=8, n_iter=2))
@@ -411,3 +418,11 @@ def test_export_robustbench(tmp_path: Path, demo_betons, convnext_ckpt: Path):
     assert entry["clean_acc"] == f"{100 * result['clean_accuracy']:.2f}"
     assert entry["autoattack_acc"] == entry["reported"] == f"{100 * result['robust_accuracy']:.2f}"
     assert "fast" in entry["footnote"] and "8 images" in entry["footnote"]
+    assert "Input normalization inside the model: ImageNet mean/std." in entry["footnote"]
+    contradicting = subprocess.run([*tool, "--allow-nonstandard", "--normalize", "0"], cwd=REPO, capture_output=True,
+                                   text=True, timeout=300)
+    assert contradicting.returncode == 2 and "drop --normalize" in contradicting.stderr
+    del result["normalize"]  # a result written before rat recorded the normalization
+    out.write_text(json.dumps(result))
+    unknown = subprocess.run([*tool, "--allow-nonstandard"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "--normalize 1" in unknown.stderr

@@ -29,7 +29,7 @@ def train_tiny_checkpoint(path: Path, arch: str, *, resolution: int = 32, steps:
     x_all = F.interpolate(x_all[:, :, off:off + side, off:off + side], size=(resolution, resolution),
                           mode="bilinear", antialias=True, align_corners=False)
     y_all = torch.from_numpy(labels)
-    model_kwargs = {"num_classes": TINY_CLASSES, "img_size": resolution}
+    model_kwargs = {"num_classes": TINY_CLASSES, "img_size": resolution, "normalize": True}
     model = create_model(arch, img_size=resolution, num_classes=TINY_CLASSES)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)

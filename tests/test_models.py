@@ -204,7 +204,7 @@ def test_generic_timm_vit_checkpoint_and_resolution(tmp_path: Path) -> None:
     _randomize(model)
     path = tmp_path / "vit_tiny.pt"
     torch.save({"model": model.state_dict(), "arch": "vit_tiny_patch16_224",
-                "model_kwargs": {"depth": 2, "num_classes": 4, "img_size": 32}}, path)
+                "model_kwargs": {"depth": 2, "num_classes": 4, "img_size": 32, "normalize": True}}, path)
     _assert_same_outputs(model, rm.create_model_from_checkpoint(path), _inputs(32))
     big = rm.create_model_from_checkpoint(path, img_size=64)
     assert big.model.pos_embed.shape == (1, 17, 192) and big.model.patch_embed.img_size == (64, 64)
@@ -252,7 +252,7 @@ def test_rat_state_dict_round_trip(family: str, tmp_path: Path) -> None:
     model, name, kwargs, res = _build(family)
     path = tmp_path / "weights.pt"
     torch.save(model.state_dict(), path)
-    _assert_same_outputs(model, create_model(name, checkpoint=path, **kwargs), _inputs(res))
+    _assert_same_outputs(model, create_model(name, checkpoint=path, normalize=True, **kwargs), _inputs(res))
 
 
 def test_safetensors_round_trip(tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
     model, name, kwargs, res = _build("vit")
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    _assert_same_outputs(model, create_model(name, checkpoint=path, **kwargs), _inputs(res))
+    _assert_same_outputs(model, create_model(name, checkpoint=path, normalize=True, **kwargs), _inputs(res))
 
 
 def test_trainer_checkpoint_model_ema_and_kwargs(tmp_path: Path) -> None:
@@ -287,7 +287,8 @@ def test_trainer_checkpoint_model_ema_and_kwargs(tmp_path: Path) -> None:
     assert rebuilt.num_classes == 10 and rebuilt.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     _assert_same_outputs(model, rebuilt, x)
     # the EMA wrapper's own state_dict (module.-prefixed) loads too
-    _assert_same_outputs(ema.module, create_model(name, checkpoint=ema.state_dict(), num_classes=10), x)
+    _assert_same_outputs(ema.module, create_model(name, checkpoint=ema.state_dict(), normalize=True,
+                                                  num_classes=10), x)
 
 
 @pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
@@ -307,7 +308,7 @@ def test_ddp_and_ema_wrap_the_model(tmp_path: Path) -> None:
         torch.save(ddp.state_dict(), path)  # module.model.* keys
     finally:
         dist.destroy_process_group()
-    _assert_same_outputs(model, create_model(name, checkpoint=path, num_classes=10), _inputs(res))
+    _assert_same_outputs(model, create_model(name, checkpoint=path, normalize=True, num_classes=10), _inputs(res))
 
 
 # --- checkpoints: revisiting-at layouts ------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path: Path) ->
     path = tmp_path / "vit.pt"
     torch.save(vit.state_dict(), path)
     with pytest.raises(CheckpointError) as info:
-        create_model("convnext_micro_cvst", checkpoint=path)
+        create_model("convnext_micro_cvst", checkpoint=path, normalize=True)
     message = str(info.value)
     assert str(path) in message and "missing keys: " in message and "unexpected keys: " in message
     assert "missing keys: head.fc.bias, head.fc.weight" in message and "unexpected keys: blocks.0.attn" in message
@@ -398,12 +399,13 @@ def test_shape_mismatch_and_stray_key_are_reported(tmp_path: Path) -> None:
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=r"unexpected keys: extra\.weight.*shape mismatches: head\.fc\.bias: "
                                               r"checkpoint \(10,\) vs model \(1000,\)"):
-        create_model(name, checkpoint=path)
+        create_model(name, checkpoint=path, normalize=True)
 
 
 def test_trainer_checkpoint_errors(tmp_path: Path) -> None:
     model, name, _, _ = _build("convnext", num_classes=10)
-    ckpt = {"model": model.state_dict(), "model_ema": None, "arch": name, "model_kwargs": {"num_classes": 10}}
+    ckpt = {"model": model.state_dict(), "model_ema": None, "arch": name,
+            "model_kwargs": {"num_classes": 10, "normalize": True}}
     with pytest.raises(CheckpointError, match="holds a 'convnext_micro_cvst' model, not 'vit_micro_patch16_cvst'"):
         create_model("vit_micro_patch16_cvst", checkpoint=ckpt)
     with pytest.raises(CheckpointError, match="no EMA weights"):
@@ -479,11 +481,11 @@ def test_vit_resolution_round_trip_and_change(tmp_path: Path) -> None:
     x = _inputs(res)
 
     # same resolution (given, or read from the checkpoint): unchanged
-    _assert_same_outputs(model, create_model(name, checkpoint=path, img_size=32), x)
-    _assert_same_outputs(model, create_model(name, checkpoint=path), x)
+    _assert_same_outputs(model, create_model(name, checkpoint=path, img_size=32, normalize=True), x)
+    _assert_same_outputs(model, create_model(name, checkpoint=path, normalize=True), x)
 
     # new resolution: pos_embed resampled (not zeroed), outputs finite and input-dependent
-    big = create_model(name, checkpoint=path, img_size=64).eval()
+    big = create_model(name, checkpoint=path, img_size=64, normalize=True).eval()
     expected = resample_abs_pos_embed(model.model.pos_embed.detach(), new_size=[4, 4], old_size=[2, 2],
                                       num_prefix_tokens=1)
     torch.testing.assert_close(big.model.pos_embed.detach(), expected)
@@ -502,7 +504,7 @@ def test_vit_no_embed_class_resolution(tmp_path: Path) -> None:
     model, name, kwargs, _ = _build("vit_ls")
     path = tmp_path / "vitm.pt"
     torch.save(model.state_dict(), path)
-    big = create_model(name, checkpoint=path, img_size=64, **kwargs).eval()
+    big = create_model(name, checkpoint=path, img_size=64, normalize=True, **kwargs).eval()
     assert big.model.pos_embed.shape == (1, 16, 64)
     with torch.no_grad():
         assert torch.isfinite(big(_inputs(64))).all()
@@ -543,3 +545,122 @@ def test_model_info_tool(capsys: pytest.CaptureFixture[str]) -> None:
     assert tool.main(["vit_micro_patch16_cvst", "--res", "32", "64"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "res   32" in lines[0] and "GFLOPs" in lines[1]
+
+
+# --- the paper's releases: which function a released file computes -------------------------------------------------
+
+class _ReferenceConvStem(nn.Module):
+    """The reference code's ConvStem as its checkpoints name it: ``<parent>.stem.{3i: conv, 3i+1: LN, 3i+2: GELU}``
+    (3x3 convs with bias, channels-first LayerNorm eps 1e-6, GELU), plus an optional 1x1 projection at ``3n``."""
+
+    def __init__(self, channels: tuple[int, ...], strides: tuple[int, ...], out_chs: int | None = None) -> None:
+        super().__init__()
+        from timm.layers import LayerNorm2d
+
+        layers: list[nn.Module] = []
+        in_chs = 3
+        for chs, stride in zip(channels, strides):
+            layers += [nn.Conv2d(in_chs, chs, 3, stride, 1), LayerNorm2d(chs, eps=1e-6), nn.GELU()]
+            in_chs = chs
+        if out_chs is not None:
+            layers.append(nn.Conv2d(in_chs, out_chs, 1))
+        self.stem = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+
+_VIT_STEM = ((48, 96, 192, 384), (2, 2, 2, 2))
+# Paper architecture -> the reference model: a timm model with the reference ConvStem swapped in, shallow (one block
+# per stage; ConvNeXt stages after the first 64 wide) to stay cheap on CPU; stems and embedding widths are the
+# paper's. None: ConvNeXt-iso (no timm model; its reference layout is written from rat's own model with the
+# reference's original ConvNeXt names).
+PAPER_REFERENCES = {
+    "convnext_tiny_cvst": ("convnext_tiny", {"depths": (1, 1, 1, 1), "dims": (96, 64, 64, 64)}, "stem",
+                           ((48, 96), (2, 2), None)),
+    "convnext_small_cvst": ("convnext_small", {"depths": (1, 1, 1, 1), "dims": (96, 64, 64, 64)}, "stem",
+                            ((48, 96), (2, 2), None)),
+    "convnext_base_cvst": ("convnext_base", {"depths": (1, 1, 1, 1), "dims": (128, 64, 64, 64)}, "stem",
+                           ((64, 96, 128), (2, 2, 1), None)),
+    "convnext_large_cvst": ("convnext_large", {"depths": (1, 1, 1, 1), "dims": (192, 64, 64, 64)}, "stem",
+                            ((96, 144, 192), (2, 2, 1), None)),
+    "vit_small_patch16_cvst": ("deit_small_patch16_224", {"depth": 1, "img_size": 32}, "patch_embed.proj",
+                               (*_VIT_STEM, 384)),
+    "vit_medium_patch16_cvst": ("deit3_medium_patch16_224", {"depth": 1, "img_size": 32}, "patch_embed.proj",
+                                (*_VIT_STEM, 512)),
+    "vit_base_patch16_cvst": ("vit_base_patch16_224", {"depth": 1, "img_size": 32}, "patch_embed.proj",
+                              (*_VIT_STEM, 768)),
+    "convnext_iso_small_cvst": None,
+}
+
+
+def _reference_model(name: str) -> tuple[nn.Module, dict]:
+    """(reference model with random weights, the rat create_model kwargs of the same shallow architecture)."""
+    torch.manual_seed(0)
+    spec = PAPER_REFERENCES[name]
+    if spec is None:
+        kwargs = {"depth": 1}
+        model = timm.create_model(name, **kwargs)
+    else:
+        timm_name, kwargs, where, (channels, strides, out_chs) = spec
+        model = timm.create_model(timm_name, **kwargs)
+        parent = model.patch_embed if where == "patch_embed.proj" else model
+        setattr(parent, where.rsplit(".", 1)[-1], _ReferenceConvStem(channels, strides, out_chs))
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    _randomize(model)
+    return model.eval(), kwargs
+
+
+def _release_file(model: nn.Module, name: str, normalized: bool) -> dict[str, torch.Tensor]:
+    """The model's weights as the reference saved them: DDP(WrappedModel([normalize_model](model)))."""
+    sd = model.state_dict() if PAPER_REFERENCES[name] is not None else _to_reference(model.state_dict(), "iso")
+    if normalized:
+        sd = {"normalize.mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+              "normalize.std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), **{f"model.{k}": v for k, v in sd.items()}}
+        return {f"module.base_model.{k}": v for k, v in sd.items()}
+    return {f"module.{k}": v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_REFERENCES))
+def test_paper_releases_compute_the_reference_function(name: str, tmp_path: Path) -> None:
+    """A reference-layout file loads as the function the reference computes, with no normalization argument: with
+    normalize.* buffers the model normalizes; without, the release table decides (RobustBench: ViT-S-CvSt normalizes,
+    the others take raw [0, 1] inputs). An explicit normalize= overrides the table (not the file's buffers)."""
+    reference, kwargs = _reference_model(name)
+    x = _inputs(32)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        raw_logits, normalized_logits = reference(x), reference((x - mean) / std)
+    for normalized in (True, False):
+        path = tmp_path / f"release_{int(normalized)}.pt"
+        torch.save(_release_file(reference, name, normalized), path)
+        loaded = create_model(name, checkpoint=path, **kwargs).eval()
+        expected_normalize = normalized or rm.RELEASE_NORMALIZATION[name]
+        assert (loaded.input_mean is not None) == expected_normalize
+        with torch.no_grad():
+            logits = loaded(x)
+        expected = normalized_logits if expected_normalize else raw_logits
+        assert (logits - expected).abs().max().item() <= 1e-5
+    override = create_model(name, checkpoint=path, normalize=not rm.RELEASE_NORMALIZATION[name], **kwargs).eval()
+    with torch.no_grad():
+        expected = raw_logits if rm.RELEASE_NORMALIZATION[name] else normalized_logits
+        assert (override(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_file_that_does_not_say_is_refused(tmp_path: Path) -> None:
+    """A bare rat state dict (normalization buffers are not saved) or a reference-layout file of an architecture
+    without a release does not say whether the model normalizes: refused, naming normalize= and --normalize."""
+    model, name, kwargs, res = _build("convnext")
+    path = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"does not record whether its model normalizes its input: pass "
+                                              r"normalize=True .* --normalize 1 or --normalize 0"):
+        create_model(name, checkpoint=path)
+    reference_layout, _ = _reference_layouts(model.model.state_dict(), "convnext")["ddp_no_normalization"]
+    with pytest.raises(CheckpointError, match="normalize="):
+        create_model(name, checkpoint=reference_layout)
+    # a trainer checkpoint records it, and a contradicting argument is an error
+    ckpt = {"model": model.state_dict(), "arch": name, "model_kwargs": {"normalize": False}}
+    assert create_model(name, checkpoint=ckpt).input_mean is None
+    with pytest.raises(CheckpointError, match="create it with normalize=False"):
+        create_model(name, checkpoint=ckpt, normalize=True)

@@ -31,9 +31,18 @@ def test_two_ranks_stay_in_sync_on_disjoint_shards(tmp_path, demo_betons):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 3
     assert ranks[0]["checksums"] == ranks[1]["checksums"]  # identical weights after 3 DDP steps (different inits)
+    from ffcv.reader import Reader
+
+    # DistributedSampler semantics: each rank reads ceil(N / 2) samples, of which full batches of 16 are kept.
+    n_train = int(Reader(str(train_beton)).num_samples)
+    per_rank = -(-n_train // 2)
+    kept = per_rank // 16 * 16
+    assert n_train == 4491 and all(len(r["order"]) == kept for r in ranks)
     first, second = set(ranks[0]["order"]), set(ranks[1]["order"])
+    assert len(first) == len(second) == kept  # no sample twice on a rank
     assert not first & second  # disjoint shards
-    assert len(first) + len(second) >= 1497 - 1  # together they cover the train set (DistributedSampler-style)
+    # together they cover the train set except the partial last batch of each rank
+    assert len(first | second) == 2 * kept and n_train - 2 * kept <= 2 * (per_rank - kept)
 
 
 def test_run_train_sh_two_processes(tmp_path, demo_betons):

@@ -10,6 +10,11 @@ the same number unless given) from a rat.eval result and takes the paper metadat
 RobustBench's leaderboards use full AutoAttack (``standard``) on 5000 ImageNet val images at the model's
 resolution; the tool refuses other results unless ``--allow-nonstandard`` is given, and then says so in ``footnote``.
 
+Whether the model normalizes its input decides which function RobustBench must build around the weights, so the
+entry's ``footnote`` states it. It comes from the result (``rat.eval`` records it) or from ``--normalize 0|1``; a
+result that does not record it (written before rat recorded it) needs the flag, and a flag that contradicts the
+result is refused.
+
 Example::
 
     python tools/export_robustbench.py runs/aa_eval/convnext_b/Linf-4_255_r224_standard_n5000.json \\
@@ -45,7 +50,8 @@ class ExportError(ValueError):
 def robustbench_entry(result: dict[str, Any], *, link: str | None = None, name: str | None = None,
                       authors: str | None = None, additional_data: bool = False, venue: str | None = None,
                       architecture: str | None = None, reported: float | None = None, footnote: str | None = None,
-                      dataset: str = "imagenet", allow_nonstandard: bool = False) -> dict[str, Any]:
+                      dataset: str = "imagenet", allow_nonstandard: bool = False,
+                      normalize: bool | None = None) -> dict[str, Any]:
     """The RobustBench model-info dict of a rat.eval result.
 
     Args:
@@ -60,10 +66,20 @@ def robustbench_entry(result: dict[str, Any], *, link: str | None = None, name: 
         footnote: free text.
         dataset: RobustBench dataset name.
         allow_nonstandard: export a result that is not full AutoAttack with standard settings on 5000 images.
+        normalize: whether the model normalizes its input; None: what the result records.
 
     Raises:
-        ExportError: a non-standard result without ``allow_nonstandard``, or a sharded (partial) result.
+        ExportError: a non-standard result without ``allow_nonstandard``, a sharded (partial) result, or an unknown
+            or contradicting input normalization.
     """
+    recorded = result.get("normalize")
+    if recorded is None and normalize is None:
+        raise ExportError("the result does not record whether the model normalizes its input (it predates rat "
+                          "recording it): pass --normalize 1 (ImageNet mean/std inside the model) or --normalize 0")
+    if recorded is not None and normalize is not None and bool(recorded) != bool(normalize):
+        raise ExportError(f"--normalize {int(normalize)} contradicts the result, which was evaluated with "
+                          f"normalize={bool(recorded)}: drop --normalize")
+    normalize = bool(recorded if recorded is not None else normalize)
     if result.get("shard"):
         raise ExportError("this is one shard of an evaluation: merge the shards first (python -m rat.eval.merge)")
     problems = []
@@ -76,10 +92,12 @@ def robustbench_entry(result: dict[str, Any], *, link: str | None = None, name: 
     if problems and not allow_nonstandard:
         raise ExportError(f"RobustBench entries are full AutoAttack on {ROBUSTBENCH_N_EX} images; this result has "
                           f"{'; '.join(problems)}. Pass --allow-nonstandard to export it anyway (noted in footnote)")
-    note = footnote
+    notes = [footnote] if footnote else []
+    notes.append("Input normalization inside the model: ImageNet mean/std." if normalize else
+                 "No input normalization (the model takes [0, 1] pixels).")
     if problems:
-        extra = f"Evaluated with {'; '.join(problems)}."
-        note = f"{footnote} {extra}" if footnote else extra
+        notes.append(f"Evaluated with {'; '.join(problems)}.")
+    note = " ".join(notes)
     robust = 100 * result["robust_accuracy"]
     return {
         "link": link,
@@ -116,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", default="imagenet")
     parser.add_argument("--allow-nonstandard", action="store_true", help="export a fast/custom or <5000-image result")
     parser.add_argument("--out-dir", type=Path, help="RobustBench model_info folder; default: print to stdout")
+    parser.add_argument("--normalize", type=int, choices=(0, 1),
+                        help="whether the model normalizes its input (default: what the result records)")
     args = parser.parse_args(argv)
     setup_logging(0)
     if not _MODEL_NAME.match(args.model_name):
@@ -126,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry = robustbench_entry(result, link=args.link, name=args.paper_name, authors=args.authors,
                                   additional_data=args.additional_data, venue=args.venue,
                                   architecture=args.architecture, reported=args.reported, footnote=args.footnote,
-                                  dataset=args.dataset, allow_nonstandard=args.allow_nonstandard)
+                                  dataset=args.dataset, allow_nonstandard=args.allow_nonstandard,
+                                  normalize=None if args.normalize is None else bool(args.normalize))
     except (ResultError, ExportError) as exc:
         _logger.error("%s", exc)
         return 2

@@ -79,8 +79,14 @@ def make_config(argv: Sequence[str] | None = None) -> Config:
         default = "required" if entry.required else f"default: {entry.default}"
         parser.add_argument(f"--{'.'.join(path)}", help=f"{entry.desc} ({entry.checker.help()}; {default})")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    from rat.config import ConfigError, load_config_file
+
     for fname in args.config_file:
-        config.collect_config_file(fname)
+        try:
+            config.collect(load_config_file(config, fname))  # strict: an unknown key is an error, not ignored
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
     values = vars(args)
     del values["config_file"]
     config.collect(values)

@@ -33,6 +33,7 @@ from rat.data.ffcv import (
 from rat.data.writer import (
     IMAGE_FIELD,
     LABEL_FIELD,
+    BetonImages,
     BetonWriteError,
     WriteReport,
     classes_path,
@@ -51,6 +52,6 @@ __all__ = [
     "BetonWriteError", "PipelineError", "RandAugmentSpec", "TrainLoader", "ValLoader", "WriteReport", "build_augment",
     "build_mixup", "parse_rand_augment",
     "build_train_loader", "build_val_loader", "check_pipeline", "classes_path", "list_image_folder", "load_cifar",
-    "read_beton_info", "read_beton_item", "read_classes", "shard_indices", "write_arrays_beton", "write_cifar_beton",
-    "write_folder_beton",
+    "BetonImages", "read_beton_info", "read_beton_item", "read_classes", "shard_indices", "write_arrays_beton",
+    "write_cifar_beton", "write_folder_beton",
 ]

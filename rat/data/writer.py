@@ -9,8 +9,10 @@ of the beton is sample ``i`` of the source:
   unreadable files, which are listed by name in the report and in the classes file;
 * CIFAR-10/100 python archives: the archive's order and labels (``torchvision.datasets.CIFAR10/100`` order).
 
-Beside ``x.beton`` lies ``x.beton.classes.json``: class names in label order, the number of samples, the writer options
-and the skipped files. :func:`read_classes` reads it back.
+Beside ``x.beton`` lies ``x.beton.classes.json``: class names in label order, the number of samples, the writer options,
+the skipped files and, for folders, every sample's file name relative to the folder (``files``; e.g.
+``n01440764/ILSVRC2012_val_00000293.JPEG``, which identifies fixed evaluation subsets). :func:`read_classes` reads it
+back, :class:`BetonImages` reads the stored images.
 
 Writing goes to a hidden temporary file in the output directory that is renamed into place only when complete: an
 interrupted, failed or out-of-space write leaves no ``.beton`` behind that looks good.
@@ -36,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "IMAGE_FIELD", "LABEL_FIELD", "check_beton", "IMG_EXTENSIONS", "WRITE_MODES", "BetonWriteError", "WriteReport",
+    "IMAGE_FIELD", "LABEL_FIELD", "check_beton", "IMG_EXTENSIONS", "WRITE_MODES", "BetonImages", "BetonWriteError",
+    "WriteReport",
     "classes_path", "find_classes", "list_image_folder", "load_cifar", "read_beton_info", "read_beton_item",
     "read_classes", "write_arrays_beton", "write_cifar_beton", "write_folder_beton",
 ]
@@ -153,35 +156,65 @@ def read_classes(beton_path: str | Path) -> list[str]:
     return [str(c) for c in read_beton_info(beton_path)["classes"]]
 
 
+class BetonImages:
+    """The samples of a beton exactly as stored, at their stored size, without an FFCV loader (random access).
+
+    ``images[i]`` is ``(image uint8 HWC RGB, label)``: raw samples are the stored pixels; JPEG samples are decoded
+    with OpenCV. The file is memory-mapped; the object can be handed to DataLoader worker processes.
+
+    Args:
+        beton_path: a beton written by this module.
+    """
+
+    def __init__(self, beton_path: str | Path):
+        from ffcv.reader import Reader
+
+        self.path = Path(beton_path)
+        reader = Reader(str(self.path))
+        self._images = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
+        self._labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+        order = np.argsort(reader.alloc_table["ptr"])
+        self._ptrs = reader.alloc_table["ptr"][order]
+        self._sizes = reader.alloc_table["size"][order]
+        self._data: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def is_raw(self, index: int) -> bool:
+        """Whether sample ``index`` is stored as raw pixels (else JPEG)."""
+        return int(self._images[index]["mode"]) != 0  # ffcv IMAGE_MODES['jpg'] == 0
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range: {self.path} holds {len(self)} samples")
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        meta = self._images[index]
+        ptr = int(meta["data_ptr"])
+        slot = int(np.searchsorted(self._ptrs, ptr))
+        if slot >= len(self._ptrs) or int(self._ptrs[slot]) != ptr:
+            raise ValueError(f"{self.path}: no allocation for sample {index}; the file is damaged")
+        data = self._data[ptr:ptr + int(self._sizes[slot])]
+        height, width = int(meta["height"]), int(meta["width"])
+        if self.is_raw(index):
+            image = np.array(data[: height * width * 3]).reshape(height, width, 3)
+        else:
+            import cv2
+
+            image = cv2.cvtColor(cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        return image, int(self._labels[index])
+
+
 def read_beton_item(beton_path: str | Path, index: int) -> tuple[np.ndarray, int]:
     """Sample ``index`` of a beton exactly as stored: ``(image uint8 HWC RGB, label)``, without an FFCV loader.
 
-    For inspection and tests (one sample at a time; use the loaders for training).
+    For inspection and tests (one sample at a time; use the loaders for training, :class:`BetonImages` for many).
 
     Raises:
         IndexError: ``index`` is out of range.
     """
-    import cv2
-    from ffcv.reader import Reader
-
-    reader = Reader(str(beton_path))
-    if not 0 <= index < reader.num_samples:
-        raise IndexError(f"sample {index} out of range: {beton_path} holds {reader.num_samples} samples")
-    image_meta = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"][index]
-    label = int(reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"][index])
-    ptr = int(image_meta["data_ptr"])
-    sizes = reader.alloc_table["size"][reader.alloc_table["ptr"] == ptr]
-    if len(sizes) != 1:
-        raise ValueError(f"{beton_path}: no unique allocation for sample {index}; the file is damaged")
-    with open(beton_path, "rb") as fp:
-        fp.seek(ptr)
-        data = np.frombuffer(fp.read(int(sizes[0])), dtype=np.uint8)
-    height, width = int(image_meta["height"]), int(image_meta["width"])
-    if int(image_meta["mode"]) == 0:  # ffcv IMAGE_MODES['jpg']
-        image = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    else:
-        image = data[: height * width * 3].reshape(height, width, 3).copy()
-    return image, label
+    return BetonImages(beton_path)[index]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,7 +616,7 @@ def _read_notes(notes_dir: str) -> tuple[dict[int, str], dict[int, str]]:
 def _write(source: Any, out_path: str | Path, *, classes: Sequence[str], describe: Callable[[int], str],
            source_name: str, max_resolution: int | None, max_sample_bytes: int | None, jpeg_quality: int,
            compress_probability: float, write_mode: str, num_workers: int | None, seed: int, on_error: str,
-           progress: bool) -> WriteReport:
+           progress: bool, names: Sequence[str] | None = None) -> WriteReport:
     """Write ``source`` (indexable of (HWC uint8, label)) to ``out_path`` atomically, then its classes file."""
     from ffcv.fields import IntField, RGBImageField
 
@@ -653,6 +686,8 @@ def _write(source: Any, out_path: str | Path, *, classes: Sequence[str], describ
             "converted": converted,
             "skipped": [{"file": name, "error": err} for name, err in skipped],
         }
+        if names is not None:
+            info["files"] = [name for i, name in enumerate(names) if i not in errors]
         side_tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp_path, out_path)
         os.replace(side_tmp, classes_path(out_path))
@@ -754,8 +789,9 @@ def write_folder_beton(
     (``on_error='raise'``); they are never dropped silently.
 
     The defaults (longest side 256, half the images JPEG q90, half raw) are ffcv-imagenet's speed/quality trade-off
-    for training sets; for a validation set evaluated above 256 px use ``max_resolution=512`` or more (see
-    docs/data.md).
+    for training sets. For a validation set that ``rat.eval`` evaluates exactly as RobustBench does, store the
+    original pixels: ``max_resolution=None, write_mode='raw'`` (what ``tools/write_ffcv.py --cfg.split=val`` does;
+    see docs/eval.md).
 
     Args:
         folder: directory with one sub-directory per class.
@@ -770,10 +806,11 @@ def write_folder_beton(
     """
     samples, classes = list_image_folder(folder, classes)
     source = _FileSource(samples, "", seed)
+    names = [Path(path).relative_to(folder).as_posix() for path, _ in samples]
     return _write(source, out_path, classes=classes, describe=lambda i: samples[i][0], source_name=str(folder),
                   max_resolution=max_resolution, max_sample_bytes=None, jpeg_quality=jpeg_quality,
                   compress_probability=compress_probability, write_mode=write_mode, num_workers=num_workers,
-                  seed=seed, on_error=on_error, progress=progress)
+                  seed=seed, on_error=on_error, progress=progress, names=names)
 
 
 def write_cifar_beton(

@@ -21,6 +21,7 @@ import torch
 from rat.cli import EXIT_BAD_INPUT, EXIT_FAILED, ArgumentParser
 from rat.config import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
+from rat.eval.data import SUBSETS
 from rat.eval.evaluate import PRECISIONS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--arch", help="architecture; only for checkpoints that do not name it, or random weights")
     model.add_argument("--model-kwargs", type=_kwargs, default={}, help="JSON kwargs for create_model (num_classes...)")
     model.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a rat checkpoint")
+    model.add_argument("--normalize", type=int, choices=(0, 1),
+                       help="1: ImageNet mean/std normalization inside the model, 0: raw [0,1] inputs (default: what "
+                            "the checkpoint says; required for a checkpoint that does not say)")
     model.add_argument("--name", help="model name in the result (default: <run folder>-<file stem>)")
     threat = parser.add_argument_group("threat model")
     threat.add_argument("--norm", choices=NORMS, default="Linf")
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="val .beton or ImageNet-style val folder")
     data.add_argument("--n-ex", type=_positive_int, default=5000, help="images of the fixed val subset")
+    data.add_argument("--subset", choices=SUBSETS, default="auto",
+                      help="robustbench: RobustBench's 5000 ImageNet val files; seeded: a seeded sample of the val "
+                           "set; auto: robustbench on ImageNet-1k, else seeded")
     data.add_argument("--batch-size", type=_positive_int, default=100,
                       help="images per batch (unit of resuming/sharding)")
     data.add_argument("--num-workers", type=_positive_int, default=4)
@@ -128,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     """An ``EvalSpec`` from parsed arguments."""
     return EvalSpec(data=args.data, checkpoint=args.checkpoint, arch=args.arch, model_kwargs=args.model_kwargs,
-                    use_ema=args.use_ema, norm=args.norm, eps=args.eps, resolution=args.resolution,
-                    version=args.version, attacks=args.attacks, n_ex=args.n_ex, batch_size=args.batch_size,
+                    use_ema=args.use_ema, normalize=None if args.normalize is None else bool(args.normalize),
+                    norm=args.norm, eps=args.eps, resolution=args.resolution, version=args.version,
+                    attacks=args.attacks, n_ex=args.n_ex, subset=args.subset, batch_size=args.batch_size,
                     precision=args.precision, device=args.device, num_workers=args.num_workers, seed=args.seed,
                     shard=args.shard, n_iter=args.n_iter, n_queries=args.n_queries, output=args.output,
                     name=args.name)

@@ -32,7 +32,7 @@ from rat.eval.autoattack import (
     resolve_attacks,
     robust_after_attack,
 )
-from rat.eval.data import SUBSET_RULE, dataset_size, eval_subset, iter_eval_batches, shard_batches
+from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
 from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 
@@ -64,12 +64,17 @@ class EvalSpec:
         model_kwargs: extra ``create_model`` kwargs, on top of the checkpoint's (e.g. ``num_classes`` for a bare
             state dict).
         use_ema: evaluate the checkpoint's EMA weights.
+        normalize: input normalization inside the model (ImageNet mean/std); None: what the checkpoint says (a rat
+            trainer checkpoint's record, released normalize.* buffers, the paper's release table), and a checkpoint
+            that does not say is refused. Recorded in the result.
         norm: ``Linf``, ``L2`` or ``L1``.
         eps: radius in pixel units; default 4/255, 2, 75 for Linf, L2, L1.
         resolution: input side; default the checkpoint's training ``img_size``, else 224.
         version: ``standard``, ``fast`` or ``custom``.
         attacks: the attacks of ``custom``.
         n_ex: number of val images (the fixed subset of ``rat.eval.data``).
+        subset: ``auto`` (RobustBench's 5,000-image list on ImageNet-1k, else ``seeded``), ``robustbench`` or
+            ``seeded`` (see ``rat.eval.data``); recorded in the result.
         batch_size: images per batch (the unit of resuming and sharding).
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; logits are returned in fp32).
         device: default ``cuda`` when available, else ``cpu``.
@@ -87,12 +92,14 @@ class EvalSpec:
     arch: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     use_ema: bool = False
+    normalize: bool | None = None
     norm: str = "Linf"
     eps: float | None = None
     resolution: int | None = None
     version: str = "standard"
     attacks: list[str] | None = None
     n_ex: int = 5000
+    subset: str = "auto"
     batch_size: int = 100
     precision: str = "fp32"
     device: str | None = None
@@ -111,6 +118,7 @@ class _ModelSource:
     model_kwargs: dict[str, Any]
     train_resolution: int | None
     checkpoint_sha256: str | None
+    normalization: str = ""  # where the model's input normalization comes from
     checkpoint: dict[str, Any] | None = dataclasses.field(default=None, repr=False)  # loaded once, for create_model
 
 
@@ -134,9 +142,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _resolve_source(spec: EvalSpec) -> _ModelSource:
-    """Architecture and model kwargs from the checkpoint (and the spec), with clear errors."""
+    """Architecture, model kwargs and input normalization from the checkpoint (and the spec), with clear errors."""
     from rat.models import CheckpointError as UnreadableCheckpoint
-    from rat.models import load_checkpoint_file
+    from rat.models import load_checkpoint_file, resolve_normalization
     from rat.models.preflight import check_arch
 
     if spec.arch is not None:
@@ -144,7 +152,9 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
     if spec.checkpoint is None:
         if spec.arch is None:
             raise CheckpointError("nothing to evaluate: pass --checkpoint PATH, or --arch NAME for random weights")
-        return _ModelSource(spec.arch, dict(spec.model_kwargs), None, None)
+        kwargs = dict(spec.model_kwargs)
+        kwargs["normalize"], why = resolve_normalization(spec.arch, None, spec.normalize)
+        return _ModelSource(spec.arch, kwargs, None, None, why)
     path = Path(spec.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -168,7 +178,13 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
     if isinstance(train_resolution, (tuple, list)):
         train_resolution = int(train_resolution[-1])
     kwargs.update(spec.model_kwargs)
-    return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), ckpt)
+    kwargs.pop("normalize", None)
+    try:
+        kwargs["normalize"], why = resolve_normalization(arch, ckpt, spec.normalize, source=str(path),
+                                                         use_ema=spec.use_ema)
+    except UnreadableCheckpoint as exc:  # bad input: the message names --normalize
+        raise CheckpointError(str(exc)) from exc
+    return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), why, ckpt)
 
 
 class _ContiguousInputGrad(torch.autograd.Function):
@@ -223,7 +239,7 @@ def build_eval_model(arch: str, checkpoint: str | Path | dict[str, Any] | None, 
     from rat.models import create_model
 
     kwargs = dict(model_kwargs)
-    normalize = kwargs.pop("normalize", True)
+    normalize = kwargs.pop("normalize", None)
     try:
         model = create_model(arch, checkpoint=checkpoint, img_size=resolution, normalize=normalize, use_ema=use_ema,
                              **kwargs)
@@ -370,8 +386,9 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     spec, source, attacks, device = resolved.spec, resolved.source, resolved.attacks, resolved.device
     eps, resolution, output, name = float(spec.eps), int(spec.resolution), Path(spec.output), str(spec.name)
 
-    n_total = dataset_size(spec.data)
-    indices = eval_subset(n_total, spec.n_ex)
+    indices, subset = select_subset(spec.data, spec.n_ex, spec.subset)
+    n_total = subset["dataset_size"]
+    preprocessing = preprocessing_info(spec.data)
     n_batches = -(-len(indices) // spec.batch_size)
     batch_ids = shard_batches(n_batches, *spec.shard) if spec.shard else range(n_batches)
 
@@ -384,8 +401,6 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     adversary = build_autoattack(model, norm=spec.norm, eps=eps, attacks=attacks, device=device, seed=spec.seed,
                                  n_iter=spec.n_iter, n_queries=spec.n_queries)
     settings = attack_settings(adversary)
-    subset = {"rule": SUBSET_RULE, "dataset_size": n_total,
-              "indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest()}
     shard = {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None
     fingerprint = {
         "arch": source.arch, "model_kwargs": source.model_kwargs, "checkpoint_sha256": source.checkpoint_sha256,
@@ -397,8 +412,9 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     state = EvalState.load_or_create(state_path_for(output), fingerprint, steps)
     finished = [b for b in batch_ids if state.is_done(b)]
     todo = [b for b in batch_ids if not state.is_done(b)]
-    _logger.info("evaluating %s (%s) %s eps=%.6g at %d px, %s (%s) on %d of %d images%s, %d batches of %d on %s",
-                 name, source.arch, spec.norm, eps, resolution, spec.version, ", ".join(attacks), spec.n_ex, n_total,
+    _logger.info("evaluating %s (%s) %s eps=%.6g at %d px, %s (%s) on %d of %d images (%s subset)%s, %d batches of %d "
+                 "on %s", name, source.arch, spec.norm, eps, resolution, spec.version, ", ".join(attacks), spec.n_ex,
+                 n_total, subset["name"],
                  f", shard {shard['index']}/{shard['count']}" if shard else "", len(batch_ids), spec.batch_size, device)
     if finished:
         _logger.info("resuming from %s: skipping %d finished batches, %d to go", state.path, len(finished), len(todo))
@@ -427,6 +443,8 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint is not None else None,
         "checkpoint_sha256": source.checkpoint_sha256,
         "use_ema": spec.use_ema,
+        "normalize": bool(source.model_kwargs["normalize"]),
+        "normalize_source": source.normalization,
         "norm": spec.norm,
         "eps": eps,
         "resolution": resolution,
@@ -439,6 +457,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "n_ex": spec.n_ex,
         "data": str(Path(spec.data).resolve()),
         "subset": subset,
+        "preprocessing": preprocessing,
         "shard": shard,
         "batch_size": spec.batch_size,
         "precision": spec.precision,

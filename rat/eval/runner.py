@@ -50,7 +50,7 @@ ENTRY_DEFAULTS: dict[str, Any] = {
     "checkpoint": None, "checkpoints": None, "name": None, "arch": None, "model_kwargs": None, "use_ema": False,
     "data": None, "threats": ["Linf"], "resolutions": [224], "versions": ["standard"], "attacks": None, "n_ex": 5000,
     "batch_size": 100, "precision": "fp32", "num_workers": 4, "seed": 0, "n_iter": None, "n_queries": None,
-    "shards": 1,
+    "shards": 1, "normalize": None,
 }
 _TOP_KEYS = {"output_dir", "defaults", "jobs"}
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -84,6 +84,7 @@ class Job:
     n_queries: int | None
     shards: int
     output: Path
+    normalize: bool | None = None  # input normalization; None: what the checkpoint says (rat.eval --normalize)
 
     @property
     def label(self) -> str:
@@ -197,7 +198,8 @@ def expand_jobs(entries: Sequence[dict[str, Any]], output_dir: str | Path,
                             attacks=tuple(attacks) if version == "custom" else None, n_ex=int(entry["n_ex"]),
                             batch_size=int(entry["batch_size"]), precision=entry["precision"],
                             num_workers=int(entry["num_workers"]), seed=int(entry["seed"]), n_iter=entry["n_iter"],
-                            n_queries=entry["n_queries"], shards=shards, output=output))
+                            n_queries=entry["n_queries"], shards=shards, output=output,
+                            normalize=None if entry["normalize"] is None else bool(entry["normalize"])))
     seen: dict[Path, Job] = {}
     for job in jobs:
         other = seen.setdefault(job.output, job)
@@ -252,6 +254,8 @@ def task_command(task: Task, device: str, threads: int | None = None) -> list[st
         cmd += ["--model-kwargs", job.model_kwargs]
     if job.use_ema:
         cmd.append("--use-ema")
+    if job.normalize is not None:
+        cmd += ["--normalize", str(int(job.normalize))]
     if job.attacks:
         cmd += ["--attacks", *job.attacks]
     if job.n_iter is not None:

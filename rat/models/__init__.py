@@ -5,7 +5,15 @@ Importing this package registers the ``*_cvst`` architectures with timm (``timm.
 from .checkpoint import CheckpointError, load_checkpoint_file, select_state_dict, unwrap_state_dict
 from .convnext_cvst import ConvNeXtCvSt
 from .convnext_iso_cvst import ConvNeXtIsotropicCvSt
-from .factory import NormalizedModel, create_model, create_model_from_checkpoint, load_checkpoint_into
+from .factory import (
+    RELEASE_NORMALIZATION,
+    NormalizedModel,
+    create_model,
+    create_model_from_checkpoint,
+    dynamic_size_kwargs,
+    load_checkpoint_into,
+    resolve_normalization,
+)
 from .flops import count_flops, count_params
 from .layers import ConvStem, ImageNormalizer
 from .vit_cvst import ConvStemPatchEmbed
@@ -18,12 +26,15 @@ __all__ = [
     "ConvStemPatchEmbed",
     "ImageNormalizer",
     "NormalizedModel",
+    "RELEASE_NORMALIZATION",
     "count_flops",
     "count_params",
     "create_model",
     "create_model_from_checkpoint",
+    "dynamic_size_kwargs",
     "load_checkpoint_file",
     "load_checkpoint_into",
+    "resolve_normalization",
     "select_state_dict",
     "unwrap_state_dict",
 ]

@@ -40,12 +40,15 @@ __all__ = [
     "select_state_dict",
     "unwrap_state_dict",
     "check_normalization",
+    "is_reference_layout",
     "remap_reference_stem",
     "resample_pos_embed_to_model",
     "load_state_dict_strict",
 ]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.")
+# Stem prefixes that only the reference code (revisiting-at's ConvStem nn.Sequential) produces.
+REFERENCE_STEM_PREFIXES = ("stem.stem.", "patch_embed.proj.stem.")
 # Checkpoint dict entries holding model weights, most specific first (rat/FB ConvNeXt, revisiting-at, timm train.py).
 _WEIGHT_KEYS = ("model", "model_state_dict", "state_dict")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -199,6 +202,12 @@ def check_normalization(
         raise CheckpointError(
             f"{source} normalizes inputs with mean={ckpt_mean}, std={ckpt_std} but the model uses "
             f"mean={[round(m, 4) for m in mean]}, std={[round(s, 4) for s in std]}")
+
+
+def is_reference_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether unwrapped weights (:func:`unwrap_state_dict`) come from the reference code: its ConvStem is an
+    ``nn.Sequential`` under ``stem.stem.`` (ConvNeXt) or ``patch_embed.proj.stem.`` (ViT), names no other code uses."""
+    return any(k.startswith(REFERENCE_STEM_PREFIXES) for k in state_dict)
 
 
 def remap_reference_stem(state_dict: Mapping[str, torch.Tensor], ref_prefix: str, rat_prefix: str,

@@ -24,6 +24,7 @@ from .checkpoint import (
     CheckpointError,
     check_normalization,
     checkpoint_grid_size,
+    is_reference_layout,
     load_checkpoint_file,
     load_state_dict_strict,
     select_state_dict,
@@ -33,7 +34,30 @@ from .layers import ImageNormalizer
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["NormalizedModel", "create_model", "create_model_from_checkpoint", "load_checkpoint_into"]
+__all__ = [
+    "RELEASE_NORMALIZATION", "NormalizedModel", "checkpoint_normalization", "create_model",
+    "create_model_from_checkpoint", "dynamic_size_kwargs", "load_checkpoint_into", "resolve_normalization",
+]
+
+# Input normalization of the paper's released checkpoints (Singh, Croce & Hein 2023, github.com/nmndeep/revisiting-at),
+# for files in the reference layout that carry no normalize.* buffers. The reference normalizes only through
+# normalize_model(), whose buffers are saved with the weights, and its training script passes
+# --model.add_normalization 0. RobustBench's loader (model_zoo/imagenet.py, get_convstem_models) builds the
+# Singh2023Revisiting_{ConvNeXt-T,S,B,L,ViT-B}-ConvStem models without normalization and ViT-S-ConvStem inside
+# normalize_model(IMAGENET_MEAN, IMAGENET_STD). ViT-M-CvSt and ConvNeXt-iso-CvSt are not in RobustBench; their
+# releases follow the training script.
+RELEASE_NORMALIZATION: dict[str, bool] = {
+    "convnext_tiny_cvst": False,
+    "convnext_small_cvst": False,
+    "convnext_base_cvst": False,
+    "convnext_large_cvst": False,
+    "convnext_iso_small_cvst": False,
+    "vit_small_patch16_cvst": True,
+    "vit_medium_patch16_cvst": False,
+    "vit_base_patch16_cvst": False,
+}
+NORMALIZE_HINT = ("pass normalize=True (ImageNet mean/std inside the model) or normalize=False (raw [0, 1] inputs); "
+                  "on the command line --normalize 1 or --normalize 0")
 
 # Family checkpoint filters (reference-layout renames) by the module that registers the architecture.
 _FILTERS: dict[str, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]] = {
@@ -181,12 +205,86 @@ def load_checkpoint_into(model: NormalizedModel, state_dict: Mapping[str, torch.
     load_state_dict_strict(inner, inner_sd, source=source, hint=hint)
 
 
+def checkpoint_normalization(name: str, checkpoint: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                             ) -> tuple[bool | None, str, bool]:
+    """What a checkpoint says about the input normalization of its model.
+
+    In order: a rat trainer checkpoint's ``model_kwargs['normalize']``; ``normalize.mean/std`` buffers in the weights
+    (normalization on); a revisiting-at release in the reference layout of one of the paper's architectures
+    (:data:`RELEASE_NORMALIZATION`). Anything else does not say.
+
+    Args:
+        name: Architecture the checkpoint is loaded into.
+        checkpoint: The whole checkpoint dict.
+        state_dict: Its weights (:func:`~rat.models.checkpoint.select_state_dict`).
+
+    Returns:
+        ``(normalize, reason, recorded)``: ``recorded`` is True when the file itself records it (trainer record,
+        buffers) and False for the release table; ``(None, '', False)`` when the checkpoint does not say.
+    """
+    kwargs = checkpoint.get("model_kwargs")
+    if isinstance(kwargs, Mapping) and "normalize" in kwargs:
+        return bool(kwargs["normalize"]), "recorded in the checkpoint (model_kwargs)", True
+    inner, norm = unwrap_state_dict(state_dict)
+    if norm:
+        return True, "the checkpoint carries normalize.mean/std", True
+    arch = get_arch_name(name)
+    if arch in RELEASE_NORMALIZATION and is_reference_layout(inner):
+        return RELEASE_NORMALIZATION[arch], f"paper release of {arch} (reference layout, rat's release table)", False
+    return None, "", False
+
+
+def resolve_normalization(name: str, checkpoint: Mapping[str, Any] | None, normalize: bool | None,
+                          source: str = "checkpoint", use_ema: bool = False) -> tuple[bool, str]:
+    """The input normalization a model runs with: what the checkpoint says, or the explicit ``normalize``.
+
+    Without a checkpoint, ``None`` means True (a fresh model normalizes with its cfg's mean/std). A checkpoint that does
+    not say needs an explicit value; an explicit value that contradicts the checkpoint's record or buffers is an
+    error, one that contradicts the release table wins (with a warning).
+
+    Returns:
+        ``(normalize, reason)``.
+
+    Raises:
+        CheckpointError: the checkpoint does not say and ``normalize`` is None, or they disagree.
+    """
+    if checkpoint is None:
+        return (True, "default for a model without checkpoint") if normalize is None else (bool(normalize), "given")
+    said, why, recorded = checkpoint_normalization(name, checkpoint, select_state_dict(checkpoint, use_ema=use_ema))
+    if normalize is None:
+        if said is None:
+            raise CheckpointError(f"{source} does not record whether its model normalizes its input: {NORMALIZE_HINT}")
+        return said, why
+    normalize = bool(normalize)
+    if said is not None and said != normalize:
+        if not recorded:
+            _logger.warning("%s: normalize=%s given although the %s says %s", source, normalize, why, said)
+            return normalize, "given (overrides the release table)"
+        raise CheckpointError(f"{source}: {why}, normalize={said}, but normalize={normalize} was given; create it "
+                              f"with normalize={said} (or leave normalize out)")
+    return normalize, "given" if said is None else why
+
+
+def dynamic_size_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
+    """``{'dynamic_img_size': True}`` for models with a fixed input size that can take any size per forward pass
+    (timm ViTs: the position embedding is resampled on the fly, with the same ``resample_abs_pos_embed`` call as
+    ``set_input_size``); ``{}`` for models that run at any resolution anyway (convnets).
+
+    Args:
+        name: A timm model name.
+        **kwargs: The ``timm.create_model`` kwargs the model will be built with.
+    """
+    with torch.device("meta"):
+        probe = timm.create_model(name, **kwargs)
+    return {"dynamic_img_size": True} if hasattr(probe, "dynamic_img_size") else {}
+
+
 def create_model(
         name: str,
         checkpoint: str | Path | Mapping[str, Any] | None = None,
         img_size: int | None = None,
         *,
-        normalize: bool = True,
+        normalize: bool | None = None,
         use_ema: bool = False,
         **kwargs: Any,
 ) -> NormalizedModel:
@@ -199,8 +297,10 @@ def create_model(
             (rat or timm keys), or a revisiting-at release. Loaded strictly with ``weights_only=True``.
         img_size: Input resolution. ViTs resample their position embedding to it (after loading a checkpoint at its
             own resolution); convnets run at any resolution. None: the checkpoint's resolution, else the cfg's.
-        normalize: Put ImageNet-style mean/std normalization (from the pretrained cfg) inside the model. False for
-            models trained on raw [0, 1] inputs.
+        normalize: Put ImageNet-style mean/std normalization (from the pretrained cfg) inside the model; False for
+            models trained on raw [0, 1] inputs. None: from the checkpoint (:func:`resolve_normalization`: a rat
+            trainer checkpoint's record, released normalize.* buffers, or the paper's release table); a checkpoint
+            that does not say is refused. Without a checkpoint None means True.
         use_ema: Load the checkpoint's EMA weights (``model_ema``/``state_dict_ema``).
         **kwargs: Passed to ``timm.create_model`` (num_classes, drop_path_rate, in_chans, ...).
 
@@ -209,7 +309,8 @@ def create_model(
 
     Raises:
         ValueError: Unknown model name or conflicting arguments.
-        CheckpointError: The checkpoint is unreadable, unsafe, or does not match the model.
+        CheckpointError: The checkpoint is unreadable, unsafe, or does not match the model, or it does not say
+            whether the model normalizes its input and ``normalize`` is None.
     """
     if not is_model(name):
         raise ValueError(f"unknown model '{name}': rat's models are timm.list_models('*_cvst') (after "
@@ -232,8 +333,12 @@ def create_model(
             hint = (f"it was written for create_model({arch!r}, **{dict(ckpt['model_kwargs'])}); "
                     f"rat.models.create_model_from_checkpoint(path) rebuilds it from that record")
         state = select_state_dict(ckpt, use_ema=use_ema)
+        normalize, why = resolve_normalization(name, ckpt, normalize, source=source, use_ema=use_ema)
+        _logger.info("%s: input normalization %s (%s)", source, "on" if normalize else "off", why)
     elif use_ema:
         raise ValueError("use_ema=True needs a checkpoint")
+    elif normalize is None:
+        normalize = True
 
     build_kwargs = dict(kwargs)
     cfg = get_pretrained_cfg(name)

@@ -30,7 +30,7 @@ from rat.data.demo import ensure_demo_betons
 from rat.data.policy import AdversarialAugment, PolicySpace
 from rat.io import OutputError, check_writable
 from rat.logging import MetricsWriter, setup_logging
-from rat.models import CheckpointError, create_model
+from rat.models import CheckpointError, create_model, dynamic_size_kwargs
 from rat.models.preflight import InputSizeError, UnknownArchError, check_arch, check_input_size
 from rat.train.checkpoint import (
     CheckpointWriteError,
@@ -155,8 +155,11 @@ def build_datasets(info: DistInfo, train_dataset: str, val_dataset: str, demo_ro
 def model_kwargs(num_classes: int, img_size: int, arch: str, normalize: int,
                  drop_path: float) -> tuple[str, dict[str, Any]]:
     """Architecture name and the ``create_model`` kwargs a checkpoint records (``img_size``: the final training
-    resolution, which sizes a ViT's position embedding; convolutional models ignore it)."""
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "normalize": bool(normalize), "img_size": img_size}
+    resolution, which sizes a ViT's position embedding; convolutional models ignore it). Models with a fixed input
+    size (ViTs) are built with ``dynamic_img_size``, so that progressive resizing and validation at another resolution
+    resample the position embedding on the fly, exactly as ``set_input_size`` does for rat.eval."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "normalize": bool(normalize), "img_size": img_size,
+                              **dynamic_size_kwargs(arch)}
     if drop_path > 0:
         kwargs["drop_path_rate"] = drop_path
     return arch, kwargs
