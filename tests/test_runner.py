@@ -17,19 +17,10 @@ import yaml
 from test_eval_support import tiny_checkpoint
 
 from rat.eval.__main__ import build_parser
+from rat.eval.jobs import JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
 from rat.eval.results import RESULT_FORMAT, load_result
-from rat.eval.runner import (
-    JobsError,
-    Slots,
-    Task,
-    expand_jobs,
-    is_finished,
-    load_jobs_file,
-    main,
-    result_differences,
-    task_command,
-    tasks_for,
-)
+from rat.eval.runner import main
+from rat.eval.scheduler import Slots, is_finished, result_differences
 
 REPO = Path(__file__).resolve().parents[1]
 CONVNEXT = "convnext_micro_cvst"

@@ -22,7 +22,7 @@ from rat.cli import EXIT_BAD_INPUT, EXIT_FAILED, ArgumentParser
 from rat.config import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
 from rat.eval.data import SUBSETS
-from rat.eval.evaluate import PRECISIONS, EvalSpec, resolve, run_evaluation
+from rat.eval.evaluate import PRECISIONS, SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
 from rat.logging import setup_logging
@@ -64,11 +64,18 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda or cuda:N") from exc
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: rat.eval runs on cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible here; use --device cpu")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return text
+
+
+def _device_problem(text: str | None) -> str | None:
+    """Why ``--device`` cannot be used on this machine, or None."""
+    if text is None or torch.device(text).type != "cuda":
+        return None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.device(text).index or 0
+    if index >= visible:
+        return f"--device {text}: {visible} CUDA device(s) visible here; use --device cpu or a visible GPU"
+    return None
 
 
 def _kwargs(text: str) -> dict:
@@ -99,30 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
                             "the checkpoint says; required for a checkpoint that does not say)")
     model.add_argument("--name", help="model name in the result (default: <run folder>-<file stem>)")
     threat = parser.add_argument_group("threat model")
-    threat.add_argument("--norm", choices=NORMS, default="Linf")
+    threat.add_argument("--norm", choices=NORMS, default=SPEC_DEFAULTS["norm"])
     threat.add_argument("--eps", type=_eps, help="radius in [0,1] pixel units, e.g. 4/255 (default: Linf 4/255, "
                                                  "L2 2, L1 75)")
     threat.add_argument("--resolution", type=_positive_int,
                         help="input side (default: the checkpoint's training size, or 224)")
     attack = parser.add_argument_group("AutoAttack")
-    attack.add_argument("--version", choices=VERSIONS, default="standard",
+    attack.add_argument("--version", choices=VERSIONS, default=SPEC_DEFAULTS["version"],
                         help="standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, APGD-T; custom: --attacks")
     attack.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, help="attacks of --version custom, in order")
-    attack.add_argument("--seed", type=int, default=0, help="AutoAttack seed")
+    attack.add_argument("--seed", type=int, default=SPEC_DEFAULTS["seed"], help="AutoAttack seed")
     attack.add_argument("--n-iter", type=_positive_int, help="APGD/FAB iterations instead of 100 (smoke tests only)")
     attack.add_argument("--n-queries", type=_positive_int, help="Square queries instead of 5000 (smoke tests only)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="val .beton or ImageNet-style val folder")
-    data.add_argument("--n-ex", type=_positive_int, default=5000, help="images of the fixed val subset")
-    data.add_argument("--subset", choices=SUBSETS, default="auto",
+    data.add_argument("--n-ex", type=_positive_int, default=SPEC_DEFAULTS["n_ex"],
+                      help="images of the fixed val subset")
+    data.add_argument("--subset", choices=SUBSETS, default=SPEC_DEFAULTS["subset"],
                       help="robustbench: RobustBench's 5000 ImageNet val files; seeded: a seeded sample of the val "
                            "set; auto: robustbench on ImageNet-1k, else seeded")
-    data.add_argument("--batch-size", type=_positive_int, default=100,
+    data.add_argument("--batch-size", type=_positive_int, default=SPEC_DEFAULTS["batch_size"],
                       help="images per batch (unit of resuming/sharding)")
-    data.add_argument("--num-workers", type=_positive_int, default=4)
+    data.add_argument("--num-workers", type=_positive_int, default=SPEC_DEFAULTS["num_workers"])
     data.add_argument("--shard", type=_shard, help="INDEX/COUNT: evaluate one of COUNT slices of the batches")
     run = parser.add_argument_group("run")
-    run.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    run.add_argument("--precision", choices=list(PRECISIONS), default=SPEC_DEFAULTS["precision"])
     run.add_argument("--device", type=_device, help="default: cuda if available, else cpu")
     run.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     run.add_argument("--output", type=Path,
@@ -151,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint is None and args.arch is None:
         parser.error("pass --checkpoint PATH (or --arch NAME for random weights)")
+    problem = _device_problem(args.device)
+    if problem:
+        parser.error(problem)
     setup_logging(0)
     if args.threads:
         torch.set_num_threads(args.threads)

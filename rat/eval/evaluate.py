@@ -37,9 +37,9 @@ from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, lo
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 
 __all__ = [
-    "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "check_output", "default_model_name",
-    "default_output", "evaluation_identity", "file_sha256", "resolve",
-    "run_evaluation", "state_path_for",
+    "SPEC_DEFAULTS", "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "check_output",
+    "default_model_name", "default_output", "evaluation_identity", "file_sha256", "resolve", "run_evaluation",
+    "state_path_for",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -110,6 +110,11 @@ class EvalSpec:
     n_queries: int | None = None
     output: Path | None = None
     name: str | None = None
+
+
+# The defaults of an evaluation, shared by ``python -m rat.eval`` and the runner's jobs file (one source of truth).
+SPEC_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EvalSpec)
+                                 if f.default is not dataclasses.MISSING}
 
 
 @dataclasses.dataclass
@@ -282,6 +287,7 @@ def evaluation_identity(spec: EvalSpec, source: _ModelSource, attacks: list[str]
         "precision": spec.precision, "seed": spec.seed,
         "shard": {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None,
         "n_iter": spec.n_iter, "n_queries": spec.n_queries, "data": str(Path(spec.data).resolve()),
+        "subset": spec.subset,  # the requested choice: in the fingerprint only (the result records the resolved one)
     }
     return json.loads(json.dumps(identity))  # as it reads back from JSON
 
