@@ -354,15 +354,16 @@ class AdversarialAugment:
         self._reset_epoch()
         return result
 
-    def top_sub_policies(self, k: int = 10, num_samples: int = 512, seed: int = 0) -> list[tuple[str, float]]:
-        """The ``k`` most frequent sub-policies among ``num_samples`` sampled policies, with their frequency."""
+    def top_sub_policies(self, k: int = 10, num_samples: int = 512, seed: int = 0) -> list[tuple[torch.Tensor, float]]:
+        """The ``k`` most frequent sub-policies (``(L, 2)`` tokens; :meth:`PolicySpace.describe` names them) among
+        ``num_samples`` sampled policies, with their share of all sampled sub-policies."""
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             flat = self.controller(num_samples, generator=generator)["tokens"]
         subs = flat.view(-1, self.space.ops_per_sub_policy, 2)
         unique, counts = torch.unique(subs, dim=0, return_counts=True)
         order = torch.argsort(counts, descending=True, stable=True)[:k]
-        return [(self.space.describe(unique[i]), float(counts[i]) / subs.shape[0]) for i in order.tolist()]
+        return [(unique[i], float(counts[i]) / subs.shape[0]) for i in order.tolist()]
 
     def uniform_entropy(self) -> float:
         """Entropy per choice of a uniform controller (the ceiling of ``aaa_entropy``)."""
