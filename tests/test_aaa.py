@@ -123,11 +123,11 @@ def test_expand_augments_every_image_under_its_policy(photo: np.ndarray) -> None
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
     # 4 policies x (6 images over 5 sub-policies, ~3.5 distinct each): identical inputs come out in many versions
     assert len({tuple(v.flatten()[::53].tolist()) for v in out}) >= 10
-    windowed = AdversarialAugment(PolicySpace(), num_policies=4, images_per_policy=2, seed=0)
+    windowed = AdversarialAugment(PolicySpace(), num_policies=4, batch_fraction=1 / 3, seed=0)
     out, labels = windowed.expand(x, y)
     assert out.shape[0] == 8 and labels.tolist() == [0, 1, 2, 3, 4, 5, 0, 1]  # policy m takes images 2m, 2m + 1
-    with pytest.raises(ValueError, match="exceeds the batch"):
-        AdversarialAugment(PolicySpace(), num_policies=2, images_per_policy=7).expand(x, y)
+    with pytest.raises(ValueError, match="batch_fraction"):
+        AdversarialAugment(PolicySpace(), batch_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def _search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int = 40) -> list[float]:
-    policy = AdversarialAugment(PolicySpace(), num_policies=8, lr=lr, images_per_policy=32, seed=1)
+    policy = AdversarialAugment(PolicySpace(), num_policies=8, lr=lr, batch_fraction=1 / 8, seed=1)
     rewards = []
     for step in range(steps):
         batch = slice(step * 32 % 1024, step * 32 % 1024 + 256)
@@ -220,7 +220,7 @@ def test_state_dict_resumes_exactly_mid_interval() -> None:
     (["--aaa.num_policies", "0"], "aaa.num_policies='0' is not an int"),
     (["--aaa.magnitudes", "3,11"], "aaa.magnitudes='3,11' is not comma-separated ints in [0, 10]"),
     (["--augment.heavy", "1"], "add --augment.mixup 0 --augment.cutmix 0"),
-    (["--aaa.images_per_policy", "65"], "exceeds training.batch_size=64"),
+    (["--aaa.batch_fraction", "0"], "aaa.batch_fraction='0' is not"),
 ])
 def test_bad_policy_config_is_one_clear_error(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
