@@ -133,8 +133,8 @@ def _declare_sections() -> None:
     Section("aaa", "Adversarial AutoAugment (augment.policy adversarial): a learned, loss-raising policy").params(
         num_policies=Param(_int(1), "M: policies sampled per step; the batch is augmented M times (M x the cost)",
                            default=8),
-        images_per_policy=Param(_int(0), "K: images per policy (0 = the whole batch, as in the paper; K < batch "
-                                "cuts the step to M*K images, the cost control)", default=0),
+        batch_fraction=Param(And(_float(0, 1), PositiveFloat()), "share of the batch each policy augments (1 = the "
+                             "whole batch, M*B images as in the paper; 1/M = RandAugment's cost)", default=1.0),
         ops=Param(str, "comma-separated op types of the search space (default: all 15)",
                   default="ShearX,ShearY,TranslateX,TranslateY,Rotate,AutoContrast,Invert,Equalize,Solarize,"
                           "Posterize,Contrast,Color,Brightness,Sharpness,Cutout"),
@@ -346,9 +346,6 @@ def _check_augment_policy(config: Config) -> None:
     if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0):
         raise ConfigError("augment.policy=adversarial needs each policy's own loss, which mixup/cutmix would mix "
                           "across policies: add --augment.mixup 0 --augment.cutmix 0")
-    if config["aaa.images_per_policy"] > config["training.batch_size"]:
-        raise ConfigError(f"aaa.images_per_policy={config['aaa.images_per_policy']} exceeds training.batch_size="
-                          f"{config['training.batch_size']}: use at most the batch (0 = the whole batch)")
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:

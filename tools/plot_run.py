@@ -1,4 +1,5 @@
-"""Draw a run's curves (loss, learning rate, clean and robust accuracy) from its metrics.jsonl to a PNG.
+"""Draw a run's curves (loss, learning rate, clean and robust accuracy) from its metrics.jsonl to a PNG; for an
+``--augment.policy adversarial`` run also the controller's op/magnitude probabilities over epochs (OUT_policy.png).
 
     python tools/plot_run.py RUN_DIR [--out RUN_DIR/curves.png]
 """
@@ -12,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from rat.logging import read_metrics  # noqa: E402
 
@@ -31,6 +33,37 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         if points:
             axes[2].plot(*zip(*points), marker="o", label=label)
     axes[2].set(title="val top-1 (%)", xlabel="epoch")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    if any("aaa_op_probs" in r for r in epochs):
+        plot_policy(epochs, out.with_name(out.stem + "_policy.png"))
+    return out
+
+
+def plot_policy(epochs: list[dict], out: Path) -> Path:
+    """Adversarial AutoAugment: the controller's op-type and magnitude probabilities over epochs (the paper's
+    picture), and its reward (mean ± std) and entropy."""
+    records = [r for r in epochs if "aaa_op_probs" in r]
+    x = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    colours = plt.get_cmap("tab20")
+    for i, op in enumerate(records[-1]["aaa_op_probs"]):
+        axes[0].plot(x, [r["aaa_op_probs"][op] for r in records], marker=".", color=colours(i % 20), label=op)
+    axes[0].set(title="controller: probability of each op type", xlabel="epoch")
+    axes[0].legend(fontsize=7, ncol=2)
+    for i, level in enumerate(records[-1]["aaa_magnitude_probs"]):
+        axes[1].plot(x, [r["aaa_magnitude_probs"][level] for r in records], marker=".", color=colours(i % 20),
+                     label=f"magnitude {level}")
+    axes[1].set(title="controller: probability of each magnitude", xlabel="epoch")
+    axes[1].legend(fontsize=7, ncol=2)
+    mean = np.array([r["aaa_reward_mean"] for r in records])
+    std = np.array([r["aaa_reward_std"] for r in records])
+    axes[2].plot(x, mean, marker="o", label="reward (policy loss)")
+    axes[2].fill_between(x, mean - std, mean + std, alpha=0.2)
+    axes[2].plot(x, [r["aaa_entropy"] for r in records], marker="s", label="entropy per choice (nats)")
+    axes[2].set(title="controller reward and entropy", xlabel="epoch")
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -3,8 +3,8 @@
 A *policy* is ``S`` sub-policies (5) of ``L`` operations (2); an operation is a type from :data:`AAA_OPS` and a
 magnitude from ``PolicySpace.magnitudes`` (10 levels). Every step an LSTM controller (:class:`PolicyController`)
 samples ``M`` policies (8); the batch is augmented once per policy, each image under one of its policy's sub-policies
-drawn at random, and the target network trains on all ``M·K`` images (``K`` = the batch, or a slice of it, see
-``images_per_policy``). The mean training loss of a policy's images is its reward; :class:`AdversarialAugment`
+drawn at random, and the target network trains on all ``M·K`` images (``K`` = the batch, or a share of it, see
+``batch_fraction``). The mean training loss of a policy's images is its reward; :class:`AdversarialAugment`
 updates the controller by REINFORCE with a moving-average baseline and an entropy bonus.
 
 The operations are AutoAugment's search space without SamplePairing (the paper has 16 ops; the unofficial
@@ -199,8 +199,10 @@ class AdversarialAugment:
         entropy_weight: weight of the entropy bonus.
         baseline_decay: decay of the moving-average baseline.
         update_every: steps between controller updates (the samples of those steps form one REINFORCE batch).
-        images_per_policy: K; 0 = the whole batch under every policy (the paper), else a window of K images per
-            policy (policy m takes images ``m·K .. m·K + K − 1`` modulo the batch), a cost control.
+        batch_fraction: share of the batch each policy augments: 1 = the whole batch under every policy (the paper,
+            M·B images); below 1, ``K = max(1, round(fraction · B))`` images per policy, policy m taking images
+            ``m·K .. m·K + K − 1`` modulo the batch (M·K images: the cost control; ``1/M`` costs what RandAugment
+            does).
         seed: seed of the controller's initialisation and sampling (the same on every rank).
         augment_generator: the CPU generator of the per-image draws (sub-policy choice, signs, Cutout centres;
             per rank, saved with the trainer's RNG state).
@@ -212,18 +214,18 @@ class AdversarialAugment:
 
     def __init__(self, space: PolicySpace, *, num_policies: int = 8, lr: float = 0.00035,
                  entropy_weight: float = 1e-5, baseline_decay: float = 0.95, update_every: int = 1,
-                 images_per_policy: int = 0, seed: int = 0, augment_generator: torch.Generator | None = None,
+                 batch_fraction: float = 1.0, seed: int = 0, augment_generator: torch.Generator | None = None,
                  random_erasing: BatchRandomErasing | None = None,
                  reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity, hidden_size: int = 100,
                  fill: Sequence[float] = (0.0, 0.0, 0.0), interpolation: str = "bicubic"):
         if num_policies < 1:
             raise ValueError(f"num_policies={num_policies}: sample at least one policy per step")
-        if update_every < 1 or images_per_policy < 0 or lr < 0 or entropy_weight < 0:
-            raise ValueError("update_every must be >= 1 and images_per_policy, lr, entropy_weight >= 0")
+        if update_every < 1 or not 0.0 < batch_fraction <= 1.0 or lr < 0 or entropy_weight < 0:
+            raise ValueError("update_every must be >= 1, batch_fraction in (0, 1], lr and entropy_weight >= 0")
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay={baseline_decay} must be in [0, 1)")
         self.space = space
-        self.num_policies, self.images_per_policy = num_policies, images_per_policy
+        self.num_policies, self.batch_fraction = num_policies, batch_fraction
         self.entropy_weight, self.baseline_decay, self.update_every = entropy_weight, baseline_decay, update_every
         self.reduce_mean = reduce_mean
         self.generator = torch.Generator().manual_seed(seed)
@@ -247,7 +249,7 @@ class AdversarialAugment:
         return (f"{type(self).__name__}(M={self.num_policies}, ops={len(self.space.ops)}, "
                 f"magnitudes={self.space.magnitudes}, lr={self.optimizer.param_groups[0]['lr']}, "
                 f"entropy_weight={self.entropy_weight}, update_every={self.update_every}, "
-                f"images_per_policy={self.images_per_policy or 'batch'})")
+                f"batch_fraction={self.batch_fraction})")
 
     def _reset_epoch(self) -> None:
         self._epoch = {"rewards": [], "entropy": [], "op_probs": [], "magnitude_probs": []}
@@ -263,11 +265,10 @@ class AdversarialAugment:
 
     def rows(self, batch_size: int) -> torch.Tensor:
         """``(M, K)`` indices of the images each policy augments."""
-        k = self.images_per_policy or batch_size
-        if k > batch_size:
-            raise ValueError(f"images_per_policy={k} exceeds the batch size {batch_size}")
-        return (torch.arange(self.num_policies)[:, None] * (k if self.images_per_policy else 0)
-                + torch.arange(k)[None]) % batch_size
+        if self.batch_fraction == 1.0:
+            return torch.arange(batch_size).repeat(self.num_policies, 1)
+        k = max(1, round(self.batch_fraction * batch_size))
+        return (torch.arange(self.num_policies)[:, None] * k + torch.arange(k)[None]) % batch_size
 
     def expand(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample this step's M policies and augment: ``(M·K images, M·K labels)``, policy-major."""
@@ -354,15 +355,16 @@ class AdversarialAugment:
         self._reset_epoch()
         return result
 
-    def top_sub_policies(self, k: int = 10, num_samples: int = 512, seed: int = 0) -> list[tuple[str, float]]:
-        """The ``k`` most frequent sub-policies among ``num_samples`` sampled policies, with their frequency."""
+    def top_sub_policies(self, k: int = 10, num_samples: int = 512, seed: int = 0) -> list[tuple[torch.Tensor, float]]:
+        """The ``k`` most frequent sub-policies (``(L, 2)`` tokens; :meth:`PolicySpace.describe` names them) among
+        ``num_samples`` sampled policies, with their share of all sampled sub-policies."""
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             flat = self.controller(num_samples, generator=generator)["tokens"]
         subs = flat.view(-1, self.space.ops_per_sub_policy, 2)
         unique, counts = torch.unique(subs, dim=0, return_counts=True)
         order = torch.argsort(counts, descending=True, stable=True)[:k]
-        return [(self.space.describe(unique[i]), float(counts[i]) / subs.shape[0]) for i in order.tolist()]
+        return [(unique[i], float(counts[i]) / subs.shape[0]) for i in order.tolist()]
 
     def uniform_entropy(self) -> float:
         """Entropy per choice of a uniform controller (the ceiling of ``aaa_entropy``)."""

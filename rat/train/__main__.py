@@ -261,7 +261,7 @@ def build_augmentation(num_classes: int, label_smoothing: float, seed: int, heav
 
 @section("aaa")
 @param("num_policies")
-@param("images_per_policy")
+@param("batch_fraction")
 @param("ops")
 @param("magnitudes")
 @param("sub_policies")
@@ -272,7 +272,7 @@ def build_augmentation(num_classes: int, label_smoothing: float, seed: int, heav
 @param("update_every")
 @param("hidden_size")
 def build_policy(generator: torch.Generator, erasing: BatchRandomErasing | None, seed: int, world_size: int,
-                 num_policies: int, images_per_policy: int, ops: str, magnitudes: str, sub_policies: int,
+                 num_policies: int, batch_fraction: float, ops: str, magnitudes: str, sub_policies: int,
                  ops_per_sub_policy: int, lr: float, entropy_weight: float, baseline_decay: float,
                  update_every: int, hidden_size: int) -> AdversarialAugment:
     """The Adversarial AutoAugment policy; ``seed`` (the run's, not the rank's) makes every rank's controller the
@@ -281,7 +281,7 @@ def build_policy(generator: torch.Generator, erasing: BatchRandomErasing | None,
                         tuple(int(v) for v in magnitudes.split(",")), sub_policies, ops_per_sub_policy)
     return AdversarialAugment(space, num_policies=num_policies, lr=lr, entropy_weight=entropy_weight,
                               baseline_decay=baseline_decay, update_every=update_every,
-                              images_per_policy=images_per_policy, seed=seed, augment_generator=generator,
+                              batch_fraction=batch_fraction, seed=seed, augment_generator=generator,
                               random_erasing=erasing, reduce_mean=lambda t: all_reduce_sum(t) / world_size,
                               hidden_size=hidden_size)
 
