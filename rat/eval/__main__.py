@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from rat.config import NORMS
+from rat.attacks import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
-from rat.eval.evaluate import PRECISIONS, EvalSpec, resolve, run_evaluation
+from rat.eval.evaluate import EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.logging import setup_logging
+from rat.precision import PRECISIONS
 
 _logger = logging.getLogger(__name__)
 

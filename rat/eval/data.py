@@ -15,11 +15,14 @@ and resizes it to ``r``: the same region of the image, resampled in one step.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rat.data import VAL_CROP_RATIO
 
 __all__ = [
     "SUBSET_RULE", "dataset_size", "eval_subset", "iter_eval_batches", "resize_size", "shard_batches",
@@ -29,12 +32,12 @@ _logger = logging.getLogger(__name__)
 
 SUBSET_SEED = 0
 SUBSET_RULE = "sorted(numpy.random.default_rng(0).permutation(N)[:n_ex])"
-CROP_PCT = 0.875
 
 
 def resize_size(resolution: int) -> int:
-    """The short side an image is resized to before the center crop: ``floor(resolution / 0.875)``."""
-    return (8 * resolution) // 7  # 0.875 = 7/8, in integers to keep floor() exact
+    """The short side an image is resized to before the center crop: ``floor(resolution / 0.875)``
+    (``rat.data.VAL_CROP_RATIO``, the crop of the beton val loader)."""
+    return math.floor(resolution / VAL_CROP_RATIO)  # 0.875 and 8r/7 are exact enough in binary: never off by one
 
 
 def eval_subset(dataset_size: int, n_ex: int) -> np.ndarray:

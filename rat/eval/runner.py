@@ -26,10 +26,10 @@ from typing import IO, Any
 
 import yaml
 
-from rat.config import DEFAULT_EPS, NORMS
+from rat.attacks import DEFAULT_EPS, NORMS
 from rat.eval.aggregate import choose_axis, plot_rows, result_row, write_csv, write_markdown
 from rat.eval.autoattack import resolve_attacks
-from rat.eval.evaluate import PRECISIONS, default_model_name, file_sha256
+from rat.eval.evaluate import default_model_name, file_sha256
 from rat.eval.results import (
     ResultError,
     eps_tag,
@@ -40,6 +40,7 @@ from rat.eval.results import (
     result_matches,
 )
 from rat.eval.state import atomic_write_json
+from rat.precision import PRECISIONS
 
 __all__ = ["Job", "JobsError", "Slots", "Task", "expand_jobs", "load_jobs_file", "main", "run_tasks", "task_command"]
 
