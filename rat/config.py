@@ -25,12 +25,9 @@ import yaml
 from fastargs import Config, Param, Section, set_current_config
 from fastargs.validation import And, Checker, InRange, OneOf
 
+from rat.attacks import DEFAULT_EPS, NORMS
 from rat.cli import ArgumentParser
-
-NORMS = ("Linf", "L2", "L1")
-# Default radii for ImageNet, in pixel units of [0,1] images. Croce & Hein's E-AT code used L1 eps=255 on ImageNet;
-# the paper's evaluation (and rat's default) is 75.
-DEFAULT_EPS = {"Linf": 4 / 255, "L2": 2.0, "L1": 75.0}
+from rat.precision import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -192,7 +189,7 @@ def _declare_sections() -> None:
         momentum=Param(_float(0, 1), "SGD momentum", default=0.9),
         nesterov=Param(Flag(), "1: Nesterov momentum for SGD", default=0),
         label_smoothing=Param(_float(0, 1), "label smoothing", default=0.0),
-        precision=Param(OneOf(["fp32", "bf16", "fp16"]), "autocast precision (GradScaler only for fp16)",
+        precision=Param(OneOf(list(PRECISIONS)), "autocast precision (GradScaler only for fp16)",
                         default="bf16"),
         grad_clip=Param(_float(0), "clip the gradient norm to this (0 = off)", default=0.0),
         seed=Param(_int(0), "random seed (each rank uses seed + rank)", default=0),

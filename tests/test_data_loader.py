@@ -13,16 +13,9 @@ from PIL import Image
 
 pytest.importorskip("ffcv")
 
-from rat.data import (  # noqa: E402
-    PipelineError,
-    build_train_loader,
-    build_val_loader,
-    check_pipeline,
-    shard_indices,
-    write_arrays_beton,
-    write_folder_beton,
-)
+from rat.data import build_train_loader, build_val_loader, write_arrays_beton, write_folder_beton  # noqa: E402
 from rat.data.demo import DEMO_CLASSES, load_demo_arrays  # noqa: E402
+from rat.data.ffcv import PipelineError, check_pipeline, shard_indices  # noqa: E402
 
 pytestmark = [pytest.mark.ffcv, pytest.mark.timeout(300)]
 

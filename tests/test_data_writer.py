@@ -18,9 +18,7 @@ pytest.importorskip("ffcv")
 
 from rat.data import (  # noqa: E402
     BetonWriteError,
-    classes_path,
     list_image_folder,
-    load_cifar,
     read_beton_info,
     read_beton_item,
     read_classes,
@@ -29,6 +27,7 @@ from rat.data import (  # noqa: E402
     write_folder_beton,
 )
 from rat.data.demo import DEMO_CLASSES, load_demo_arrays  # noqa: E402
+from rat.data.writer import classes_path, load_cifar  # noqa: E402
 
 pytestmark = [pytest.mark.ffcv, pytest.mark.timeout(300)]
 

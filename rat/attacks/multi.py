@@ -21,9 +21,6 @@ class MultiNormAttack(Attack):
 
     Args:
         attacks: the attacks to alternate (at least one).
-
-    Attributes:
-        last_attack: the attack used by the latest ``perturb`` call (for logging), ``None`` before the first.
     """
 
     name = "multi"
@@ -37,7 +34,6 @@ class MultiNormAttack(Attack):
                 raise TypeError(f"MultiNormAttack takes Attack objects, got {type(attack).__name__}")
         super().__init__(attacks[0].model)
         self.attacks = attacks
-        self.last_attack: Attack | None = None
         self._calls = 0
 
     @property
@@ -54,7 +50,6 @@ class MultiNormAttack(Attack):
         """Attack the batch with the next attack in the rotation."""
         attack = self.next_attack
         self._calls += 1
-        self.last_attack = attack
         return attack.perturb(x, y)
 
     def set_eps_scale(self, scale: float) -> None:

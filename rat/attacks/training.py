@@ -27,11 +27,6 @@ def eps_warmup_factor(epoch: float, warmup_epochs: float) -> float:
     return min(1.0, float(epoch) / float(warmup_epochs))
 
 
-def eps_at_epoch(eps: float, epoch: float, warmup_epochs: float) -> float:
-    """ε at a fractional epoch under the linear warm-up: ``eps · min(1, epoch / warmup_epochs)``."""
-    return eps * eps_warmup_factor(epoch, warmup_epochs)
-
-
 class AdversarialLoss(NamedTuple):
     """Result of :func:`adversarial_loss`.
 

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
+from rat.attacks import NORMS
 from rat.cli import EXIT_BAD_INPUT, EXIT_FAILED, ArgumentParser
-from rat.config import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
 from rat.eval.data import SUBSETS
-from rat.eval.evaluate import PRECISIONS, SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
+from rat.eval.evaluate import SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
 from rat.logging import setup_logging
+from rat.precision import PRECISIONS
 
 _logger = logging.getLogger(__name__)
 

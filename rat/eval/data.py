@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from rat.data import VAL_CROP_RATIO
 
 __all__ = [
     "SUBSETS", "SUBSET_RULE", "ROBUSTBENCH_RULE", "dataset_size", "eval_subset", "iter_eval_batches",
@@ -49,13 +52,13 @@ ROBUSTBENCH_RULE = "RobustBench's ImageNet list (robustbench/helper_files/imagen
 ROBUSTBENCH_IDS = Path(__file__).with_name("assets") / "robustbench_imagenet_test_image_ids.txt"
 IMAGENET_CLASSES = 1000
 _IMAGENET_VAL_NAME = re.compile(r"^n\d{8}/ILSVRC2012_val_\d{8}\.JPEG$")
-CROP_PCT = 0.875
 TRANSFORM = "Resize(floor(r / 0.875), bicubic, PIL) + CenterCrop(r), RobustBench's ImageNet preprocessing"
 
 
 def resize_size(resolution: int) -> int:
-    """The short side an image is resized to before the center crop: ``floor(resolution / 0.875)``."""
-    return (8 * resolution) // 7  # 0.875 = 7/8, in integers to keep floor() exact
+    """The short side an image is resized to before the center crop: ``floor(resolution / 0.875)``
+    (``rat.data.VAL_CROP_RATIO``, the crop of the beton val loader)."""
+    return math.floor(resolution / VAL_CROP_RATIO)  # 0.875 and 8r/7 are exact enough in binary: never off by one
 
 
 def eval_subset(dataset_size: int, n_ex: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rat.config import DEFAULT_EPS, NORMS
+from rat.attacks import DEFAULT_EPS, NORMS
 from rat.eval.autoattack import (
     AUTOATTACK_VERSION,
     attack_settings,
@@ -35,6 +35,8 @@ from rat.eval.autoattack import (
 from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
 from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
+from rat.models.checkpoint import CheckpointError
+from rat.precision import PRECISIONS
 
 __all__ = [
     "SPEC_DEFAULTS", "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "check_output",
@@ -44,12 +46,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_RESOLUTION = 224
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be evaluated as asked (no architecture, wrong architecture, no EMA weights...)."""
 
 
 @dataclasses.dataclass
@@ -248,7 +245,7 @@ def build_eval_model(arch: str, checkpoint: str | Path | dict[str, Any] | None, 
     try:
         model = create_model(arch, checkpoint=checkpoint, img_size=resolution, normalize=normalize, use_ema=use_ema,
                              **kwargs)
-    except RuntimeError as exc:
+    except (RuntimeError, CheckpointError) as exc:
         if checkpoint is None:
             raise
         where = "" if isinstance(checkpoint, dict) else f" {checkpoint}"

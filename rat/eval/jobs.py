@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rat.config import DEFAULT_EPS, NORMS
+from rat.attacks import DEFAULT_EPS, NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS, resolve_attacks
 from rat.eval.data import SUBSETS
 from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS, default_model_name

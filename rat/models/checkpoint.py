@@ -54,8 +54,10 @@ _WEIGHT_KEYS = ("model", "model_state_dict", "state_dict")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not match the model it is loaded into."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, does not match the model it is loaded into, or cannot be used as asked
+    (no architecture recorded, another architecture, no EMA weights). Bad input: the command-line tools report it in
+    one line and exit with status 2."""
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:

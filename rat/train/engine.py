@@ -5,7 +5,6 @@ leave an epoch at the same step, whether it ends, hits a non-finite loss or rece
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,16 +15,8 @@ from tqdm import tqdm
 
 from rat.attacks import Attack, adversarial_loss
 from rat.data.policy import AdversarialAugment
+from rat.precision import autocast
 from rat.train.distributed import all_reduce_sum
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``bf16``/``fp16``; a null context for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[precision])
 
 
 @dataclass
