@@ -545,3 +545,16 @@ def test_robustbench_subset_on_imagenet_and_seeded_elsewhere(tmp_path: Path, dem
     assert result["subset"]["name"] == "robustbench" and result["subset"]["list_sha256"] == info["list_sha256"]
     assert sorted(names[i] for i in result["per_example"]["indices"]) == sorted(ids[:8])
     assert result["preprocessing"]["original_pixels"]
+
+
+def test_jobs_file_normalize_reaches_rat_eval(tmp_path: Path):
+    """A jobs-file entry's normalize (for checkpoints that do not say) becomes rat.eval's --normalize, which parses."""
+    from rat.eval.__main__ import build_parser, spec_from_args
+    from rat.eval.runner import Task, expand_jobs, task_command
+
+    entries = [{"checkpoint": "released/vit_s.pt", "arch": VIT, "data": "val.beton", "normalize": 1},
+               {"checkpoint": "runs/a/checkpoints/last.pt", "data": "val.beton"}]
+    with_flag, without = expand_jobs(entries, tmp_path)
+    cmd = task_command(Task(with_flag), "cpu")
+    assert cmd[cmd.index("--normalize") + 1] == "1" and "--normalize" not in task_command(Task(without), "cpu")
+    assert spec_from_args(build_parser().parse_args(cmd[3:])).normalize is True
