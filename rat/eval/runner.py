@@ -299,6 +299,8 @@ def result_differences(result: dict[str, Any], job: Job, shard: int | None = Non
             differs.append(key)
     if job.arch is not None and result.get("arch") != job.arch:
         differs.append("arch")
+    if job.normalize is not None and result.get("normalize") != job.normalize:
+        differs.append("normalize")
     settings = result.get("attack_settings", {})
     if settings.get("apgd", {}).get("n_iter") != (job.n_iter or 100):
         differs.append("n_iter")
