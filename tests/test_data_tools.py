@@ -62,7 +62,9 @@ def test_write_ffcv_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     status = tool.main([*base, "--cfg.split=val", f"--cfg.write_path={out / 'val.beton'}",
                         f"--cfg.classes_from={out / 'train.beton'}", "--cfg.strict=1"])
     assert status == 0
-    assert read_beton_info(out / "val.beton")["options"]["max_resolution"] == 512
+    val_options = read_beton_info(out / "val.beton")["options"]
+    assert val_options["max_resolution"] is None and val_options["write_mode"] == "raw"  # original pixels
+    assert read_beton_info(out / "val.beton")["files"] == ["n01/0.JPEG", "n01/1.JPEG", "n02/0.JPEG", "n02/1.JPEG"]
     assert [read_beton_item(out / "val.beton", i)[1] for i in range(4)] == [0, 0, 1, 1]
 
     assert tool.main([*base, "--cfg.split=train", f"--cfg.write_path={out / 'strict.beton'}",
@@ -74,6 +76,20 @@ def test_write_ffcv_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--cfg.write_path: required" in err and "--cfg.jpeg_quality: must be" in err
+
+
+def test_write_ffcv_yaml_is_strict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An unknown key in a -C file is refused with the key and the closest declared one (fastargs would drop it)."""
+    tool = _load_tool("write_ffcv")
+    config = tmp_path / "write.yaml"
+    config.write_text("cfg:\n  data_dir: /nowhere\n  write_path: /nowhere/x.beton\n  max_resolutoin: 128\n")
+    with pytest.raises(SystemExit) as exc:
+        tool.make_config(["-C", str(config)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'cfg.max_resolutoin'" in err and "did you mean 'cfg.max_resolution'?" in err
+    config.write_text("cfg:\n  data_dir: /nowhere\n  write_path: /nowhere/x.beton\n  max_resolution: 128\n")
+    assert tool.make_config(["-C", str(config)])["cfg.max_resolution"] == 128
 
 
 @pytest.mark.slow

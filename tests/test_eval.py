@@ -426,3 +426,135 @@ def test_export_robustbench(tmp_path: Path, demo_betons, convnext_ckpt: Path):
     out.write_text(json.dumps(result))
     unknown = subprocess.run([*tool, "--allow-nonstandard"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "--normalize 1" in unknown.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paper fidelity: a beton gives RobustBench's preprocessing; RobustBench's ImageNet subset.
+
+FIDELITY_RESOLUTIONS = (224, 256, 288, 320)
+
+
+def _photo_folder(root: Path) -> Path:
+    """sklearn's two colour photographs (427x640) and crops of other shapes (portrait, odd sizes), as JPEG files in an
+    ImageNet-style folder (two classes)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    crops = [(slice(None), slice(None)), (slice(0, 427), slice(101, 384)), (slice(13, 372), slice(0, 517))]
+    for c, photo in enumerate(photos):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i, (rows, cols) in enumerate(crops):
+            image = Image.fromarray(np.ascontiguousarray(photo[rows, cols]))
+            image.save(root / f"class_{c}" / f"photo_{i}.JPEG", quality=90)
+    return root
+
+
+def _pixel_gaps(a: Path, b: Path, resolution: int, n: int) -> tuple[float, float]:
+    """(mean, max) |Δ| in 1/255 units between the evaluation tensors of two sources holding the same n images."""
+    cpu = torch.device("cpu")
+    indices = np.arange(n)
+    (xa, ya), = iter_eval_batches(a, indices, [n], resolution=resolution, device=cpu, num_workers=0)
+    (xb, yb), = iter_eval_batches(b, indices, [n], resolution=resolution, device=cpu, num_workers=0)
+    assert xa.shape == xb.shape == (n, 3, resolution, resolution) and torch.equal(ya, yb)
+    gap = (xa - xb).abs() * 255
+    return gap.mean().item(), gap.max().item()
+
+
+@pytest.mark.ffcv
+def test_beton_gives_robustbench_preprocessing(tmp_path: Path):
+    """A val beton as tools/write_ffcv.py writes it (raw, full size) gives exactly the tensors of the image folder
+    (torchvision ImageFolder + Resize(floor(r/0.875), bicubic) + CenterCrop(r)) at 224-320 px; the issue's bound is
+    mean |Δ| <= 0.5/255 and max |Δ| <= 2/255. A beton that re-encodes the photos as JPEG stays close on average."""
+    from rat.data import write_folder_beton
+    from rat.eval.data import preprocessing_info
+
+    folder = _photo_folder(tmp_path / "val")
+    raw = write_folder_beton(folder, tmp_path / "raw.beton", max_resolution=None, write_mode="raw", num_workers=1,
+                             progress=False).path
+    jpg = write_folder_beton(folder, tmp_path / "jpg.beton", max_resolution=None, write_mode="jpg", num_workers=1,
+                             progress=False).path
+    assert preprocessing_info(raw)["original_pixels"] and not preprocessing_info(jpg)["original_pixels"]
+    for resolution in FIDELITY_RESOLUTIONS:
+        mean, worst = _pixel_gaps(folder, raw, resolution, n=6)
+        print(f"r={resolution}: raw beton vs folder mean {mean:.4f}/255 max {worst:.1f}/255")
+        assert mean <= 0.5 and worst <= 2.0
+        mean, worst = _pixel_gaps(folder, jpg, resolution, n=6)
+        print(f"r={resolution}: JPEG q90 beton vs folder mean {mean:.4f}/255 max {worst:.1f}/255")
+        assert mean <= 2.0
+
+
+def _fake_imagenet_val(root: Path, extra: int) -> list[str]:
+    """An ImageNet-1k-style val folder: 1000 classes of one tiny image each (those of the 997 classes that RobustBench's
+    list samples are taken from the list, 3 more are made up), plus the first ``extra`` files of the list; returns
+    the list."""
+    from PIL import Image
+
+    from rat.eval.data import robustbench_image_ids
+
+    ids = list(robustbench_image_ids())
+    chosen = {name.split("/")[0]: name for name in reversed(ids)}  # one file per class (its first in the list)
+    names = set(chosen.values()) | set(ids[:extra])
+    names |= {f"n0000000{i}/ILSVRC2012_val_0000000{i}.JPEG" for i in range(1000 - len(chosen))}
+    for i, name in enumerate(sorted(names)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), (i % 256, (7 * i) % 256, 99)).save(root / name)
+    return ids
+
+
+@pytest.mark.ffcv
+def test_robustbench_subset_on_imagenet_and_seeded_elsewhere(tmp_path: Path, demo_betons):
+    """On ImageNet-1k (1000 classes, ILSVRC2012 val names) the default subset is RobustBench's list, first n_ex, found
+    by file name in a folder and in a beton alike, and recorded in the result; other data keep the seeded subset."""
+    from rat.data import write_folder_beton
+    from rat.eval.data import ROBUSTBENCH_IDS, select_subset
+
+    assert hashlib.sha256(ROBUSTBENCH_IDS.read_bytes()).hexdigest() == (
+        "d4121626d07722a0126c35b1563042e46a546f1a05ce705f2cdc635896d58574")  # robustbench 1.1.1's file, unchanged
+    folder = tmp_path / "imagenet_val"
+    ids = _fake_imagenet_val(folder, extra=8)
+    assert len(ids) == 5000 and len(set(ids)) == 5000
+    names = sorted(str(p.relative_to(folder)) for p in folder.glob("*/*.JPEG"))  # ImageFolder order
+    indices, info = select_subset(folder, 8)
+    assert info["name"] == "robustbench" and info["dataset_size"] == len(names) and 1000 <= len(names) <= 1008
+    assert sorted(names[i] for i in indices) == sorted(ids[:8]) and list(indices) == sorted(indices)
+    beton = write_folder_beton(folder, tmp_path / "imagenet_val.beton", max_resolution=None, write_mode="raw",
+                               num_workers=1, progress=False).path
+    beton_indices, beton_info = select_subset(beton, 8)
+    np.testing.assert_array_equal(beton_indices, indices)
+    assert beton_info == info
+    seeded, seeded_info = select_subset(folder, 8, "seeded")
+    assert seeded_info["name"] == "seeded" and not np.array_equal(seeded, indices)
+    with pytest.raises(ValueError, match="RobustBench's ImageNet images are not in"):
+        select_subset(folder, 5000)  # most listed files are missing
+    # A 1000-class beton that does not record its file names cannot be matched: refused, not silently seeded.
+    classes_file = Path(str(beton) + ".classes.json")
+    record = json.loads(classes_file.read_text())
+    del record["files"]
+    classes_file.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="does not record its file names.*--subset seeded"):
+        select_subset(beton, 8)
+    # Demo data (10 classes): the seeded subset, as before.
+    demo_indices, demo_info = select_subset(demo_betons[1], 16)
+    assert demo_info["name"] == "seeded"
+    np.testing.assert_array_equal(demo_indices, eval_subset(300, 16))
+    # The result records the subset.
+    result = run_evaluation(EvalSpec(data=folder, arch=CONVNEXT, model_kwargs={"num_classes": 1000}, resolution=32,
+                                     n_ex=8, batch_size=8, version="custom", attacks=["apgd-ce"], n_iter=1,
+                                     num_workers=0, device="cpu", output=tmp_path / "rb.json"))
+    assert result["subset"]["name"] == "robustbench" and result["subset"]["list_sha256"] == info["list_sha256"]
+    assert sorted(names[i] for i in result["per_example"]["indices"]) == sorted(ids[:8])
+    assert result["preprocessing"]["original_pixels"]
+
+
+def test_jobs_file_normalize_reaches_rat_eval(tmp_path: Path):
+    """A jobs-file entry's normalize (for checkpoints that do not say) becomes rat.eval's --normalize, which parses."""
+    from rat.eval.__main__ import build_parser, spec_from_args
+    from rat.eval.runner import Task, expand_jobs, task_command
+
+    entries = [{"checkpoint": "released/vit_s.pt", "arch": VIT, "data": "val.beton", "normalize": 1},
+               {"checkpoint": "runs/a/checkpoints/last.pt", "data": "val.beton"}]
+    with_flag, without = expand_jobs(entries, tmp_path)
+    cmd = task_command(Task(with_flag), "cpu")
+    assert cmd[cmd.index("--normalize") + 1] == "1" and "--normalize" not in task_command(Task(without), "cpu")
+    assert spec_from_args(build_parser().parse_args(cmd[3:])).normalize is True

@@ -63,3 +63,35 @@ def test_run_train_sh_two_processes(tmp_path, demo_betons):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epoch = [r for r in records if r["kind"] == "epoch"][-1]
     assert epoch["n"] == 300 and epoch["robust_n"] == 20  # val shards reduced across ranks exactly
+
+
+def test_vit_progressive_resizing_and_validation_at_another_resolution(tmp_path, demo_betons):
+    """A ViT trains through progressive resizing (32, 48, 64 px) and validates at 48 px every epoch, under run_train.sh
+    with 2 processes. The position embedding (kept at the final 64 px grid) is resampled on the fly with the same
+    timm call as set_input_size, so the checkpoint evaluated at 48 px computes exactly what the training-time
+    validation computed."""
+    from rat.models import create_model, create_model_from_checkpoint
+
+    env = _env()
+    env["NPROC"] = "2"
+    env["PYTHON"] = sys.executable
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
+         "--logging.folder", str(run), "--model.arch", "vit_micro_patch16_cvst", "--resolution.min_res", "32",
+         "--resolution.max_res", "64", "--resolution.end_ramp", "2", "--training.epochs", "3",
+         "--training.limit_batches", "2", "--training.batch_size", "16", "--validation.resolution", "48",
+         "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["resolution"] for r in epochs] == [32, 48, 64] and epochs[-1]["n"] == 300  # validated at 48 px
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["model_kwargs"]["dynamic_img_size"] and state["model_kwargs"]["img_size"] == 64
+    x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    on_the_fly = create_model_from_checkpoint(run / "checkpoints" / "last.pt").eval()  # 64 px grid, dynamic
+    kwargs = {k: v for k, v in state["model_kwargs"].items() if k not in ("dynamic_img_size", "img_size")}
+    resampled = create_model("vit_micro_patch16_cvst", checkpoint=state, img_size=48, **kwargs).eval()  # rat.eval's
+    with torch.no_grad():
+        torch.testing.assert_close(on_the_fly(x), resampled(x), rtol=0, atol=1e-6)

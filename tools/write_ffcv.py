@@ -13,8 +13,10 @@ Flags follow ffcv-imagenet's ``write_imagenet.py`` (``--cfg.*``). Examples::
         --cfg.write_path=/data/cifar10_train.beton
 
 Recommended (the defaults): train sets at longest side 256 with half the images JPEG q90 and half raw
-(``max_resolution=-1`` picks 256 for train), which decodes ~4x faster than full-size JPEGs; val sets at 512 (picked
-for ``--cfg.split=val``) so evaluation at 224-384 px never upsamples. CIFAR is stored raw at 32 px. At the end the
+(``max_resolution=-1`` picks 256 for train), which decodes ~4x faster than full-size JPEGs. Val sets
+(``--cfg.split=val``) keep the original pixels: raw, full size, so that ``rat.eval`` applies RobustBench's
+preprocessing (bicubic resize + center crop) to exactly the images a folder would give (docs/eval.md; ImageNet val
+takes ~25 GB this way). CIFAR is stored raw at 32 px. At the end the
 tool prints one JSON line: samples, classes, the converted files, and every unreadable file by name.
 Exit status: 0 written, 1 written with unreadable files left out, 2 bad arguments or failed write.
 """
@@ -34,7 +36,7 @@ from fastargs.validation import And, InRange, OneOf
 
 _logger = logging.getLogger("rat.tools.write_ffcv")
 
-AUTO_MAX_RESOLUTION = {"train": 256, "val": 512, "": 256}
+AUTO_MAX_RESOLUTION = {"train": 256, "val": None, "": 256}  # val: full size (original pixels)
 
 def declare(config: Config) -> None:
     """Declare the ``cfg`` Section on ``config``."""
@@ -51,9 +53,9 @@ def declare(config: Config) -> None:
         classes_from=Param(str, "a beton whose classes file fixes the label order (write val with the train classes)",
                            default=""),
         write_mode=Param(OneOf(["auto", "raw", "jpg", "smart", "proportion"]), "ffcv RGBImageField write mode; auto = "
-                         "proportion for folders, raw for CIFAR", default="auto"),
+                         "raw for val splits and CIFAR, proportion for other folders", default="auto"),
         max_resolution=Param(And(int, InRange(min=-1, max=65535)), "longest side after resizing; -1 = auto (256 train, "
-                             "512 val, CIFAR unchanged), 0 = keep full size", default=-1),
+                             "full size for val, CIFAR unchanged), 0 = keep full size", default=-1),
         jpeg_quality=Param(And(int, InRange(min=1, max=100)), "JPEG quality of compressed images", default=90),
         compress_probability=Param(And(float, InRange(min=0.0, max=1.0)), "share stored as JPEG with write_mode "
                                    "proportion (the rest raw)", default=0.5),
@@ -121,7 +123,7 @@ def write(dataset: str, data_dir: str, split: str, write_path: str, classes_from
 
     is_cifar = dataset.startswith("cifar")
     if write_mode == "auto":
-        write_mode = "raw" if is_cifar else "proportion"
+        write_mode = "raw" if is_cifar or split == "val" else "proportion"
     if max_resolution == -1:
         resolution = None if is_cifar else AUTO_MAX_RESOLUTION[split]
     else:

@@ -143,6 +143,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _requested_normalize(spec: EvalSpec) -> bool | None:
+    """The normalization asked for: ``spec.normalize``, else a ``normalize`` in ``spec.model_kwargs``, else None."""
+    if spec.normalize is not None:
+        return spec.normalize
+    value = spec.model_kwargs.get("normalize")
+    return None if value is None else bool(value)
+
+
 def _resolve_source(spec: EvalSpec) -> _ModelSource:
     """Architecture, model kwargs and input normalization from the checkpoint (and the spec), with clear errors."""
     from rat.models import CheckpointError as UnreadableCheckpoint
@@ -155,7 +163,7 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
         if spec.arch is None:
             raise CheckpointError("nothing to evaluate: pass --checkpoint PATH, or --arch NAME for random weights")
         kwargs = dict(spec.model_kwargs)
-        kwargs["normalize"], why = resolve_normalization(spec.arch, None, spec.normalize)
+        kwargs["normalize"], why = resolve_normalization(spec.arch, None, _requested_normalize(spec))
         return _ModelSource(spec.arch, kwargs, None, None, why)
     path = Path(spec.checkpoint)
     if not path.is_file():
@@ -182,7 +190,7 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
     kwargs.update(spec.model_kwargs)
     kwargs.pop("normalize", None)
     try:
-        kwargs["normalize"], why = resolve_normalization(arch, ckpt, spec.normalize, source=str(path),
+        kwargs["normalize"], why = resolve_normalization(arch, ckpt, _requested_normalize(spec), source=str(path),
                                                          use_ema=spec.use_ema)
     except UnreadableCheckpoint as exc:  # bad input: the message names --normalize
         raise CheckpointError(str(exc)) from exc
