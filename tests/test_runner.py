@@ -17,8 +17,8 @@ import yaml
 from test_eval_support import tiny_checkpoint
 
 from rat.eval.__main__ import build_parser
-from rat.eval.results import RESULT_FORMAT, load_result
 from rat.eval.jobs import JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
+from rat.eval.results import RESULT_FORMAT, load_result
 from rat.eval.runner import main
 from rat.eval.scheduler import Slots, is_finished, result_differences
 

@@ -21,6 +21,7 @@ import torch
 from rat.cli import EXIT_BAD_INPUT, EXIT_FAILED, ArgumentParser
 from rat.config import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
+from rat.eval.data import dataset_size, eval_subset
 from rat.eval.evaluate import PRECISIONS, SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
@@ -159,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         resolved = resolve(spec_from_args(args))
+        eval_subset(dataset_size(resolved.spec.data), resolved.spec.n_ex)  # the data is readable and large enough
         output = Path(resolved.spec.output)
         check_writable(output.parent, "output folder")
     except (ValueError, FileNotFoundError, UnreadableCheckpoint, OutputError) as exc:
