@@ -650,7 +650,7 @@ def test_run_train_sh_refuses_a_bad_config_before_torchrun(tmp_path):
                            str(tmp_path / "run")], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
     lines = _error_lines(proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("rat.train: error: invalid configuration: training.epochs=0")
+    assert len(lines) == 1 and lines[0].startswith("rat.train: error: invalid configuration: training.epochs='0'")
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
 
 
