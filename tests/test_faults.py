@@ -361,6 +361,8 @@ RUNNER_FILE_CASES = [
     ("not-yaml", "jobs: [unclosed\n", r"cannot read jobs file"),
     ("no-data", "output_dir: OUT\njobs: [{checkpoint: a.pt}]\n", r"needs data"),
     ("binary-file", None, r"cannot read jobs file"),
+    ("output-dir-is-a-file", "output_dir: OUT/jobs.yaml\njobs: [{checkpoint: a.pt, data: v}]\n",
+     r"output_dir .*jobs\.yaml is not writable"),
 ]
 
 
@@ -377,7 +379,7 @@ def test_runner_bad_jobs_file_is_one_line(case, capsys, tmp_path):
     elif content is None:
         path.write_bytes(bytes(range(256)))
     else:
-        path.write_text(content.replace("OUT", str(out)))
+        path.write_text(content.replace("OUT/jobs.yaml", str(path)).replace("OUT", str(out)))
     before = _snapshot(tmp_path)
     code, stderr = _call(main, ["--jobs", str(path), "--cpu"], capsys)
     _assert_one_clear_line(code, stderr, expected, before, _snapshot(tmp_path))
