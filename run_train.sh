@@ -12,6 +12,11 @@
 #   RDZV_ENDPOINT (host:port), RDZV_ID       c10d rendezvous instead (elastic; NODE_RANK not needed)
 #   PYTHON        interpreter (default: python)
 # Ranks reach rat through torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); the backend is nccl on GPU, gloo on CPU.
+#
+# The configuration is checked first (`python -m rat.train --validate-only`), so a bad setting is one line and exit
+# status 2 before torchrun starts. SIGTERM/SIGINT to this script go to the training processes themselves: they save a
+# checkpoint and end with "checkpoint saved ...; resume with --training.resume auto", and torchrun exits cleanly.
+# Exit status: 0 done, 1 the run failed, 2 bad input (see docs/errors.md).
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
@@ -20,6 +25,7 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 if (( $# == 0 )); then
   set -- --config-file "$(dirname "$0")/configs/demo.yaml"
 fi
+"$PYTHON" -m rat.train --validate-only "$@" || exit $?
 NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 NNODES="${NNODES:-1}"
 
@@ -33,4 +39,16 @@ elif (( NNODES > 1 )); then
 else
   launch+=(--standalone)
 fi
-exec "$PYTHON" -m torch.distributed.run "${launch[@]}" -m rat.train "$@"
+
+# torchrun answers a signal with a SignalException traceback; the workers answer SIGTERM by saving a checkpoint. So the
+# signal goes to the workers (torchrun's children) and torchrun sees them finish normally.
+"$PYTHON" -m torch.distributed.run "${launch[@]}" -m rat.train "$@" &
+torchrun_pid=$!
+forward() { interrupted=1; pkill -TERM -P "$torchrun_pid" || true; }
+trap forward TERM INT
+while :; do
+  interrupted=0
+  wait "$torchrun_pid" && status=0 || status=$?
+  (( interrupted )) || break  # a trapped signal interrupts `wait`: wait again for torchrun's own exit status
+done
+exit "$status"

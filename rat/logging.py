@@ -53,6 +53,27 @@ class MetricsWriter:
             handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines metrics file back."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+class MetricsError(ValueError):
+    """A metrics file that cannot be read back (a damaged line other than a torn last one)."""
+
+
+def read_metrics(path: str | Path, torn: list[str] | None = None) -> list[dict[str, Any]]:
+    """Read a JSON-lines metrics file back. A last line cut short by a kill is skipped (and appended to ``torn``,
+    when given); any other unreadable line raises :class:`MetricsError` naming it."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if not any(rest.strip() for rest in lines[number:]):  # the last line: a write cut short
+                if torn is not None:
+                    torn.append(line)
+                continue
+            raise MetricsError(f"{path} line {number} is not JSON ({exc.msg}): the file is damaged") from exc
+        if not isinstance(record, dict):
+            raise MetricsError(f"{path} line {number} is not a metrics record")
+        records.append(record)
+    return records

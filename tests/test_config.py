@@ -41,6 +41,13 @@ def test_unknown_yaml_key_is_rejected_with_its_name(tmp_path):
         make_config(["-C", _yaml(tmp_path, {"nosuchsection": {"x": 1}})])
 
 
+def test_binary_config_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"config file .*model\.pt is not a text file"):
+        make_config(["-C", str(path)])
+
+
 def test_unknown_flag_is_rejected():
     with pytest.raises(SystemExit) as excinfo:
         make_config(["--training.epoch", "3"])
@@ -53,7 +60,8 @@ def test_unknown_flag_is_rejected():
     (["--ema.enabled", "true"], "ema.enabled='true' is not 0 or 1"),
     (["--adv.attack", "cw"], "adv.attack='cw'"),
     (["--adv.norm", "Linf,L3"], "adv.norm='Linf,L3'"),
-    (["--adv.eps", "-1"], "adv.eps"),
+    (["--adv.eps", "-1"], "adv.eps='-1' is not comma-separated numbers > 0"),
+    (["--adv.n_iter", "0"], "adv.n_iter='0' is not comma-separated ints >= 1"),
     (["--training.precision", "fp8"], "training.precision"),
     (["--adv.norm", "Linf,L1", "--adv.n_iter", "1,2,3"], "adv.n_iter has 3 values for 2 norms"),
     (["--resolution.min_res", "256", "--resolution.max_res", "224"], "min_res must not exceed"),

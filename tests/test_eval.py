@@ -550,7 +550,7 @@ def test_robustbench_subset_on_imagenet_and_seeded_elsewhere(tmp_path: Path, dem
 def test_jobs_file_normalize_reaches_rat_eval(tmp_path: Path):
     """A jobs-file entry's normalize (for checkpoints that do not say) becomes rat.eval's --normalize, which parses."""
     from rat.eval.__main__ import build_parser, spec_from_args
-    from rat.eval.runner import Task, expand_jobs, task_command
+    from rat.eval.jobs import Task, expand_jobs, task_command
 
     entries = [{"checkpoint": "released/vit_s.pt", "arch": VIT, "data": "val.beton", "normalize": 1},
                {"checkpoint": "runs/a/checkpoints/last.pt", "data": "val.beton"}]

@@ -191,3 +191,18 @@ def test_finished_task_detection(tmp_path: Path):
     ckpt.write_bytes(b"weights v2, retrained")  # a retrained checkpoint is evaluated again
     assert not is_finished(task)
     assert result_differences(result, job) == ["checkpoint (file changed since)"]
+
+
+def test_jobs_file_and_eval_cli_share_their_defaults():
+    """One spec: a jobs entry without settings evaluates exactly what `python -m rat.eval` does without flags."""
+    job = expand_jobs([{"checkpoint": "a.pt", "data": "v"}], "out")[0]
+    args = build_parser().parse_args(["--data", "v", "--checkpoint", "a.pt"])
+    for key in ("norm", "version", "n_ex", "batch_size", "precision", "num_workers", "seed", "n_iter", "n_queries",
+                "use_ema"):
+        assert getattr(job, key) == getattr(args, key), key
+
+
+def test_use_ema_must_be_a_real_boolean():
+    assert expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": False}], "out")[0].use_ema is False
+    with pytest.raises(JobsError, match="use_ema: 'false' must be true or false"):
+        expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": "false"}], "out")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rat.train.checkpoint import find_resume_checkpoint, rng_state, save_atomic, set_rng_state
+from rat.train.checkpoint import config_changes, load_resume_checkpoint, rng_state, save_atomic, set_rng_state
 from rat.train.optim import build_optimizer, lr_at, param_groups, resolution_at
 
 SPE = 10  # steps per epoch
@@ -88,13 +88,22 @@ def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_resume_resolution(tmp_path):
-    assert find_resume_checkpoint("", tmp_path) is None
-    assert find_resume_checkpoint("auto", tmp_path) is None
+    assert load_resume_checkpoint("", tmp_path) is None
+    assert load_resume_checkpoint("auto", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    save_atomic({}, tmp_path / "checkpoints" / "last.pt")
-    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "checkpoints" / "last.pt"
+    save_atomic({"epoch": 3}, tmp_path / "checkpoints" / "last.pt")
+    assert load_resume_checkpoint("auto", tmp_path) == (tmp_path / "checkpoints" / "last.pt", {"epoch": 3})
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        find_resume_checkpoint(str(tmp_path / "missing.pt"), tmp_path)
+        load_resume_checkpoint(str(tmp_path / "missing.pt"), tmp_path)
+
+
+def test_resume_refuses_settings_that_cannot_change():
+    recorded = {"training": {"epochs": 10, "optimizer": "adamw"}, "lr": {"lr": 1e-3}, "logging": {"folder": "a"}}
+    current = {"training": {"epochs": 20, "optimizer": "sgd"}, "lr": {"lr": 5e-4}, "logging": {"folder": "b"},
+               "augment": {"new_key": 1}}  # a key the checkpoint's rat version did not have is not compared
+    refused, allowed = config_changes(recorded, current)
+    assert refused == ["training.optimizer: 'adamw' -> 'sgd'"]
+    assert allowed == ["training.epochs: 10 -> 20", "lr.lr: 0.001 -> 0.0005", "logging.folder: 'a' -> 'b'"]
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

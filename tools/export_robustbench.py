@@ -25,7 +25,6 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -34,7 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rat.cli import EXIT_BAD_INPUT, ArgumentParser
 from rat.eval.results import ResultError, format_eps, load_result
+from rat.io import atomic_write
 from rat.logging import setup_logging
 
 _logger = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ def robustbench_entry(result: dict[str, Any], *, link: str | None = None, name: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the entry to ``<out-dir>/<dataset>/<norm>/<model-name>.json`` (or stdout); 0 on success, 2 on error."""
-    parser = argparse.ArgumentParser(
-        description="Write an evaluated model's entry in RobustBench's model-info JSON format.")
+    parser = ArgumentParser(prog="export_robustbench.py",
+                            description="Write an evaluated model's entry in RobustBench's model-info JSON format.")
     parser.add_argument("result", type=Path, help="rat.eval result JSON")
     parser.add_argument("--model-name", required=True, help="RobustBench id, <Author><Year><FirstWord>_<Arch>")
     parser.add_argument("--link")
@@ -140,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(0)
     if not _MODEL_NAME.match(args.model_name):
         _logger.error("--model-name %r: use letters, digits and _.+- only (it is a file name)", args.model_name)
-        return 2
+        return EXIT_BAD_INPUT
+    if args.reported is not None and not 0 <= args.reported <= 100:
+        _logger.error("--reported %g: a robust accuracy in %%, between 0 and 100", args.reported)
+        return EXIT_BAD_INPUT
     try:
         result = load_result(args.result)
         entry = robustbench_entry(result, link=args.link, name=args.paper_name, authors=args.authors,
@@ -150,14 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   normalize=None if args.normalize is None else bool(args.normalize))
     except (ResultError, ExportError) as exc:
         _logger.error("%s", exc)
-        return 2
+        return EXIT_BAD_INPUT
     text = json.dumps(entry, indent=2) + "\n"
     if args.out_dir is None:
         sys.stdout.write(text)
         return 0
     path = args.out_dir / args.dataset / result["norm"] / f"{args.model_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    try:
+        atomic_write(path, lambda handle: handle.write(text), mode="w")
+    except OSError as exc:
+        _logger.error("cannot write %s (%s): choose another --out-dir", path, exc.strerror or exc)
+        return EXIT_BAD_INPUT
     _logger.info("wrote %s", path)
     return 0
 

@@ -2,6 +2,8 @@
 ``--augment.policy adversarial`` run also the controller's op/magnitude probabilities over epochs (OUT_policy.png).
 
     python tools/plot_run.py RUN_DIR [--out RUN_DIR/curves.png]
+
+A last line cut short by a killed run is skipped, with a warning. Exit status: 0 written, 2 bad input (one line).
 """
 from __future__ import annotations
 
@@ -15,11 +17,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rat.logging import read_metrics  # noqa: E402
+from rat.cli import EXIT_BAD_INPUT, ArgumentParser  # noqa: E402
+from rat.logging import MetricsError, read_metrics  # noqa: E402
 
 
 def plot_run(run_dir: Path, out: Path) -> Path:
-    records = read_metrics(run_dir / "metrics.jsonl")
+    torn: list[str] = []
+    records = read_metrics(run_dir / "metrics.jsonl", torn)
+    if torn:
+        print(f"plot_run: warning: skipped the last line of {run_dir / 'metrics.jsonl'}, cut short (the run was "
+              "killed while writing it)", file=sys.stderr)
+    if not records:
+        raise MetricsError(f"{run_dir / 'metrics.jsonl'} holds no metrics yet: plot after the first log_every steps")
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -72,16 +81,25 @@ def plot_policy(epochs: list[dict], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="plot_run.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
     metrics = args.run_dir / "metrics.jsonl"
+    out = args.out or args.run_dir / "curves.png"
     if not metrics.is_file():
         print(f"plot_run: error: {metrics} not found: give the run directory (--logging.folder) of a training run",
               file=sys.stderr)
-        return 1
-    print(plot_run(args.run_dir, args.out or args.run_dir / "curves.png"))
+        return EXIT_BAD_INPUT
+    if out.is_dir() or not out.parent.is_dir():
+        print(f"plot_run: error: --out {out} must be a PNG file in an existing folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        print(plot_run(args.run_dir, out))
+    except MetricsError as exc:
+        print(f"plot_run: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

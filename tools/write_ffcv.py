@@ -94,10 +94,12 @@ def make_config(argv: Sequence[str] | None = None) -> Config:
     config.collect(values)
     errors = config.validate(mode="errordict")
     if errors:
+        problems = []
         for path, error in errors.items():
             entry = config.entries[path]
             issue = "required" if type(error).__name__ == "MissingValueError" else f"must be {entry.checker.help()}"
-            print(f"--{'.'.join(path)}: {issue} ({entry.desc})", file=sys.stderr)
+            problems.append(f"--{'.'.join(path)}: {issue} ({entry.desc})")
+        print(f"write_ffcv.py: error: {'; '.join(problems)}", file=sys.stderr)
         raise SystemExit(2)
     return config
 
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = write()
     except (BetonWriteError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"write_ffcv.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     summary = {
         "beton": str(report.path), "classes_file": str(report.path) + ".classes.json",

@@ -21,7 +21,7 @@ import torch
 from rat.attacks import NORMS
 from rat.cli import EXIT_BAD_INPUT, EXIT_FAILED, ArgumentParser
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS
-from rat.eval.data import SUBSETS
+from rat.eval.data import SUBSETS, select_subset
 from rat.eval.evaluate import SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         resolved = resolve(spec_from_args(args))
+        select_subset(resolved.spec.data, resolved.spec.n_ex, resolved.spec.subset)  # readable, large enough
         output = Path(resolved.spec.output)
         check_writable(output.parent, "output folder")
     except (ValueError, FileNotFoundError, UnreadableCheckpoint, OutputError) as exc:

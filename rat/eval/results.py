@@ -14,6 +14,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from rat.config import NORMS
+
 __all__ = [
     "RESULT_FORMAT", "ResultError", "eps_tag", "format_eps", "load_result", "merge_results", "parse_eps",
     "result_matches", "summary_line",
@@ -78,10 +80,35 @@ def load_result(path: str | Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in result]
     if missing:
         raise ResultError(f"{path} lacks {', '.join(missing)}")
+    problem = _invalid_value(result)
+    if problem:
+        raise ResultError(f"{path} is not a valid result: {problem} (edited by hand? evaluate again)")
     n = len(result["per_example"]["indices"])
     if any(len(result["per_example"][s]) != n for s in ["clean", *result["attacks"]]):
         raise ResultError(f"{path}: per-example flags do not cover the {n} indices")
     return result
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _invalid_value(result: dict[str, Any]) -> str | None:
+    """What is impossible in a result's values (a norm rat does not have, an accuracy outside [0, 1]...), or None."""
+    if result["norm"] not in NORMS:
+        return f"norm {result['norm']!r} is not one of {', '.join(NORMS)}"
+    eps = result["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        return f"eps {eps!r} is not a positive number"
+    after = result["robust_accuracy_after"]
+    accuracies_ = {"clean_accuracy": result["clean_accuracy"], "robust_accuracy": result["robust_accuracy"],
+                   **({f"robust_accuracy_after.{k}": v for k, v in after.items()} if isinstance(after, dict) else {})}
+    bad = [f"{k}={v!r}" for k, v in accuracies_.items() if not _is_fraction(v)]
+    if bad or not isinstance(after, dict):
+        return f"accuracies must be fractions in [0, 1], got {', '.join(bad) or 'robust_accuracy_after=' + repr(after)}"
+    if not isinstance(result["per_example"], dict) or "indices" not in result["per_example"]:
+        return "per_example lacks the image indices"
+    return None
 
 
 def result_matches(result: dict[str, Any], *, norm: str, eps: float, resolution: int, version: str, n_ex: int,

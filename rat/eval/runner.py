@@ -26,6 +26,7 @@ from rat.eval.aggregate import choose_axis, plot_rows, result_row, write_csv, wr
 from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS
 from rat.eval.jobs import Job, JobsError, expand_jobs, load_jobs_file, task_command, tasks_for
 from rat.eval.scheduler import Slots, cpu_count, has_gpus, is_finished, run_tasks, valid_result
+from rat.io import OutputError, check_writable
 
 __all__ = ["aggregate", "build_parser", "main"]
 
@@ -126,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{sum(not is_finished(t) for t in tasks)} of {len(tasks)} tasks would run on "
               f"{'GPUs' if use_gpus else f'{args.cpu_slots} CPU slot(s)'}")
         return 0
+    try:
+        check_writable(output_dir, "output_dir")
+    except OutputError as exc:
+        _logger.error("%s", exc)
+        return EXIT_BAD_INPUT
     slots = Slots(gpus=use_gpus, cpu_slots=args.cpu_slots, max_load=args.max_load, max_memory=args.max_memory,
                   exclude=args.exclude_gpus)
     if use_gpus and set(range(slots.n_gpus)) <= set(args.exclude_gpus):

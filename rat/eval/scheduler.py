@@ -113,6 +113,8 @@ def merge_job(job: Job) -> bool:
         return False
     merged = merge_results(results)
     merged["output"] = str(job.output)
+    if valid_result(job.output, job) is None:
+        _move_aside(job.output)  # a stale merged result is kept, not overwritten
     atomic_write_json(job.output, merged)
     _logger.info("merged %d shards into %s", job.shards, job.output)
     return True

@@ -84,6 +84,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
             return dict(load_file(str(path), device="cpu"))
         except SafetensorError as err:
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {err}") from err
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip (or a legacy pickle)
+        what = "the file is empty" if not head else "not a torch checkpoint (neither a zip nor a pickle)"
+        raise CheckpointError(f"cannot read checkpoint {path}: {what}; pass a file written by torch.save (rat.train "
+                              "writes them under <run>/checkpoints/)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

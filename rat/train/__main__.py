@@ -82,13 +82,15 @@ def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | N
         check_arch(arch)
     except UnknownArchError as exc:
         raise ConfigError(f"model.arch: {exc}") from exc
-    for key in ("data.train_dataset", "data.val_dataset"):
-        section, name = key.split(".")
-        if cfg[section][name]:
+    data = cfg["data"]
+    if bool(data["train_dataset"]) != bool(data["val_dataset"]):
+        raise ConfigError("give both data.train_dataset and data.val_dataset, or neither (= the demo dataset)")
+    for name in ("train_dataset", "val_dataset"):
+        if data[name]:
             try:
-                read_beton_info(cfg[section][name])
-            except ValueError as exc:
-                raise ConfigError(f"{key}: {exc}") from exc
+                read_beton_info(data[name])
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(f"data.{name}: {exc}") from exc
     resolution, validation = cfg["resolution"], cfg["validation"]
     for key, value in (("resolution.min_res", resolution["min_res"]), ("resolution.max_res", resolution["max_res"]),
                        ("validation.resolution", validation["resolution"])):
@@ -132,20 +134,15 @@ def _demo_root(configured: str) -> Path:
 @param("val_dataset")
 @param("demo_root")
 def build_datasets(info: DistInfo, train_dataset: str, val_dataset: str, demo_root: str) -> tuple[Path, Path]:
-    """The train/val beton paths; the embedded demo dataset (written by rank 0 on first use) when none is given."""
-    if bool(train_dataset) != bool(val_dataset):
-        raise ConfigError("give both data.train_dataset and data.val_dataset, or neither (= the demo dataset)")
+    """The train/val beton paths (checked by ``preflight``); the embedded demo dataset (written by rank 0 on first use)
+    when none is given."""
     if not train_dataset:
         root = _demo_root(demo_root)
         if info.is_primary:
             ensure_demo_betons(root)
         barrier()
         return root / "train.beton", root / "val.beton"
-    paths = Path(train_dataset), Path(val_dataset)
-    for key, path in zip(("data.train_dataset", "data.val_dataset"), paths):
-        if not path.is_file():
-            raise ConfigError(f"{key}={path} does not exist: write it with tools/write_ffcv.py")
-    return paths
+    return Path(train_dataset), Path(val_dataset)
 
 
 @section("model")

@@ -60,10 +60,12 @@ def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, 
                                    "the folder's permissions) and resume with --training.resume auto") from exc
 
 
-def remove_failed_writes(checkpoint_dir: str | Path) -> None:
-    """Remove the temporary files of checkpoint writes that a killed run left behind."""
-    for tmp in remove_stale_temps(checkpoint_dir):
+def remove_failed_writes(checkpoint_dir: str | Path) -> list[Path]:
+    """Remove (and return) the temporary files of checkpoint writes that a killed run left behind."""
+    removed = remove_stale_temps(checkpoint_dir)
+    for tmp in removed:
         _logger.warning("removed %s, the temporary file of a checkpoint write that was killed", tmp)
+    return removed
 
 
 def load_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
