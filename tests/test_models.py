@@ -664,3 +664,25 @@ def test_file_that_does_not_say_is_refused(tmp_path: Path) -> None:
     assert create_model(name, checkpoint=ckpt).input_mean is None
     with pytest.raises(CheckpointError, match="create it with normalize=False"):
         create_model(name, checkpoint=ckpt, normalize=True)
+
+
+# --- resolution during training ------------------------------------------------------------------------------------
+
+def test_vit_dynamic_size_equals_set_input_size() -> None:
+    """The trainer builds ViTs with dynamic_img_size (dynamic_size_kwargs); a forward pass at another resolution then
+    equals the model resized with set_input_size, as rat.eval builds it. Without it the ViT refuses other sizes."""
+    assert rm.dynamic_size_kwargs("convnext_micro_cvst") == {}
+    kwargs = rm.dynamic_size_kwargs("vit_micro_patch16_cvst")
+    assert kwargs == {"dynamic_img_size": True}
+    torch.manual_seed(0)
+    model = create_model("vit_micro_patch16_cvst", img_size=64, num_classes=10, **kwargs).eval()
+    _randomize(model)
+    with torch.no_grad():
+        model.model.pos_embed.normal_(0, 1.0)
+    for res in (32, 48, 64):
+        resized = create_model("vit_micro_patch16_cvst", checkpoint=model.state_dict(), img_size=res, num_classes=10,
+                               normalize=True).eval()
+        _assert_same_outputs(model, resized, _inputs(res))
+    fixed = create_model("vit_micro_patch16_cvst", img_size=64, num_classes=10).eval()
+    with pytest.raises(AssertionError, match="doesn't match model"):
+        fixed(_inputs(32))

@@ -265,17 +265,16 @@ def resolve_normalization(name: str, checkpoint: Mapping[str, Any] | None, norma
     return normalize, "given" if said is None else why
 
 
-def dynamic_size_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
+def dynamic_size_kwargs(name: str) -> dict[str, Any]:
     """``{'dynamic_img_size': True}`` for models with a fixed input size that can take any size per forward pass
     (timm ViTs: the position embedding is resampled on the fly, with the same ``resample_abs_pos_embed`` call as
     ``set_input_size``); ``{}`` for models that run at any resolution anyway (convnets).
 
     Args:
-        name: A timm model name.
-        **kwargs: The ``timm.create_model`` kwargs the model will be built with.
+        name: A timm model name (probed on the meta device: no memory, no weights).
     """
     with torch.device("meta"):
-        probe = timm.create_model(name, **kwargs)
+        probe = timm.create_model(name)
     return {"dynamic_img_size": True} if hasattr(probe, "dynamic_img_size") else {}
 
 
