@@ -381,7 +381,10 @@ def run(config) -> dict[str, Any]:
         best = state.get("best_robust", -1.0)
         attack.load_state_dict(state["attack"])
         if policy is not None and state.get("augment_policy") is not None:
-            policy.load_state_dict(state["augment_policy"])
+            try:
+                policy.load_state_dict(state["augment_policy"])
+            except ValueError as err:
+                raise ConfigError(f"cannot resume {resume_path}: {err}") from err
         elif policy is not None:
             _logger.warning("checkpoint has no adversarial policy state: the controller starts fresh")
         rngs = state.get("rng") or []
@@ -450,6 +453,8 @@ def run(config) -> dict[str, Any]:
                    "img_per_s": result.img_per_s, "resolution": res, "lr": lr_fn(step - 1)}
         if policy is not None:
             metrics.update(policy.epoch_stats())
+            _logger.info("controller's top sub-policies: %s", ", ".join(
+                f"{policy.space.describe(tokens)} {share:.1%}" for tokens, share in policy.top_sub_policies(3)))
         last = epoch_done == training["epochs"]
         every = validation["every"]
         if last or (every and epoch_done % every == 0):
