@@ -76,7 +76,6 @@ def test_write_ffcv_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "--cfg.write_path: required" in err and "--cfg.jpeg_quality: must be" in err
 
 
-@pytest.mark.slow
 def test_bench_loader_prints_the_json(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_loader.py"), "--make-data", str(tmp_path / "jpegs"),
