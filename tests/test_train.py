@@ -130,12 +130,14 @@ def test_resume_is_bit_exact(tmp_path, demo_root):
     assert _epochs(straight)[-1]["top1"] == _epochs(resumed)[-1]["top1"]
 
 
+BF16_EMA = ["--training.precision", "bf16", "--ema.enabled", "1", "--ema.decay", "0.5"]
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, demo_root) -> Path:
     """One short run serving several checks: 2 epochs of 4 steps under bf16 autocast with a fast EMA (decay 0.5)."""
     run_dir = tmp_path_factory.mktemp("short") / "run"
-    _train(run_dir, demo_root, "--training.epochs", "2", "--training.precision", "bf16", "--ema.enabled", "1",
-           "--ema.decay", "0.5")
+    _train(run_dir, demo_root, "--training.epochs", "2", *BF16_EMA)
     return run_dir
 
 
@@ -163,8 +165,8 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, dem
     run_dir = tmp_path / "nan"
     shutil.copytree(short_run, run_dir)
     good = _sha(run_dir / "checkpoints" / "last.pt")
-    proc = _train(run_dir, demo_root, "--training.epochs", "3", "--training.precision", "bf16", "--ema.enabled", "1",
-                  "--ema.decay", "0.5", "--training.resume", "auto", "--lr.lr", "1e30", check=False)
+    proc = _train(run_dir, demo_root, "--training.epochs", "3", *BF16_EMA, "--training.resume", "auto",
+                  "--lr.lr", "1e30", check=False)
     assert proc.returncode == 1
     assert "non-finite loss" in proc.stderr and "last good checkpoint" in proc.stderr
     assert _sha(run_dir / "checkpoints" / "last.pt") == good
