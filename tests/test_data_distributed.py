@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("ffcv")
 
-pytestmark = [pytest.mark.ffcv, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.ffcv, pytest.mark.timeout(420)]
 
 N = 50  # even: DistributedSampler pads nothing, so the two train shards are exactly disjoint
 WORLD = 2

@@ -177,6 +177,22 @@ def test_val_center_crop_geometry_matches_a_pil_reference(tmp_path: Path) -> Non
                 assert shifted > 10 / 255
 
 
+
+def test_one_val_crop_ratio_for_loader_eval_and_model_cfgs() -> None:
+    """The beton val loader's default crop, rat.eval's folder resize and the paper models' timm cfgs agree (the micro
+    demo models declare no crop)."""
+    import timm
+
+    import rat.models  # noqa: F401  (registers the ConvStem models)
+    from rat.data import VAL_CROP_RATIO
+    from rat.eval.data import resize_size
+
+    assert VAL_CROP_RATIO == 0.875 and resize_size(224) == 256
+    paper_models = [name for name in timm.list_models("*_cvst") if "micro" not in name]
+    assert len(paper_models) == 8
+    for name in paper_models:
+        assert timm.models.get_pretrained_cfg(name).crop_pct == VAL_CROP_RATIO, name
+
 def test_pipeline_guard() -> None:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder

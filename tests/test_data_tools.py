@@ -92,7 +92,6 @@ def test_write_ffcv_yaml_is_strict(tmp_path: Path, capsys: pytest.CaptureFixture
     assert tool.make_config(["-C", str(config)])["cfg.max_resolution"] == 128
 
 
-@pytest.mark.slow
 def test_bench_loader_prints_the_json(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_loader.py"), "--make-data", str(tmp_path / "jpegs"),

@@ -29,6 +29,7 @@ CONVNEXT = "convnext_micro_cvst"
 VIT = "vit_micro_patch16_cvst"
 REPO = Path(__file__).resolve().parents[1]
 SMALL_EPS = {"Linf": 1 / 255, "L2": 0.1, "L1": 2.0}  # small radii leave some robust points on the micro model
+AUTOATTACK_N_ITER = 10  # APGD iterations of the comparison with plain AutoAttack
 
 
 @pytest.fixture(scope="session")
@@ -181,16 +182,22 @@ def test_standard_version_in_bf16(tmp_path: Path, demo_betons, convnext_ckpt: Pa
 
 
 @pytest.mark.ffcv
-@pytest.mark.slow
 def test_result_matches_autoattack(tmp_path: Path, demo_betons, convnext_ckpt: Path, caplog):
-    """With AutoAttack's default iterations, the JSON equals plain AutoAttack run batch by batch on the same images."""
+    """The JSON equals plain AutoAttack run batch by batch on the same images, both at AUTOATTACK_N_ITER iterations
+    (AutoAttack's own APGD-CE/APGD-T constructors, as its __init__ calls them, with that n_iter); without --n-iter the
+    result records AutoAttack's standard 100."""
     from pyautoattack import AutoAttack
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
     from rat.data import build_val_loader
 
     eps = 1 / 255
-    result = run_evaluation(_spec(demo_betons[1], convnext_ckpt, tmp_path / "r.json", eps=eps, n_iter=None))
-    assert result["standard_settings"] is True and result["attack_settings"]["apgd"]["n_iter"] == 100
+    default = run_evaluation(_spec(demo_betons[1], convnext_ckpt, tmp_path / "d.json", eps=eps, n_iter=None, n_ex=2,
+                                   version="custom", attacks=["apgd-ce"]))
+    assert default["standard_settings"] is True and default["attack_settings"]["apgd"]["n_iter"] == 100
+    result = run_evaluation(_spec(demo_betons[1], convnext_ckpt, tmp_path / "r.json", eps=eps,
+                                  n_iter=AUTOATTACK_N_ITER))
+    assert result["standard_settings"] is False and result["attack_settings"]["apgd"]["n_iter"] == AUTOATTACK_N_ITER
     assert 0 < result["robust_accuracy"] < result["clean_accuracy"]  # the attacks break some points, not all
     model = build_eval_model(CONVNEXT, convnext_ckpt, resolution=32, model_kwargs={"num_classes": TINY_CLASSES},
                              use_ema=False, device=torch.device("cpu"))
@@ -199,9 +206,13 @@ def test_result_matches_autoattack(tmp_path: Path, demo_betons, convnext_ckpt: P
                               indices=indices)
     robust, counts = [], {"clean": 0, "APGD-CE": 0, "APGD-T": 0}
     for x, y in loader:
-        # The README's custom configuration of the two attacks of rat's "fast" version.
+        # The README's custom configuration of the two attacks of rat's "fast" version (APGD-CE with one restart), with
+        # both APGDs built as AutoAttack's __init__ builds them but for n_iter.
         adversary = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=["apgd-ce", "apgd-t"], seed=0)
-        adversary.apgd.n_restarts = 1
+        common = dict(n_restarts=1, n_iter=AUTOATTACK_N_ITER, verbose=False, eps=eps, norm="Linf", eot_iter=1, rho=.75,
+                      seed=0, device=adversary.device, logger=adversary.logger)
+        adversary.apgd = APGDAttack(model, **common)
+        adversary.apgd_targeted = APGDAttack_targeted(model, **common)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="auto-attack"):
             _, y_adv = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))
@@ -241,7 +252,6 @@ def test_shards_merge_to_the_unsharded_result(tmp_path: Path, demo_betons, convn
 
 
 @pytest.mark.ffcv
-@pytest.mark.slow
 def test_killed_evaluation_resumes_without_redoing_batches(tmp_path: Path, demo_betons, convnext_ckpt: Path):
     out = tmp_path / "r.json"
     state_file = state_path_for(out)

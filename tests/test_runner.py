@@ -124,7 +124,6 @@ def test_dry_run_lists_without_running(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.ffcv
-@pytest.mark.slow
 def test_runner_on_cpu_slots(tmp_path: Path, demo_betons, tmp_path_factory: pytest.TempPathFactory):
     ckpt = tiny_checkpoint(tmp_path_factory.getbasetemp(), CONVNEXT)
     jobs = _write_jobs(tmp_path, demo_betons[1], ckpt)

@@ -1,11 +1,17 @@
 """End-to-end trainer runs on CPU: the demo learns, resume is bit-exact, SIGTERM and NaN stop cleanly, bf16, EMA.
 
-Every run is a real ``python -m rat.train`` process on the embedded demo data (FFCV betons written once per session).
+Every run is ``rat.train``'s command line on the embedded demo data (FFCV betons written once per session): in this
+process through ``rat.train.__main__.main(argv)`` (one interpreter start and import for all the short runs), and as
+a real ``python -m rat.train`` process where the process boundary is the point (the quickstart demo, SIGTERM, the exit
+status of a bad config).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,10 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.ffcv, pytest.mark.slow]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+pytestmark = [pytest.mark.ffcv]
 
 # A small, fast run: 4 batches of 16 per epoch at 32 px, APGD-2, no robust eval unless asked.
 SMALL = ["--model.arch", "convnext_micro_cvst", "--resolution.min_res", "32", "--resolution.max_res", "32",
@@ -34,10 +43,37 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(run_dir: Path, demo_root: Path, *extra: str, check: bool = True, timeout: int = 600):
-    cmd = [sys.executable, "-m", "rat.train", "--data.demo_root", str(demo_root), "--logging.folder", str(run_dir),
-           *SMALL, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+@contextlib.contextmanager
+def _process_state_restored():
+    """Undo what ``rat.train`` sets up for its process (root log handlers, warnings capture, SIGTERM handler), so
+    that runs in this process leave pytest and the next run as they found them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def _main(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python -m rat.train ARGV`` in this process: its exit status and what it wrote to stderr."""
+    from rat.train.__main__ import main
+
+    stderr = io.StringIO()
+    with _process_state_restored(), contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    return subprocess.CompletedProcess(["rat.train", *argv], status, "", stderr.getvalue())
+
+
+def _train(run_dir: Path, demo_root: Path, *extra: str, check: bool = True):
+    proc = _main(["--data.demo_root", str(demo_root), "--logging.folder", str(run_dir), *SMALL, *extra])
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -94,40 +130,51 @@ def test_resume_is_bit_exact(tmp_path, demo_root):
     assert _epochs(straight)[-1]["top1"] == _epochs(resumed)[-1]["top1"]
 
 
-def test_ema_is_updated_and_differs_from_the_model(tmp_path, demo_root):
-    run_dir = tmp_path / "ema"
-    _train(run_dir, demo_root, "--training.epochs", "2", "--ema.enabled", "1", "--ema.decay", "0.5")
-    first, last = _load(run_dir / "checkpoints" / "epoch_0001.pt"), _load(run_dir / "checkpoints" / "last.pt")
+BF16_EMA = ["--training.precision", "bf16", "--ema.enabled", "1", "--ema.decay", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, demo_root) -> Path:
+    """One short run serving several checks: 2 epochs of 4 steps under bf16 autocast with a fast EMA (decay 0.5)."""
+    run_dir = tmp_path_factory.mktemp("short") / "run"
+    _train(run_dir, demo_root, "--training.epochs", "2", *BF16_EMA)
+    return run_dir
+
+
+def test_ema_is_updated_and_differs_from_the_model(short_run):
+    first, last = _load(short_run / "checkpoints" / "epoch_0001.pt"), _load(short_run / "checkpoints" / "last.pt")
     floats = [k for k, v in last["model"].items() if v.is_floating_point()]
     assert any(not torch.equal(last["model_ema"][k], last["model"][k]) for k in floats)
     assert any(not torch.equal(last["model_ema"][k], first["model_ema"][k]) for k in floats)
-    assert "ema_top1" in _epochs(run_dir)[-1]
+    assert "ema_top1" in _epochs(short_run)[-1]
 
 
-def test_bf16_autocast_runs_on_cpu(tmp_path, demo_root):
-    run_dir = tmp_path / "bf16"
-    _train(run_dir, demo_root, "--training.precision", "bf16", "--training.limit_batches", "2")
-    state = _load(run_dir / "checkpoints" / "last.pt")
-    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # master weights stay fp32
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+def test_bf16_autocast_runs_on_cpu(short_run):
+    state = _load(short_run / "checkpoints" / "last.pt")
+    assert state["config"]["training"]["precision"] == "bf16"
+    for key in ("model", "model_ema"):
+        assert all(v.dtype != torch.bfloat16 for v in state[key].values())  # master weights stay fp32
+        assert all(torch.isfinite(v).all() for v in state[key].values() if v.is_floating_point())
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, demo_root):
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, demo_root, short_run):
     run_dir = tmp_path / "nan"
-    _train(run_dir, demo_root)
+    shutil.copytree(short_run, run_dir)
     good = _sha(run_dir / "checkpoints" / "last.pt")
-    proc = _train(run_dir, demo_root, "--training.epochs", "2", "--training.resume", "auto", "--lr.lr", "1e30",
-                  check=False)
+    proc = _train(run_dir, demo_root, "--training.epochs", "3", *BF16_EMA, "--training.resume", "auto",
+                  "--lr.lr", "1e30", check=False)
     assert proc.returncode == 1
     assert "non-finite loss" in proc.stderr and "last good checkpoint" in proc.stderr
     assert _sha(run_dir / "checkpoints" / "last.pt") == good
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, demo_root):
+    """A real process and a real signal; the whole first epoch (281 batches) is far longer than the wait for its first
+    step, so the signal arrives mid-epoch. The resumed run finishes the epoch after at most 20 batches in all."""
     run_dir = tmp_path / "term"
     cmd = [sys.executable, "-m", "rat.train", "--data.demo_root", str(demo_root), "--logging.folder", str(run_dir),
            *SMALL, "--training.limit_batches", "0", "--training.epochs", "3"]
@@ -135,14 +182,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, demo_root):
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.5)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM" in stderr
     state = _load(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and state["batches_done"] > 0
-    _train(run_dir, demo_root, "--training.limit_batches", "0", "--training.epochs", "1", "--training.resume", "auto")
+    _train(run_dir, demo_root, "--training.limit_batches", "20", "--training.epochs", "1", "--training.resume", "auto")
     assert _load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
 
 
@@ -155,16 +202,65 @@ def test_bad_config_exits_with_one_clear_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("rat.train: error: unknown key 'training.epoch'")
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_paper_configs_start_on_cpu(tmp_path, demo_root, config):
-    """Each shipped config parses and takes one training step on CPU (tiny batch, demo data, low resolution)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "rat.train", "-C", str(config), "--data.demo_root", str(demo_root),
-         "--data.train_dataset", "", "--data.val_dataset", "", "--logging.folder", str(tmp_path / "run"),
-         "--training.batch_size", "2", "--training.limit_batches", "1", "--training.epochs", "1",
-         "--resolution.min_res", "32", "--resolution.max_res", "32", "--validation.resolution", "32",
-         "--validation.robust_n_ex", "0", "--training.precision", "fp32", "--data.num_workers", "1",
-         "--logging.progress", "0", "--data.num_classes", "10"],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 1
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped configs (demo.yaml has its own run above). Configs that differ only in the size of the model (the arch,
+# the epoch count and the run folder) train alike: each parses and builds its model on the meta device with a
+# forward/backward pass at its training resolution, and the smallest of each model class takes a real training step on
+# CPU (one batch of 2 at 32 px, validation on a small val beton).
+
+SIZE_ONLY = {"model.arch", "training.epochs", "logging.folder"}
+
+
+def _settings(path: Path) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in yaml.safe_load(path.read_text()).items()
+            for key, value in values.items()}
+
+
+def _families() -> list[list[Path]]:
+    families: dict[tuple, list[Path]] = {}
+    for path in CONFIGS:
+        if path.name != "demo.yaml":
+            key = tuple(sorted((k, str(v)) for k, v in _settings(path).items() if k not in SIZE_ONLY))
+            families.setdefault(key, []).append(path)
+    return list(families.values())
+
+
+@pytest.fixture(scope="module")
+def small_val(tmp_path_factory) -> Path:
+    """20 demo val images as a beton (the demo's classes), so that validating a 28M-parameter model stays cheap."""
+    from rat.data import write_arrays_beton
+    from rat.data.demo import DEMO_CLASSES, load_demo_arrays
+
+    images, labels = load_demo_arrays("val")
+    path = tmp_path_factory.mktemp("small_val") / "val.beton"
+    return write_arrays_beton(images[:20], labels[:20], path, classes=list(DEMO_CLASSES), num_workers=1)
+
+
+@pytest.mark.parametrize("family", _families(), ids=lambda family: "+".join(p.stem for p in family))
+def test_shipped_configs_train(tmp_path, demo_betons, small_val, family):
+    from rat.config import make_config
+    from rat.models import create_model
+
+    smallest: dict[str, tuple[int, Path]] = {}  # model class -> (parameters, config)
+    for path in family:
+        config = make_config(["-C", str(path)])
+        arch, res = config["model.arch"], config["resolution.max_res"]
+        with torch.device("meta"):
+            model = create_model(arch, num_classes=10, img_size=res)
+            out = model(torch.rand(2, 3, res, res))
+            out.sum().backward()
+        assert out.shape == (2, 10) and all(p.grad is not None for p in model.parameters()), path.name
+        with torch.device("meta"):
+            net = timm.create_model(arch)
+        size = sum(p.numel() for p in net.parameters())
+        smallest[type(net).__name__] = min(smallest.get(type(net).__name__, (size, path)), (size, path))
+    for _, path in smallest.values():
+        run_dir = tmp_path / path.stem
+        proc = _main(["-C", str(path), "--data.train_dataset", str(demo_betons[0]), "--data.val_dataset",
+                      str(small_val), "--logging.folder", str(run_dir), "--training.batch_size", "2",
+                      "--training.limit_batches", "1", "--training.epochs", "1", "--resolution.min_res", "32",
+                      "--resolution.max_res", "32", "--validation.resolution", "32", "--validation.robust_n_ex", "0",
+                      "--training.precision", "fp32", "--data.num_workers", "1", "--logging.progress", "0",
+                      "--data.num_classes", "10"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _load(run_dir / "checkpoints" / "last.pt")["step"] == 1, path.name

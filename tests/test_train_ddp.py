@@ -11,7 +11,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.ffcv, pytest.mark.slow]
+pytestmark = [pytest.mark.ffcv]
 
 
 def _env() -> dict[str, str]:
