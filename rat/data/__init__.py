@@ -12,23 +12,28 @@ Public API (see docs/data.md):
 The building blocks stay in their modules (``rat.data.augment``, ``rat.data.ffcv``, ``rat.data.writer``);
 ``rat.data.demo`` (the embedded demo dataset) builds on these and is imported on its own.
 """
-from rat.data.augment import BatchAugment, build_augment, build_mixup
-from rat.data.ffcv import VAL_CROP_RATIO, build_train_loader, build_val_loader
-from rat.data.writer import (
-    BetonImages,
-    BetonWriteError,
-    WriteReport,
-    list_image_folder,
-    read_beton_info,
-    read_beton_item,
-    read_classes,
-    write_arrays_beton,
-    write_cifar_beton,
-    write_folder_beton,
-)
+from __future__ import annotations
 
-__all__ = [
-    "VAL_CROP_RATIO", "BatchAugment", "BetonImages", "BetonWriteError", "WriteReport", "build_augment", "build_mixup",
-    "build_train_loader", "build_val_loader", "list_image_folder", "read_beton_info", "read_beton_item",
-    "read_classes", "write_arrays_beton", "write_cifar_beton", "write_folder_beton",
-]
+import importlib
+from typing import Any
+
+from rat.data.augment import BatchAugment, build_augment, build_mixup
+
+# The loaders and writers import ffcv (and numba), which takes seconds and a compiled extension; augmentation,
+# the adversarial policy and everything else that only needs torch must not pay for it (nor fail without it, e.g.
+# on a GPU machine without ffcv). So those names load on first use (PEP 562).
+_FFCV_NAMES = {
+    "VAL_CROP_RATIO": "rat.data.ffcv", "build_train_loader": "rat.data.ffcv", "build_val_loader": "rat.data.ffcv",
+    **{name: "rat.data.writer" for name in (
+        "BetonImages", "BetonWriteError", "WriteReport", "list_image_folder", "read_beton_info", "read_beton_item",
+        "read_classes", "write_arrays_beton", "write_cifar_beton", "write_folder_beton")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FFCV_NAMES:
+        return getattr(importlib.import_module(_FFCV_NAMES[name]), name)
+    raise AttributeError(f"module 'rat.data' has no attribute {name!r}")
+
+
+__all__ = ["BatchAugment", "build_augment", "build_mixup", *_FFCV_NAMES]
