@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "PyYAML>=6",
     "scikit-learn>=1.3",  # ships the real images the embedded demo dataset is built from
+    "brevitas>=0.13.4,<0.14",  # INT and minifloat fake quantization in rat.quant (tested: 0.13.4 with torch 2.14)
+    "scipy>=1.11",  # rat.quant: Jensen-Shannon divergence, curve fit, Spearman rho
 ]
 
 setup(

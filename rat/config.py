@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,117 @@ def _declare_sections() -> None:
     )
 
 
+# ---- rat.quant (python -m rat.quant SUBCOMMAND): one declare function per subcommand -------------------------------
+QUANT_SUBCOMMANDS = ("ptq", "sweep", "fit", "generate", "estimate")
+
+
+def _declare_quant_model() -> None:
+    Section("qmodel", "The full-precision model (a rat checkpoint: arch and model_kwargs come from it)").params(
+        checkpoint=Param(str, "rat trainer checkpoint (required)", default=""),
+        use_ema=Param(Flag(), "1: the checkpoint's EMA weights", default=0),
+        resolution=Param(_int(0), "input side; 0 = the checkpoint's training resolution", default=0),
+        device=Param(OneOf(["auto", "cpu", "cuda"]), "auto = cuda when available", default="auto"),
+        batch_size=Param(_int(1), "images per forward pass", default=100),
+    )
+
+
+def _declare_quant_data(eval_data: bool, calib: bool) -> None:
+    params = {"demo_root": Param(str, "where the demo betons live; empty = ~/.cache/rat/demo", default=""),
+              "num_workers": Param(_int(0), "loader workers", default=2)}
+    if eval_data:
+        params["data"] = Param(str, "val .beton or ImageNet-style folder; empty = the demo val set", default="")
+        params["n_ex"] = Param(_int(1), "evaluation images (the fixed subset of rat.eval)", default=300)
+    if calib:
+        params["calib_data"] = Param(str, "calibration .beton or folder; empty = the demo train set", default="")
+        params["calib_n"] = Param(_int(1), "calibration images", default=256)
+    Section("qdata", "Images for calibration and evaluation").params(**params)
+
+
+def _declare_quant_attack() -> None:
+    Section("qattack", "Robust accuracy: APGD-CE, optionally AutoAttack").params(
+        norm=Param(OneOf(NORMS), "threat model", default="Linf"),
+        eps=Param(_float(0), "radius in [0,1] pixel units; 0 = Linf 4/255, L2 2, L1 75", default=0.0),
+        n_iter=Param(_int(1), "APGD steps", default=10),
+        autoattack=Param(OneOf(["", "fast", "standard"]), "'' = off, else AutoAttack version", default=""),
+        seed=Param(_int(0), "attack seed", default=0),
+    )
+
+
+def declare_quant_sections(subcommand: str) -> Callable[[], None]:
+    """The ``declare`` function (for :func:`make_config`) of one ``python -m rat.quant`` subcommand."""
+    def ptq() -> None:
+        _declare_quant_model()
+        _declare_quant_data(eval_data=False, calib=True)
+        Section("ptq", "Post-training quantization to one format").params(
+            format=Param(str, "INT<b> (2-16), POT<b> (2-8) or FLOAT<b>_E<e>M<m> (3-8), e.g. int8, float8_e4m3",
+                         default=""),
+            output=Param(str, "quantized checkpoint to write (must not exist)", default=""),
+        )
+
+    def sweep() -> None:
+        _declare_quant_model()
+        _declare_quant_data(eval_data=True, calib=True)
+        _declare_quant_attack()
+        Section("sweep", "Every format and bit width for one model").params(
+            kinds=Param(CommaList(OneOf(["INT", "POT", "FLOAT", "int", "pot", "float"]), "formats"),
+                        "format families of the grid (INT 2-16, POT 2-8, FLOAT 3-8 with every e)",
+                        default="INT,POT,FLOAT"),
+            formats=Param(str, "comma-separated formats instead of the grid, e.g. int8,int4,pot4", default=""),
+            name=Param(str, "model name in the results; empty = the checkpoint's run folder", default=""),
+            output=Param(str, "results folder: sweep.jsonl and sweep.csv (must not hold a sweep.jsonl)",
+                         default=""),
+            progress=Param(Flag(), "1: tqdm progress bar", default=1),
+        )
+
+    def fit() -> None:
+        Section("fit", "Fit accuracy loss against weight similarity across sweeps").params(
+            sweeps=Param(str, "comma-separated sweep.jsonl files (one or more models)", default=""),
+            similarity=Param(OneOf(["js_flops", "js_param"]), "x axis", default="js_flops"),
+            output=Param(str, "plot (.png); the fit summary goes next to it as .json", default=""),
+        )
+
+    def generate() -> None:
+        _declare_quant_model()
+        _declare_quant_attack()
+        Section("qdata", "Your own images, only to record activation statistics of a model without BatchNorm").params(
+            stats_data=Param(str, ".beton or folder; empty for BatchNorm models", default=""),
+            stats_n=Param(_int(1), "images to record statistics on", default=256),
+            num_workers=Param(_int(0), "loader workers", default=2),
+        )
+        Section("generate", "Train and adjust the label-conditioned generator").params(
+            target_clean=Param(_float(-1, 100), "the model's real clean accuracy in % (from your test set); -1 = not "
+                               "given (needed when rounds > 0)", default=-1.0),
+            target_robust=Param(_float(-1, 100), "its real robust accuracy in % (same threat model as qattack); -1 = "
+                                "not given", default=-1.0),
+            steps=Param(_int(1), "stage-1 training steps", default=400),
+            rounds=Param(_int(0), "adjustment rounds (0 = no adjustment)", default=8),
+            steps_per_round=Param(_int(1), "generator steps per adjustment round", default=40),
+            batch_size=Param(_int(2), "generated images per step", default=64),
+            lr=Param(PositiveFloat(), "Adam learning rate", default=1e-3),
+            mix=Param(_float(0, 1), "initial share of inter-class samples", default=0.2),
+            stat_weight=Param(_float(0), "weight of the feature-statistics term", default=1.0),
+            n_samples=Param(_int(1), "images in the generated set", default=1000),
+            tolerance=Param(_float(0), "stop adjusting once clean and robust are this close (points)", default=1.0),
+            seed=Param(_int(0), "seed", default=0),
+            output=Param(str, "generated set (.pt, must not exist): images, labels, generator", default=""),
+            progress=Param(Flag(), "1: tqdm progress bars", default=1),
+        )
+
+    def estimate() -> None:
+        _declare_quant_model()
+        _declare_quant_data(eval_data=True, calib=False)
+        _declare_quant_attack()
+        Section("estimate", "Clean/robust accuracy of FP and quantized models on a generated set").params(
+            generated=Param(str, "generated set from `generate`", default=""),
+            formats=Param(str, "comma-separated formats to estimate, e.g. int8,int4,pot4,float6_e3m2", default=""),
+            real=Param(Flag(), "1: also measure on qdata.data (or the demo val set) and report the errors", default=0),
+            output=Param(str, "results JSON (must not exist)", default=""),
+        )
+
+    return {"ptq": ptq, "sweep": sweep, "fit": fit, "generate": generate, "estimate": estimate}[subcommand]
+# ---- end rat.quant ------------------------------------------------------------------------------------------------
+
+
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
@@ -285,20 +396,26 @@ def _parser(config: Config, prog: str | None, description: str) -> argparse.Argu
 
 
 def make_config(argv: Sequence[str] | None = None, *, prog: str | None = None,
-                description: str = "rat adversarial training") -> Config:
+                description: str = "rat adversarial training", declare: Callable[[], None] | None = None,
+                check: Callable[[Config], None] | None = None) -> Config:
     """Build a fresh fastargs Config (and make it the current one) from config files and flags.
 
     Args:
         argv: command-line arguments without the program name; ``None`` = no arguments (defaults only).
         prog: program name for ``--help``.
         description: text for ``--help``.
+        declare: declares the Sections of another command (e.g. one of :func:`declare_quant_sections`); default the
+            trainer's.
+        check: cross-parameter rules of those Sections; default the trainer's (only when ``declare`` is default).
 
     Raises:
         ConfigError: an unknown key in a config file, or values that break their Param's rule (all of them listed).
     """
     config = Config()
     set_current_config(config)
-    _declare_sections()
+    if declare is None:
+        declare, check = _declare_sections, _check_consistency
+    declare()
     args = vars(_parser(config, prog, description).parse_args(list(argv or [])))
     for fname in args.pop("config_file"):
         config.collect(load_config_file(config, fname))
@@ -309,7 +426,8 @@ def make_config(argv: Sequence[str] | None = None, *, prog: str | None = None,
             f"{'.'.join(path)}={config.content.get(path)!r} is not {config.entries[path].checker.help()}"
             for path in errors)
         raise ConfigError(f"invalid configuration: {problems}")
-    _check_consistency(config)
+    if check is not None:
+        check(config)
     return config
 
 

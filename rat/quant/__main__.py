@@ -1,0 +1,333 @@
+"""``python -m rat.quant SUBCOMMAND``: post-training quantization, sweeps, fits and data-free robustness estimation.
+
+Subcommands (each with its own fastargs Sections in ``rat/config.py``; ``--help`` after the subcommand lists them)::
+
+    python -m rat.quant ptq --qmodel.checkpoint runs/demo/checkpoints/best.pt --ptq.format int8 --ptq.output q.pt
+    python -m rat.quant sweep --qmodel.checkpoint CKPT --sweep.output runs/quant/demo
+    python -m rat.quant fit --fit.sweeps a/sweep.jsonl,b/sweep.jsonl --fit.output runs/quant/fit.png
+    python -m rat.quant generate --qmodel.checkpoint CKPT --generate.target_clean 90 --generate.target_robust 50 \\
+        --generate.output runs/quant/gen.pt
+    python -m rat.quant estimate --qmodel.checkpoint CKPT --estimate.generated runs/quant/gen.pt \\
+        --estimate.formats int8,int4,pot4 --estimate.real 1 --estimate.output runs/quant/estimate.json
+
+Bad input (unknown format, bits out of range, invalid e/m split, no quantizable layer, too few calibration images,
+an output that exists) is one ``rat.quant: error:`` line and exit status 2; nothing is written.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
+from rat.logging import setup_logging
+from rat.models import CheckpointError
+from rat.quant.formats import FORMATS, FormatError, parse_format, sweep_grid
+from rat.quant.generator import GeneratorError
+from rat.quant.ptq import QuantizationError
+
+_logger = logging.getLogger("rat.quant")
+
+_USAGE = f"usage: python -m rat.quant {{{','.join(QUANT_SUBCOMMANDS)}}} [--config-file F] [--section.param V ...]"
+_BAD_INPUT = (ConfigError, FormatError, QuantizationError, GeneratorError, CheckpointError, FileNotFoundError,
+              FileExistsError)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("qmodel.device=cuda but no CUDA device is available: use auto or cpu")
+    return torch.device(name)
+
+
+def _fresh_output(path: str, key: str) -> Path:
+    if not path:
+        raise ConfigError(f"{key} is required")
+    out = Path(path)
+    if out.exists():
+        raise FileExistsError(f"{key}={out} exists: rat.quant never overwrites results, pick another path")
+    return out
+
+
+def _demo_paths(demo_root: str) -> tuple[Path, Path]:
+    from rat.data.demo import ensure_demo_betons
+
+    root = Path(demo_root) if demo_root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat" / \
+        "demo"
+    return ensure_demo_betons(root)
+
+
+def _images(path: str | Path, n: int, resolution: int, device: torch.device, num_workers: int, key: str,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed ``n``-image subset (rat.eval's rule) of a beton or folder, as [0, 1] tensors on ``device``."""
+    from rat.eval.data import dataset_size, eval_subset, iter_eval_batches
+
+    total = dataset_size(path)
+    if n > total:
+        raise QuantizationError(f"{key}: {path} has {total} images, fewer than the {n} asked for: lower the count")
+    indices = eval_subset(total, n)
+    xs, ys = [], []
+    for x, y in iter_eval_batches(path, indices, [len(indices)], resolution=resolution, device=device,
+                                  num_workers=num_workers):
+        xs.append(x.float().contiguous())
+        ys.append(y.long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _load_model(qmodel: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], int]:
+    """The full-precision model, its checkpoint dict (without weights) and its resolution."""
+    from rat.models import create_model_from_checkpoint, load_checkpoint_file
+
+    if not qmodel["checkpoint"]:
+        raise ConfigError("qmodel.checkpoint is required (a rat trainer checkpoint)")
+    ckpt = load_checkpoint_file(qmodel["checkpoint"])
+    if not isinstance(ckpt.get("arch"), str):
+        raise CheckpointError(f"{qmodel['checkpoint']} does not name its architecture: rat.quant needs a rat trainer "
+                              "checkpoint (arch + model_kwargs)")
+    train_res = (ckpt.get("model_kwargs") or {}).get("img_size") or 224
+    resolution = qmodel["resolution"] or int(train_res[-1] if isinstance(train_res, (list, tuple)) else train_res)
+    model = create_model_from_checkpoint(ckpt, img_size=resolution, use_ema=bool(qmodel["use_ema"]))
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    meta = {"arch": ckpt["arch"], "model_kwargs": dict(ckpt["model_kwargs"]), "checkpoint": qmodel["checkpoint"]}
+    return model, meta, resolution
+
+
+def _attack_spec(cfg: dict[str, Any]):
+    from rat.quant.sweep import AttackSpec
+
+    a = cfg["qattack"]
+    return AttackSpec(norm=a["norm"], eps=a["eps"] or DEFAULT_EPS[a["norm"]], n_iter=a["n_iter"],
+                      autoattack=a["autoattack"], seed=a["seed"])
+
+
+def _data_paths(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(calibration, evaluation) image sources; the demo train/val betons for those left empty."""
+    data = cfg["qdata"]
+    calib, val = data.get("calib_data", ""), data.get("data", "")
+    if ("calib_data" in data and not calib) or ("data" in data and not val):
+        train_beton, val_beton = _demo_paths(data["demo_root"])
+        calib, val = calib or str(train_beton), val or str(val_beton)
+    return calib, val
+
+
+def run_ptq(cfg: dict[str, Any]) -> int:
+    from rat.quant.ptq import calibrate, quantize_model, save_quantized_checkpoint
+    from rat.quant.sweep import batches
+
+    if not cfg["ptq"]["format"]:
+        raise ConfigError("ptq.format is required, e.g. int8, pot4, float8_e4m3")
+    fmt = parse_format(cfg["ptq"]["format"])
+    output = _fresh_output(cfg["ptq"]["output"], "ptq.output")
+    device = _device(cfg["qmodel"]["device"])
+    model, meta, resolution = _load_model(cfg["qmodel"], device)
+    calib_path, _ = _data_paths(cfg)
+    x, _ = _images(calib_path, cfg["qdata"]["calib_n"], resolution, device, cfg["qdata"]["num_workers"],
+                   "qdata.calib_n")
+    quantized = quantize_model(model, fmt, calibrate(model, batches(x, cfg["qmodel"]["batch_size"])))
+    save_quantized_checkpoint(output, quantized, meta["arch"], meta["model_kwargs"],
+                              source={"checkpoint": meta["checkpoint"], "calib_data": calib_path, "calib_n": len(x)})
+    print(f"rat.quant ptq: {meta['arch']} quantized to {fmt.name} ({len(quantized.act_scales)} layers, calibrated on "
+          f"{len(x)} images of {calib_path}) -> {output}")
+    return 0
+
+
+def run_sweep_cmd(cfg: dict[str, Any]) -> int:
+    from rat.eval.evaluate import default_model_name
+    from rat.quant.sweep import run_sweep, write_csv
+
+    sweep = cfg["sweep"]
+    if not sweep["output"]:
+        raise ConfigError("sweep.output is required (a results folder)")
+    folder = Path(sweep["output"])
+    _fresh_output(str(folder / "sweep.jsonl"), "sweep.output")
+    if sweep["formats"]:
+        formats = [parse_format(f) for f in sweep["formats"].split(",") if f.strip()]
+    else:
+        formats = sweep_grid(tuple(k.upper() for k in sweep["kinds"].split(",") if k.upper() in FORMATS))
+    device = _device(cfg["qmodel"]["device"])
+    model, meta, resolution = _load_model(cfg["qmodel"], device)
+    calib_path, data_path = _data_paths(cfg)
+    workers = cfg["qdata"]["num_workers"]
+    calib, _ = _images(calib_path, cfg["qdata"]["calib_n"], resolution, device, workers, "qdata.calib_n")
+    x, y = _images(data_path, cfg["qdata"]["n_ex"], resolution, device, workers, "qdata.n_ex")
+    name = sweep["name"] or default_model_name(meta["checkpoint"], meta["arch"])
+    records = run_sweep(model, name=name, formats=formats, calib=calib, x=x, y=y, spec=_attack_spec(cfg),
+                        img_size=resolution, batch_size=cfg["qmodel"]["batch_size"], jsonl=folder / "sweep.jsonl",
+                        progress=bool(sweep["progress"]), extra={"arch": meta["arch"],
+                                                                 "checkpoint": meta["checkpoint"]})
+    write_csv(records, folder / "sweep.csv")
+    fp = records[0]
+    print(f"rat.quant sweep: {name}: FP clean {fp['clean_acc']:.2f}% robust {fp['robust_acc']:.2f}%, "
+          f"{len(records) - 1} formats -> {folder / 'sweep.jsonl'}, {folder / 'sweep.csv'}")
+    return 0
+
+
+def run_fit(cfg: dict[str, Any]) -> int:
+    from rat.quant.fit import TARGETS, fit_sweeps, load_records, plot_fits
+
+    fit = cfg["fit"]
+    paths = [Path(p) for p in fit["sweeps"].split(",") if p.strip()]
+    if not paths:
+        raise ConfigError("fit.sweeps is required: comma-separated sweep.jsonl files")
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"fit.sweeps: {path} does not exist (write it with python -m rat.quant sweep)")
+    output = _fresh_output(fit["output"], "fit.output")
+    records = load_records(paths)
+    if not records:
+        raise ConfigError("fit.sweeps hold no quantized points")
+    summary = fit_sweeps(records, fit["similarity"])
+    plot_fits(records, summary, output)
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    for target in TARGETS:
+        per_model = ", ".join(f"{m} {f['r2']:.3f}" for m, f in summary[target]["models"].items())
+        print(f"rat.quant fit: {target} loss vs {fit['similarity']}: R² overall "
+              f"{summary[target]['overall']['r2']:.3f}; per model: {per_model}")
+    print(f"rat.quant fit: plot {output}, summary {output.with_suffix('.json')}")
+    return 0
+
+
+def run_generate(cfg: dict[str, Any]) -> int:
+    from rat.quant.generator import adjust_generator, label_accuracy, record_norm_stats, sample, stat_targets
+    from rat.quant.generator import train_generator as train
+    from rat.quant.sweep import batches
+
+    gen_cfg = cfg["generate"]
+    output = _fresh_output(gen_cfg["output"], "generate.output")
+    if gen_cfg["rounds"] > 0 and (gen_cfg["target_clean"] < 0 or gen_cfg["target_robust"] < 0):
+        raise ConfigError("the adjustment needs the model's real accuracies: give generate.target_clean and "
+                          "generate.target_robust (in %), or generate.rounds 0")
+    device = _device(cfg["qmodel"]["device"])
+    model, meta, resolution = _load_model(cfg["qmodel"], device)
+    stats = None
+    if cfg["qdata"]["stats_data"]:
+        x, _ = _images(cfg["qdata"]["stats_data"], cfg["qdata"]["stats_n"], resolution, device,
+                       cfg["qdata"]["num_workers"], "qdata.stats_n")
+        stats = record_norm_stats(model, batches(x, cfg["qmodel"]["batch_size"]))
+    targets = stat_targets(model, stats)
+    spec = _attack_spec(cfg)
+    progress = bool(gen_cfg["progress"])
+    generator = train(model, targets, num_classes=model.num_classes, img_size=resolution, steps=gen_cfg["steps"],
+                      batch_size=gen_cfg["batch_size"], lr=gen_cfg["lr"], mix=gen_cfg["mix"],
+                      stat_weight=gen_cfg["stat_weight"], seed=gen_cfg["seed"], progress=progress)
+    label_acc = label_accuracy(model, generator)
+    mix, beta, history = gen_cfg["mix"], 0.0, []
+    if gen_cfg["rounds"] > 0:
+        result = adjust_generator(model, generator, targets, target_clean=gen_cfg["target_clean"],
+                                  target_robust=gen_cfg["target_robust"], spec=spec, rounds=gen_cfg["rounds"],
+                                  steps_per_round=gen_cfg["steps_per_round"], batch_size=gen_cfg["batch_size"],
+                                  lr=gen_cfg["lr"] / 2, mix=gen_cfg["mix"], stat_weight=gen_cfg["stat_weight"],
+                                  tolerance=gen_cfg["tolerance"], seed=gen_cfg["seed"], progress=progress)
+        mix, beta, history = result.mix, result.beta, result.history
+    images, labels = sample(generator, gen_cfg["n_samples"], mix, gen_cfg["seed"] + 1000, device)
+    state = {"images": (images * 255).round().to(torch.uint8).cpu(), "labels": labels.cpu(),
+             "generator": {k: v.cpu() for k, v in generator.state_dict().items()},
+             "meta": {"arch": meta["arch"], "checkpoint": meta["checkpoint"], "resolution": resolution, "mix": mix,
+                      "beta": beta, "label_accuracy": label_acc, "history": history,
+                      "target_clean": gen_cfg["target_clean"], "target_robust": gen_cfg["target_robust"],
+                      "norm": spec.norm, "eps": spec.eps, "n_iter": spec.n_iter,
+                      "statistics": "batchnorm" if stats is None else "recorded"}}
+    from rat.io import atomic_write
+
+    atomic_write(output, lambda handle: torch.save(state, handle))
+    last = history[-1] if history else {}
+    print(f"rat.quant generate: label accuracy {label_acc:.1f}%, adjusted mix {mix:.3f} beta {beta:.3f}"
+          + (f", FP on generated probe: clean {last['clean']:.2f}% robust {last['robust']:.2f}%" if last else "")
+          + f" -> {output}")
+    return 0
+
+
+def run_estimate(cfg: dict[str, Any]) -> int:
+    from scipy.stats import spearmanr
+
+    from rat.models import load_checkpoint_file
+    from rat.quant.ptq import calibrate, quantize_model
+    from rat.quant.sweep import FP_NAME, batches, evaluate_point
+
+    est = cfg["estimate"]
+    if not est["generated"]:
+        raise ConfigError("estimate.generated is required (the output of python -m rat.quant generate)")
+    formats = [parse_format(f) for f in est["formats"].split(",") if f.strip()]
+    if not formats:
+        raise ConfigError("estimate.formats is required, e.g. int8,int4,pot4")
+    output = _fresh_output(est["output"], "estimate.output")
+    generated = load_checkpoint_file(est["generated"])
+    if "images" not in generated or "labels" not in generated:
+        raise ConfigError(f"estimate.generated={est['generated']} is not a generated set (write one with generate)")
+    device = _device(cfg["qmodel"]["device"])
+    model, meta, resolution = _load_model(cfg["qmodel"], device)
+    xg = generated["images"].to(device).float() / 255
+    yg = generated["labels"].to(device)
+    if xg.shape[-1] != resolution:
+        raise ConfigError(f"the generated set is {xg.shape[-1]} px but the model runs at {resolution}: set "
+                          f"qmodel.resolution {xg.shape[-1]}")
+    real = None
+    if est["real"]:
+        _, data_path = _data_paths(cfg)
+        real = _images(data_path, cfg["qdata"]["n_ex"], resolution, device, cfg["qdata"]["num_workers"],
+                       "qdata.n_ex")
+    spec, bs = _attack_spec(cfg), cfg["qmodel"]["batch_size"]
+    amax = calibrate(model, batches(xg, bs))  # data-free: ranges from the generated images
+    rows = []
+    for fmt in [None, *formats]:
+        net = model if fmt is None else quantize_model(copy.deepcopy(model), fmt, amax).model
+        row: dict[str, Any] = {"format": FP_NAME if fmt is None else fmt.name}
+        row.update({f"est_{k}": v for k, v in evaluate_point(net, xg, yg, spec, bs).items()})
+        if real is not None:
+            row.update({f"real_{k}": v for k, v in evaluate_point(net, *real, spec, bs).items()})
+        rows.append(row)
+        _logger.info("%s", row)
+    summary: dict[str, Any] = {"model": meta, "generated": est["generated"], "rows": rows,
+                               "norm": spec.norm, "eps": spec.eps, "n_iter": spec.n_iter}
+    if real is not None:
+        for key in ("clean_acc", "robust_acc"):
+            errors = [abs(r[f"est_{key}"] - r[f"real_{key}"]) for r in rows]
+            rho = spearmanr([r[f"est_{key}"] for r in rows], [r[f"real_{key}"] for r in rows]).statistic
+            summary[f"{key}_mean_abs_error"] = sum(errors) / len(errors)
+            summary[f"{key}_fp_error"] = rows[0][f"est_{key}"] - rows[0][f"real_{key}"]
+            summary[f"{key}_spearman"] = float(rho)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2) + "\n")
+    for r in rows:
+        real_part = (f" | real clean {r['real_clean_acc']:6.2f}% robust {r['real_robust_acc']:6.2f}%"
+                     if real is not None else "")
+        print(f"{r['format']:>14}: estimated clean {r['est_clean_acc']:6.2f}% robust {r['est_robust_acc']:6.2f}%"
+              + real_part)
+    if real is not None:
+        print(f"rat.quant estimate: FP robust error {summary['robust_acc_fp_error']:+.2f} points, mean |error| "
+              f"{summary['robust_acc_mean_abs_error']:.2f}, Spearman rho (robust) {summary['robust_acc_spearman']:.3f}"
+              f" -> {output}")
+    return 0
+
+
+_COMMANDS = {"ptq": run_ptq, "sweep": run_sweep_cmd, "fit": run_fit, "generate": run_generate,
+             "estimate": run_estimate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in QUANT_SUBCOMMANDS:
+        given = f" (got {argv[0]!r})" if argv else ""
+        print(f"rat.quant: error: give a subcommand first{given}\n{_USAGE}", file=sys.stderr)
+        return 2
+    sub = argv[0]
+    setup_logging(0)
+    try:
+        config = make_config(argv[1:], prog=f"python -m rat.quant {sub}", description=f"rat.quant {sub}",
+                             declare=declare_quant_sections(sub))
+        return _COMMANDS[sub](config_to_dict(config))
+    except _BAD_INPUT as err:
+        print(f"rat.quant: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

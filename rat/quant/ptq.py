@@ -1,0 +1,175 @@
+"""Simulated post-training quantization of any rat model: weights and input activations of every Conv/Linear layer.
+
+Per quantizable layer (every ``nn.Conv1d/2d/3d`` and ``nn.Linear``, timm's subclasses included):
+
+* the weight is replaced by its fake-quantized value, per-tensor scale ``max|W| / fmt.max_value``;
+* the layer's input is fake-quantized by a forward pre-hook, per-tensor scale ``max|x| / fmt.max_value`` where
+  ``max|x|`` is the largest absolute input seen on the calibration images by the full-precision model;
+* the bias stays in float (in hardware it is a wide accumulator, 32 bits).
+
+Everything else (input normalization, LayerNorm/BatchNorm, softmax, GELU, the attention matmuls, residual additions)
+stays in float: these layers have no weights to quantize in this scheme, and the formats here do not serve them.
+
+A quantized checkpoint is a rat checkpoint (``model``, ``arch``, ``model_kwargs``) whose weights are the quantized
+values, plus a ``quant`` record (format, scales). ``rat.models.create_model_from_checkpoint`` and ``rat.eval`` load it
+as a plain model (quantized weights, float activations); :func:`load_quantized_model` also re-attaches the
+activation quantizers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rat.quant.formats import QuantFormat, fake_quantize
+
+__all__ = [
+    "MIN_CALIB_IMAGES", "QUANT_RECORD_VERSION", "QuantizationError", "QuantizedModel", "calibrate",
+    "load_quantized_model", "quantizable_layers", "quantize_model", "save_quantized_checkpoint",
+]
+
+_logger = logging.getLogger(__name__)
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Fewer images give activation ranges that depend on a handful of inputs.
+MIN_CALIB_IMAGES = 16
+QUANT_RECORD_VERSION = 1
+
+
+class QuantizationError(ValueError):
+    """A model or calibration set that cannot be quantized as asked; the message says why and what to do."""
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of the Conv/Linear layers that :func:`quantize_model` quantizes, in module order.
+
+    Raises:
+        QuantizationError: the model has none.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
+    if not layers:
+        raise QuantizationError(f"{type(model).__name__} has no Conv/Linear layer to quantize: rat.quant quantizes "
+                                "the weights and inputs of nn.Conv*d and nn.Linear layers")
+    return layers
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """The largest absolute input of every quantizable layer over ``batches`` ([0, 1] images), full precision.
+
+    Raises:
+        QuantizationError: fewer than :data:`MIN_CALIB_IMAGES` images, or no quantizable layer.
+    """
+    layers = quantizable_layers(model)
+    amax = {name: 0.0 for name in layers}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for x in batches:
+            model(x)
+            seen += x.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen < MIN_CALIB_IMAGES:
+        raise QuantizationError(f"calibration set too small: {seen} images, at least {MIN_CALIB_IMAGES} are needed "
+                                "for stable activation ranges (raise the number of calibration images)")
+    return amax
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """A model quantized in place, its format and scales, and the hooks that quantize its layer inputs."""
+
+    model: nn.Module
+    fmt: QuantFormat
+    weight_scales: dict[str, float]
+    act_scales: dict[str, float]
+    handles: list[Any] = dataclasses.field(default_factory=list, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """The ``quant`` entry of a quantized checkpoint (plain types only, safe for ``weights_only`` loading)."""
+        return {"version": QUANT_RECORD_VERSION, "format": self.fmt.kind, "bits": self.fmt.bits,
+                "exp_bits": self.fmt.exp_bits, "name": self.fmt.name, "weight_scales": dict(self.weight_scales),
+                "act_scales": dict(self.act_scales), "bias": "float32"}
+
+
+def _attach_act_quant(layers: Mapping[str, nn.Module], act_scales: Mapping[str, float], fmt: QuantFormat) -> list:
+    def hook(scale: float):
+        def quantize_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (fake_quantize(args[0], scale, fmt), *args[1:])
+        return quantize_input
+
+    return [layers[name].register_forward_pre_hook(hook(scale)) for name, scale in act_scales.items()]
+
+
+def _scale(amax: float, fmt: QuantFormat) -> float:
+    # a layer whose input (or weight) is all zeros keeps zeros at any scale; 1.0 avoids dividing by zero
+    return amax / fmt.max_value if amax > 0 else 1.0
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, fmt: QuantFormat, act_amax: Mapping[str, float]) -> QuantizedModel:
+    """Quantize ``model`` in place: weights replaced by their quantized values, input quantizers attached.
+
+    Args:
+        model: A model from ``rat.models.create_model`` (any module works), full precision.
+        fmt: The number format of weights and activations.
+        act_amax: Per-layer input absolute maxima from :func:`calibrate` on the same architecture.
+    """
+    layers = quantizable_layers(model)
+    missing = sorted(set(layers) - set(act_amax))
+    if missing:
+        raise QuantizationError(f"no calibration range for layers {missing[:5]}: calibrate this architecture")
+    weight_scales = {}
+    for name, layer in layers.items():
+        weight_scales[name] = _scale(float(layer.weight.abs().max()), fmt)
+        layer.weight.copy_(fake_quantize(layer.weight, weight_scales[name], fmt))
+    act_scales = {name: _scale(float(act_amax[name]), fmt) for name in layers}
+    handles = _attach_act_quant(layers, act_scales, fmt)
+    return QuantizedModel(model, fmt, weight_scales, act_scales, handles)
+
+
+def save_quantized_checkpoint(path: str | Path, quantized: QuantizedModel, arch: str, model_kwargs: Mapping[str, Any],
+                              source: Mapping[str, Any] | None = None) -> Path:
+    """Write ``{model, arch, model_kwargs, quant, source}`` atomically (``rat.io``); returns the path."""
+    from rat.io import atomic_write
+
+    state = {"model": quantized.model.state_dict(), "arch": arch, "model_kwargs": dict(model_kwargs),
+             "quant": quantized.record(), "source": dict(source or {})}
+    return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_quantized_model(checkpoint: str | Path | Mapping[str, Any], img_size: int | None = None) -> QuantizedModel:
+    """Rebuild a quantized model from a checkpoint of :func:`save_quantized_checkpoint`, activation quantizers on.
+
+    Raises:
+        QuantizationError: the checkpoint has no ``quant`` record.
+    """
+    from rat.models import create_model_from_checkpoint, load_checkpoint_file
+
+    ckpt = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_checkpoint_file(checkpoint)
+    record = ckpt.get("quant")
+    if not isinstance(record, Mapping):
+        raise QuantizationError("checkpoint has no 'quant' record: it is not a rat.quant checkpoint (write one with "
+                                "python -m rat.quant ptq)")
+    fmt = QuantFormat(record["format"], int(record["bits"]), int(record["exp_bits"]))
+    model = create_model_from_checkpoint(ckpt, img_size=img_size)
+    layers = quantizable_layers(model)
+    act_scales = {k: float(v) for k, v in record["act_scales"].items()}
+    handles = _attach_act_quant(layers, act_scales, fmt)
+    return QuantizedModel(model, fmt, {k: float(v) for k, v in record["weight_scales"].items()}, act_scales, handles)

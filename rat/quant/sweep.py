@@ -1,0 +1,171 @@
+"""Accuracy of full-precision and quantized models on in-memory image tensors, and the whole-grid sweep.
+
+Clean accuracy is top-1; robust accuracy is APGD's (``rat.attacks.create_attack('apgd', ...)``, gradients through the
+quantizers straight-through) and, on request, AutoAttack's (``rat.eval.autoattack``). Each sweep point is one format
+at one bit width: the model is quantized from the same full-precision weights and the same calibrated activation
+ranges, then evaluated on the same images; results go to a JSONL file as they come (one line per point) and to a CSV
+at the end.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rat.quant.formats import QuantFormat
+from rat.quant.ptq import calibrate, quantizable_layers, quantize_model
+from rat.quant.similarity import layer_flops, layer_params, model_similarity, weights_of
+
+__all__ = ["AttackSpec", "FP_NAME", "accuracy", "batches", "evaluate_point", "robust_accuracy", "run_sweep",
+           "write_csv"]
+
+_logger = logging.getLogger(__name__)
+
+FP_NAME = "FP32"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """The robust evaluation: APGD-CE with ``n_iter`` steps in ``norm``/``eps``, optionally AutoAttack too."""
+
+    norm: str = "Linf"
+    eps: float = 4 / 255
+    n_iter: int = 10
+    autoattack: str = ""  # '' = off, else an AutoAttack version: 'standard' or 'fast'
+    seed: int = 0
+
+
+def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of ``x`` along the first dimension."""
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start:start + batch_size]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy in % (model in eval mode)."""
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(batches(x, batch_size),
+                                                                             batches(y, batch_size)))
+    return 100.0 * correct / max(len(y), 1)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, batch_size: int) -> float:
+    """APGD-CE robust accuracy in %."""
+    from rat.attacks import create_attack
+
+    model.eval()
+    attack = create_attack("apgd", model, norm=spec.norm, eps=spec.eps, n_iter=spec.n_iter, seed=spec.seed)
+    correct = 0
+    for xb, yb in zip(batches(x, batch_size), batches(y, batch_size)):
+        x_adv = attack.perturb(xb, yb)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == yb).sum())
+    return 100.0 * correct / max(len(y), 1)
+
+
+def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+                        batch_size: int) -> float:
+    """AutoAttack (``spec.autoattack`` version) robust accuracy in %, through rat's wrapper."""
+    from rat.eval.autoattack import build_autoattack, resolve_attacks
+
+    model.eval()
+    adversary = build_autoattack(model, norm=spec.norm, eps=spec.eps, attacks=resolve_attacks(spec.autoattack),
+                                 device=x.device, seed=spec.seed)
+    x_adv = adversary.run_standard_evaluation(x.contiguous(), y, bs=batch_size)
+    return accuracy(model, x_adv, y, batch_size)
+
+
+def evaluate_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+                   batch_size: int) -> dict[str, float]:
+    """``{'clean_acc', 'robust_acc'[, 'aa_acc']}`` of one model."""
+    result = {"clean_acc": accuracy(model, x, y, batch_size),
+              "robust_acc": robust_accuracy(model, x, y, spec, batch_size)}
+    if spec.autoattack:
+        result["aa_acc"] = autoattack_accuracy(model, x, y, spec, batch_size)
+    return result
+
+
+def _loss(fp: float, q: float) -> float:
+    """Relative accuracy loss ``(fp - q) / fp`` (0 when the full-precision accuracy is 0)."""
+    return (fp - q) / fp if fp > 0 else 0.0
+
+
+def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], calib: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor, spec: AttackSpec, img_size: int, batch_size: int, jsonl: str | Path,
+              progress: bool = True, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``model`` in full precision and at every format; returns the records (also appended to ``jsonl``).
+
+    Args:
+        model: Full-precision model (left unchanged; each point quantizes a copy).
+        name: Model name in the records (the fit groups points by it).
+        formats: The grid (``rat.quant.formats.sweep_grid()`` for the whole one).
+        calib: Calibration images ([0, 1], on the model's device).
+        x: Evaluation images.
+        y: Their labels.
+        spec: Robust evaluation.
+        img_size: Resolution (for per-layer FLOPs).
+        batch_size: Images per forward pass.
+        jsonl: Results file; one JSON object per line, written as each point finishes.
+        progress: Show a tqdm bar.
+        extra: Fields added to every record (arch, checkpoint, ...).
+    """
+    model = model.eval()
+    model.requires_grad_(False)
+    act_amax = calibrate(model, batches(calib, batch_size))
+    layers = quantizable_layers(model)
+    fp_weights = weights_of(layers)
+    params = layer_params(layers)
+    flops = layer_flops(model, list(layers), img_size)
+    base = {"model": name, "n_ex": int(len(y)), "n_calib": int(len(calib)), "norm": spec.norm, "eps": spec.eps,
+            "n_iter": spec.n_iter, "img_size": img_size, **(extra or {})}
+    fp_result = evaluate_point(model, x, y, spec, batch_size)
+    records = [{**base, "format": FP_NAME, "kind": FP_NAME, "bits": 32, "exp_bits": 8, **fp_result,
+                "acc_loss": 0.0, "robust_loss": 0.0, "js_param": 0.0, "js_flops": 0.0}]
+    jsonl = Path(jsonl)
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with jsonl.open("a") as out:
+        out.write(json.dumps(records[0]) + "\n")
+        for fmt in tqdm(formats, desc=f"sweep {name}", disable=not progress):
+            start = time.time()
+            qmodel = copy.deepcopy(model)
+            quantized = quantize_model(qmodel, fmt, act_amax)
+            sim = model_similarity(fp_weights, weights_of(quantizable_layers(qmodel)), params, flops)
+            result = evaluate_point(qmodel, x, y, spec, batch_size)
+            record = {**base, "format": fmt.name, "kind": fmt.kind, "bits": fmt.bits, "exp_bits": fmt.exp_bits,
+                      **result, "acc_loss": _loss(fp_result["clean_acc"], result["clean_acc"]),
+                      "robust_loss": _loss(fp_result["robust_acc"], result["robust_acc"]),
+                      "js_param": sim["js_param"], "js_flops": sim["js_flops"], "time_s": round(time.time() - start, 2)}
+            if "aa_acc" in result:
+                record["aa_loss"] = _loss(fp_result["aa_acc"], result["aa_acc"])
+            for handle in quantized.handles:
+                handle.remove()
+            records.append(record)
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            _logger.info("%s %s: clean %.2f%% robust %.2f%% js_flops %.4g", name, fmt.name, result["clean_acc"],
+                         result["robust_acc"], sim["js_flops"])
+    return records
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The records as a CSV table (columns: the union of their keys, in first-seen order)."""
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    return path

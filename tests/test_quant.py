@@ -1,0 +1,260 @@
+"""rat.quant: number formats against torch's float8 casts and hand-computed grids, the quantized forward against a
+hand-computed reference, JS similarity, the fit, the generator, and the CLI (happy path and bad input)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rat.quant import (
+    AttackSpec,
+    FormatError,
+    QuantFormat,
+    QuantizationError,
+    calibrate,
+    fake_quantize,
+    fit_curve,
+    fit_sweeps,
+    js_divergence,
+    label_accuracy,
+    load_quantized_model,
+    parse_format,
+    plot_fits,
+    quantize_model,
+    record_norm_stats,
+    run_sweep,
+    stat_targets,
+    sweep_grid,
+    train_generator,
+)
+from rat.quant.__main__ import main as quant_main
+from rat.quant.generator import GeneratorError
+
+RES = 32
+
+
+# ---- formats ---------------------------------------------------------------------------------------------------
+def test_parse_format_names_and_grid():
+    assert parse_format("int8") == QuantFormat("INT", 8)
+    assert parse_format("POT4") == QuantFormat("POT", 4)
+    assert parse_format("float8_e4m3") == parse_format("e4m3") == QuantFormat("FLOAT", 8, 4)
+    assert parse_format("FLOAT6E3") == QuantFormat("FLOAT", 6, 3)
+    assert parse_format(QuantFormat("FLOAT", 8, 5).name) == parse_format("e5m2")
+    grid = sweep_grid()
+    assert len([f for f in grid if f.kind == "INT"]) == 15 and len([f for f in grid if f.kind == "POT"]) == 7
+    assert len([f for f in grid if f.kind == "FLOAT"]) == sum(b - 1 for b in range(3, 9))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("uint8", "unknown format"), ("int1", "2 to 16 bits"), ("int17", "2 to 16 bits"), ("pot9", "2 to 8 bits"),
+    ("float9_e4m4", "3 to 8 bits"), ("float8_e4m2", r"e \+ m must be 7"), ("float8", "needs its exponent"),
+    ("float4_e4", "1 to 3 exponent bits"), ("int8_e4m3", "no exponent/mantissa split"),
+])
+def test_parse_format_rejects_bad_input(text, message):
+    with pytest.raises(FormatError, match=message):
+        parse_format(text)
+
+
+@pytest.mark.parametrize("fmt, dtype", [("float8_e4m3", torch.float8_e4m3fn), ("float8_e5m2", torch.float8_e5m2)])
+def test_float8_equals_torch_cast(fmt, dtype):
+    """brevitas' minifloat rounding (scale 1) equals torch's float8 casts on normals, subnormals and ties."""
+    gen = torch.Generator().manual_seed(0)
+    finfo = torch.finfo(dtype)
+    x = torch.cat([torch.randn(20000, generator=gen) * 40, torch.randn(2000, generator=gen) * finfo.tiny * 4,
+                   torch.tensor([0.0, finfo.max, -finfo.max, finfo.tiny, finfo.smallest_normal])])
+    x = x.clamp(-finfo.max, finfo.max)
+    assert torch.equal(fake_quantize(x, 1.0, parse_format(fmt)), x.to(dtype).float())
+    assert parse_format(fmt).max_value == finfo.max
+
+
+def test_int_and_pot_grids_by_hand():
+    x = torch.tensor([0.042, -0.053, 0.31, -0.44, 0.005, 0.015, 0.025])
+    # INT4, scale 0.01: round half to even, narrow range +-7
+    expected = torch.tensor([0.04, -0.05, 0.07, -0.07, 0.0, 0.02, 0.02])
+    assert torch.allclose(fake_quantize(x, 0.01, parse_format("int4")), expected, atol=1e-7)
+    # POT3, scale 1: grid {0, +-1, +-0.5, +-0.25}; midpoints 0.375, 0.75; below 0.125 -> 0
+    y = torch.tensor([0.9, 0.74, 0.76, 0.37, 0.38, 0.13, 0.12, -2.0, -0.3])
+    assert torch.equal(fake_quantize(y, 1.0, parse_format("pot3")),
+                       torch.tensor([1.0, 0.5, 1.0, 0.25, 0.5, 0.25, 0.0, -1.0, -0.25]))
+
+
+# ---- quantized forward -----------------------------------------------------------------------------------------
+def test_quantized_linear_equals_hand_computed_reference():
+    """INT4 on a 3->2 linear layer: scales max|W|/7 = 0.25 and max|x|/7 = 0.5, round half to even, bias in float."""
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.75, -0.375, 0.125], [0.5, 1.0, -0.625]]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2]))
+    model = nn.Sequential(layer)
+    calib = torch.zeros(16, 3)
+    calib[0, 2] = 3.5
+    quantized = quantize_model(model, parse_format("int4"), calibrate(model, [calib]))
+    assert quantized.weight_scales["0"] == 0.25 and quantized.act_scales["0"] == 0.5
+    # W / 0.25 = [[7, -1.5, 0.5], [2, 4, -2.5]] -> [[7, -2, 0], [2, 4, -2]]; x / 0.5 = [2.5, -1.5, 7] -> [2, -2, 7]
+    w_q = torch.tensor([[1.75, -0.5, 0.0], [0.5, 1.0, -0.5]])
+    x_q = torch.tensor([1.0, -1.0, 3.5])
+    assert torch.equal(layer.weight.detach(), w_q)
+    out = model(torch.tensor([[1.25, -0.75, 3.5]]))
+    assert torch.equal(out[0], torch.tensor([2.25, -2.25]) + torch.tensor([0.1, -0.2]))
+    assert torch.equal(out[0], w_q @ x_q + layer.bias.detach())
+
+
+def test_quantization_errors():
+    with pytest.raises(QuantizationError, match="no Conv/Linear layer"):
+        calibrate(nn.Sequential(nn.ReLU()), [torch.zeros(32, 3)])
+    with pytest.raises(QuantizationError, match="calibration set too small"):
+        calibrate(nn.Sequential(nn.Linear(3, 2)), [torch.zeros(4, 3)])
+
+
+# ---- similarity ------------------------------------------------------------------------------------------------
+def test_js_zero_for_identical_and_grows_as_bits_fall():
+    w = torch.randn(64, 32, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert js_divergence(w, w.clone()) == 0.0
+    for kind, bits in (("INT", range(2, 17)), ("POT", range(2, 9))):
+        js = [js_divergence(w, fake_quantize(w, w.abs().max() / QuantFormat(kind, b).max_value, QuantFormat(kind, b)))
+              for b in bits]
+        assert all(a >= b for a, b in zip(js, js[1:])), (kind, js)
+    js_int = [js_divergence(w, fake_quantize(w, w.abs().max() / (2 ** (b - 1) - 1), QuantFormat("INT", b)))
+              for b in range(2, 9)]
+    assert all(a > b for a, b in zip(js_int, js_int[1:])) and js_int[0] > 0.5 and js_int[-1] < 0.05
+
+
+# ---- fit -------------------------------------------------------------------------------------------------------
+def test_fit_recovers_logistic_and_plots(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for i, model in enumerate(("a", "b", "c")):
+        for js in torch.logspace(-4, 0, 20).tolist():
+            loss = (0.8 + 0.05 * i) / (1 + math.exp(-3 * (math.log10(js) + 1.5)))
+            noise = 0.01 * float(torch.randn(2, generator=gen)[0])
+            records.append({"model": model, "js_flops": js, "js_param": js, "acc_loss": loss + noise,
+                            "robust_loss": loss - noise, "format": "INT8"})
+    summary = fit_sweeps(records)
+    assert summary["clean"]["overall"]["r2"] > 0.98
+    assert all(f["r2"] > 0.98 for f in summary["robust"]["models"].values())
+    assert plot_fits(records, summary, tmp_path / "fit.png").stat().st_size > 10000
+    assert math.isnan(fit_curve([0.1, 0.2], [0.3, 0.4])["r2"])
+
+
+# ---- a small trained model, shared by the tests below ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny Conv-BN CNN trained for a few seconds on scikit-learn's 8x8 digits (upsampled to 16 px, RGB)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div(16).unsqueeze(1).repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1)
+    y = torch.from_numpy(digits.target).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        idx = torch.randint(0, 1497, (64,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), x[:256], x, y  # evaluated on all 1,797 images: 1 point = 18 images
+
+
+@pytest.fixture(scope="module")
+def rat_checkpoint(tmp_path_factory):
+    """A rat checkpoint of a small timm ResNet (random weights: ptq needs no trained model)."""
+    from rat.models import create_model
+
+    kwargs = {"num_classes": 10, "normalize": True, "img_size": RES, "channels": (8, 16, 32, 64), "stem_width": 8}
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("quant") / "model.pt"
+    torch.save({"model": create_model("resnet10t", **kwargs).state_dict(), "arch": "resnet10t",
+                "model_kwargs": kwargs}, path)
+    return path
+
+
+def test_int8_keeps_accuracy_int2_and_pot2_do_not(trained, tmp_path):
+    model, calib, x_val, y_val = trained
+    records = run_sweep(model, name="cnn", formats=[parse_format(f) for f in ("int8", "int2", "pot2")], calib=calib,
+                        x=x_val, y=y_val, spec=AttackSpec(n_iter=1), img_size=16, batch_size=600,
+                        jsonl=tmp_path / "sweep.jsonl", progress=False)
+    fp, int8, int2, pot2 = (r["clean_acc"] for r in records)
+    assert fp > 80, "the fixture model did not learn"
+    assert abs(fp - int8) < 1.0
+    assert fp - int2 > 30 and fp - pot2 > 30
+    lines = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert [r["format"] for r in lines] == ["FP32", "INT8", "INT2", "POT2"]
+    assert 0 < lines[1]["js_flops"] < lines[2]["js_flops"] and lines[1]["js_param"] < lines[2]["js_param"]
+
+
+def test_generator_images_are_classified_as_their_labels(trained):
+    model, *_ = trained
+    targets = stat_targets(model, None)
+    generator = train_generator(model, targets, num_classes=10, img_size=16, steps=60, batch_size=32, seed=0,
+                                progress=False)
+    assert label_accuracy(model, generator, n=200) >= 90
+
+
+def test_layernorm_model_needs_recorded_statistics():
+    from rat.models import create_model
+
+    model = create_model("convnext_micro_cvst", num_classes=10).eval()
+    with pytest.raises(GeneratorError, match="no BatchNorm running statistics"):
+        stat_targets(model, None)
+    stats = record_norm_stats(model, [torch.rand(4, 3, RES, RES)])
+    assert stats and stat_targets(model, stats) is not None
+    assert all(mean.shape == var.shape and (var >= 0).all() for mean, var in stats.values())
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_path, capsys):
+    from rat.eval.evaluate import build_eval_model
+    from rat.models import create_model_from_checkpoint
+
+    path = rat_checkpoint
+    x_val = torch.rand(8, 3, RES, RES)
+    out = tmp_path / "int8.pt"
+    assert quant_main(["ptq", "--qmodel.checkpoint", str(path), "--qdata.calib_data", str(demo_betons[0]),
+                       "--qdata.calib_n", "64", "--ptq.format", "int8", "--ptq.output", str(out),
+                       "--qmodel.device", "cpu", "--qdata.num_workers", "1"]) == 0
+    assert "INT8" in capsys.readouterr().out
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["quant"]["name"] == "INT8" and ckpt["quant"]["act_scales"]
+    plain = create_model_from_checkpoint(out).eval()  # rat.models: quantized weights, float activations
+    scale = ckpt["quant"]["weight_scales"]["model.conv1.0"]
+    weights = plain.model.conv1[0].weight / scale
+    assert torch.allclose(weights, weights.round(), atol=1e-4)  # integers times the recorded scale
+    full = load_quantized_model(out).model.eval()  # rat.quant: activation quantizers too
+    with torch.no_grad():
+        assert not torch.equal(full(x_val), plain(x_val))
+    build_eval_model(ckpt["arch"], ckpt, resolution=RES, model_kwargs={k: v for k, v in ckpt["model_kwargs"].items()
+                                                                       if k != "img_size"},
+                     use_ema=False, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ptq.format", "int1"], "2 to 16 bits"),
+    (["--ptq.format", "float8_e3m3"], "e + m must be 7"),
+    (["--ptq.format", "bf16"], "unknown format"),
+    (["--ptq.format", "int8", "--qdata.calib_n", "4"], "calibration set too small"),
+])
+def test_cli_bad_input_one_line_exit_2_nothing_written(rat_checkpoint, demo_betons, tmp_path, capsys, args, message):
+    path = rat_checkpoint
+    out = tmp_path / "q.pt"
+    code = quant_main(["ptq", "--qmodel.checkpoint", str(path), "--qdata.calib_data", str(demo_betons[0]),
+                       "--ptq.output", str(out), "--qmodel.device", "cpu", "--qdata.num_workers", "1", *args])
+    err = capsys.readouterr().err.strip().splitlines()  # INFO log lines may come first (model loaded, ...)
+    errors = [line for line in err if "error" in line.lower() or "Traceback" in line]
+    assert code == 2 and errors == [err[-1]] and message in err[-1] and err[-1].startswith("rat.quant: error:")
+    assert not out.exists()
+
+
+def test_cli_requires_a_subcommand(capsys):
+    assert quant_main([]) == 2
+    assert quant_main(["quantize"]) == 2
+    assert "give a subcommand" in capsys.readouterr().err
