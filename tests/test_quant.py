@@ -258,3 +258,15 @@ def test_cli_requires_a_subcommand(capsys):
     assert quant_main([]) == 2
     assert quant_main(["quantize"]) == 2
     assert "give a subcommand" in capsys.readouterr().err
+
+
+def test_autoattack_is_at_least_as_strong_as_one_apgd_step():
+    from rat.quant.sweep import autoattack_accuracy, robust_accuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)).eval()
+    x = torch.rand(8, 3, 4, 4)
+    y = model(x).argmax(1)
+    spec = AttackSpec(eps=0.03, n_iter=1, autoattack="fast")
+    aa = autoattack_accuracy(model, x, y, spec, 8)
+    assert aa <= robust_accuracy(model, x, y, spec, 8) and aa < 100

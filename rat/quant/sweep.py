@@ -76,14 +76,21 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: At
 
 def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
                         batch_size: int) -> float:
-    """AutoAttack (``spec.autoattack`` version) robust accuracy in %, through rat's wrapper."""
-    from rat.eval.autoattack import build_autoattack, resolve_attacks
+    """AutoAttack (``spec.autoattack`` version) robust accuracy in %, through rat's wrapper: a point is robust when
+    every attack of the version leaves it correctly classified."""
+    from rat.eval.autoattack import build_autoattack, resolve_attacks, robust_after_attack
 
     model.eval()
-    adversary = build_autoattack(model, norm=spec.norm, eps=spec.eps, attacks=resolve_attacks(spec.autoattack),
-                                 device=x.device, seed=spec.seed)
-    x_adv = adversary.run_standard_evaluation(x.contiguous(), y, bs=batch_size)
-    return accuracy(model, x_adv, y, batch_size)
+    attacks = resolve_attacks(spec.autoattack)
+    adversary = build_autoattack(model, norm=spec.norm, eps=spec.eps, attacks=attacks, device=x.device,
+                                 seed=spec.seed)
+    robust = 0
+    for xb, yb in zip(batches(x, batch_size), batches(y, batch_size)):
+        flags = torch.ones(len(yb), dtype=torch.bool)
+        for attack in attacks:
+            flags &= robust_after_attack(adversary, attack, xb.contiguous(), yb)
+        robust += int(flags.sum())
+    return 100.0 * robust / max(len(y), 1)
 
 
 def evaluate_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
