@@ -558,13 +558,16 @@ def test_robustbench_subset_on_imagenet_and_seeded_elsewhere(tmp_path: Path, dem
 
 
 def test_jobs_file_normalize_reaches_rat_eval(tmp_path: Path):
-    """A jobs-file entry's normalize (for checkpoints that do not say) becomes rat.eval's --normalize, which parses."""
+    """A jobs-file entry's normalize (for checkpoints that do not say) becomes rat.eval's --normalize, which parses;
+    like every jobs-file switch it is a real YAML boolean (1 is refused)."""
     from rat.eval.__main__ import build_parser, spec_from_args
-    from rat.eval.jobs import Task, expand_jobs, task_command
+    from rat.eval.jobs import JobsError, Task, expand_jobs, task_command
 
-    entries = [{"checkpoint": "released/vit_s.pt", "arch": VIT, "data": "val.beton", "normalize": 1},
+    entries = [{"checkpoint": "released/vit_s.pt", "arch": VIT, "data": "val.beton", "normalize": True},
                {"checkpoint": "runs/a/checkpoints/last.pt", "data": "val.beton"}]
     with_flag, without = expand_jobs(entries, tmp_path)
     cmd = task_command(Task(with_flag), "cpu")
     assert cmd[cmd.index("--normalize") + 1] == "1" and "--normalize" not in task_command(Task(without), "cpu")
     assert spec_from_args(build_parser().parse_args(cmd[3:])).normalize is True
+    with pytest.raises(JobsError, match="normalize: 1 must be true or false"):
+        expand_jobs([{**entries[0], "normalize": 1}], tmp_path)

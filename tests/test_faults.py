@@ -134,7 +134,7 @@ def _result(**overrides) -> dict:
     """A complete, valid rat.eval result (for the export and overwrite cases)."""
     result = {"format": "rat.eval/1", "model": "m", "arch": ARCH, "norm": "Linf", "eps": 4 / 255, "resolution": 32,
               "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "n_ex": 5000,
-              "clean_accuracy": 0.5, "robust_accuracy": 0.25, "shard": None, "seed": 5,
+              "clean_accuracy": 0.5, "robust_accuracy": 0.25, "shard": None, "seed": 5, "normalize": False,
               "robust_accuracy_after": {"apgd-ce": 0.3, "apgd-t": 0.25, "fab-t": 0.25, "square": 0.25},
               "per_example": {"indices": [1, 2], "clean": "10", "apgd-ce": "00", "apgd-t": "00", "fab-t": "00",
                               "square": "00"}}

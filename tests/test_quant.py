@@ -232,9 +232,10 @@ def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_
     full = load_quantized_model(out).model.eval()  # rat.quant: activation quantizers too
     with torch.no_grad():
         assert not torch.equal(full(x_val), plain(x_val))
-    build_eval_model(ckpt["arch"], ckpt, resolution=RES, model_kwargs={k: v for k, v in ckpt["model_kwargs"].items()
-                                                                       if k != "img_size"},
-                     use_ema=False, device=torch.device("cpu"))
+    evaluated = build_eval_model(ckpt["arch"], ckpt, resolution=RES, use_ema=False, device=torch.device("cpu"),
+                                 model_kwargs={k: v for k, v in ckpt["model_kwargs"].items() if k != "img_size"})
+    with torch.no_grad():  # rat.eval attacks the deployed model: activation quantizers on, like rat.quant's
+        assert torch.equal(evaluated(x_val), full(x_val))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -246,13 +246,24 @@ def build_eval_model(arch: str, checkpoint: str | Path | dict[str, Any] | None, 
     Raises:
         CheckpointError: the checkpoint's weights do not fit the architecture.
     """
-    from rat.models import create_model
+    from rat.models import create_model, load_checkpoint_file
 
     kwargs = dict(model_kwargs)
     normalize = kwargs.pop("normalize", None)
+    ckpt = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     try:
-        model = create_model(arch, checkpoint=checkpoint, img_size=resolution, normalize=normalize, use_ema=use_ema,
-                             **kwargs)
+        if ckpt is not None and "quant" in ckpt:
+            # A rat.quant checkpoint: its quantized weights *and* the quantization of every layer's input, i.e. the
+            # deployed model as rat.quant simulates it (create_model alone would run float activations).
+            from rat.quant import load_quantized_model
+
+            if use_ema:
+                raise CheckpointError("a rat.quant checkpoint holds one quantized model and no EMA weights: drop "
+                                      "--use-ema")
+            model = load_quantized_model(ckpt, img_size=resolution).model
+        else:
+            model = create_model(arch, checkpoint=ckpt, img_size=resolution, normalize=normalize, use_ema=use_ema,
+                                 **kwargs)
     except (RuntimeError, CheckpointError) as exc:
         if checkpoint is None:
             raise
@@ -454,6 +465,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint is not None else None,
         "checkpoint_sha256": source.checkpoint_sha256,
         "use_ema": spec.use_ema,
+        "quantization": ((source.checkpoint or {}).get("quant") or {}).get("name"),  # rat.quant format, or None
         "normalize": bool(source.model_kwargs["normalize"]),
         "normalize_source": source.normalization,
         "norm": spec.norm,

@@ -328,6 +328,10 @@ def create_model(
         arch = ckpt.get("arch")
         if isinstance(arch, str) and is_model(arch) and get_arch_name(arch) != get_arch_name(name):
             raise CheckpointError(f"{source} holds a '{arch}' model, not '{name}'")
+        if isinstance(ckpt.get("quant"), Mapping):
+            _logger.warning("%s holds a rat.quant %s model: create_model loads its quantized weights but runs float "
+                            "activations; rat.quant.load_quantized_model (and rat.eval) also quantize every layer's "
+                            "input", source, ckpt["quant"].get("name", "?"))
         if isinstance(ckpt.get("model_kwargs"), Mapping):
             hint = (f"it was written for create_model({arch!r}, **{dict(ckpt['model_kwargs'])}); "
                     f"rat.models.create_model_from_checkpoint(path) rebuilds it from that record")

@@ -168,7 +168,8 @@ def load_quantized_model(checkpoint: str | Path | Mapping[str, Any], img_size: i
         raise QuantizationError("checkpoint has no 'quant' record: it is not a rat.quant checkpoint (write one with "
                                 "python -m rat.quant ptq)")
     fmt = QuantFormat(record["format"], int(record["bits"]), int(record["exp_bits"]))
-    model = create_model_from_checkpoint(ckpt, img_size=img_size)
+    # the weights alone: create_model warns about a ``quant`` record, whose activation quantization is restored here
+    model = create_model_from_checkpoint({k: v for k, v in ckpt.items() if k != "quant"}, img_size=img_size)
     layers = quantizable_layers(model)
     act_scales = {k: float(v) for k, v in record["act_scales"].items()}
     handles = _attach_act_quant(layers, act_scales, fmt)
