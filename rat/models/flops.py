@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["count_flops", "count_params"]
+__all__ = ["count_flops", "count_module_flops", "count_params"]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -37,6 +37,20 @@ def count_flops(model: nn.Module, img_size: int, batch_size: int = 1) -> int:
     Returns:
         Total FLOPs of the forward pass for the whole batch.
     """
+    return int(_counted_forward(model, img_size, batch_size).get_total_flops())
+
+
+def count_module_flops(model: nn.Module, img_size: int, batch_size: int = 1) -> dict[str, int]:
+    """FLOPs of one forward pass per submodule, as :func:`count_flops` counts them.
+
+    Keys are ``FlopCounterMode``'s module names: the root class name, then the dotted path
+    (``"ResNet.layer1.0.conv1"``); a parent counts the FLOPs of its children too.
+    """
+    counts = _counted_forward(model, img_size, batch_size).get_flop_counts()
+    return {name: int(sum(per_op.values())) for name, per_op in counts.items()}
+
+
+def _counted_forward(model: nn.Module, img_size: int, batch_size: int) -> FlopCounterMode:
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -50,4 +64,4 @@ def count_flops(model: nn.Module, img_size: int, batch_size: int = 1) -> int:
             model(x)
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops())
+    return counter

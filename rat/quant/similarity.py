@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import torch
 from scipy.spatial.distance import jensenshannon
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from rat.models.flops import count_module_flops
 
 __all__ = ["DEFAULT_BINS", "js_divergence", "layer_flops", "layer_params", "model_similarity", "weights_of"]
 
@@ -40,18 +41,9 @@ def layer_params(layers: Mapping[str, nn.Module]) -> dict[str, int]:
 
 def layer_flops(model: nn.Module, layer_names: list[str], img_size: int) -> dict[str, int]:
     """Forward FLOPs (batch 1, torch's FlopCounterMode, 1 multiply-add = 2 FLOPs) of each named submodule."""
-    param = next(iter(model.parameters()))
-    x = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    counts = count_module_flops(model, img_size)
     root = type(model).__name__
-    counts = counter.get_flop_counts()
-    return {name: int(sum(counts.get(f"{root}.{name}", {}).values())) for name in layer_names}
+    return {name: counts.get(f"{root}.{name}", 0) for name in layer_names}
 
 
 def model_similarity(fp_weights: Mapping[str, torch.Tensor], q_weights: Mapping[str, torch.Tensor],
