@@ -301,7 +301,6 @@ def test_show_policy_and_plot_run_read_the_run(tmp_path, straight_run, demo_beto
 
 
 @pytest.mark.ffcv
-@pytest.mark.slow
 def test_two_ranks_keep_one_controller(tmp_path, demo_betons) -> None:
     """torchrun, 2 CPU ranks (gloo) on disjoint shards: rewards are averaged over ranks, so both controllers take the
     same updates; the checkpoint's replica check (model and controller) would stop the run otherwise."""

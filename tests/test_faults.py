@@ -621,7 +621,6 @@ def _runner(jobs: Path, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow
 def test_two_runners_on_one_jobs_file_run_every_job_once(tmp_path, demo_betons):
     resolutions = [32, 40]
     jobs = _tiny_jobs(tmp_path, demo_betons[1], resolutions)
@@ -639,7 +638,6 @@ def test_two_runners_on_one_jobs_file_run_every_job_once(tmp_path, demo_betons):
     assert "finished by another runner" in err1 + err2
 
 
-@pytest.mark.slow
 def test_sigterm_to_the_runner_stops_its_evaluations(tmp_path, demo_betons):
     jobs = _tiny_jobs(tmp_path, demo_betons[1], [32])
     runner = _runner(jobs, tmp_path)
@@ -665,7 +663,6 @@ def test_run_train_sh_refuses_a_bad_config_before_torchrun(tmp_path):
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 def test_run_train_sh_sigterm_saves_and_says_how_to_resume(tmp_path, demo_betons):
     run = tmp_path / "run"
     cmd = ["bash", str(REPO / "run_train.sh"), "--data.demo_root", str(demo_betons[0].parent), "--logging.folder",
