@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def load_demo_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"unknown demo split {split!r}: use 'train' or 'val'")
     images, labels = splits[split]
     return images.copy(), labels.copy()
+
+
+def demo_root(configured: str | Path = "") -> Path:
+    """Where the demo betons live: ``configured`` if given, else ``$XDG_CACHE_HOME/rat/demo`` (~/.cache/rat/demo)."""
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat" / "demo"
 
 
 def ensure_demo_betons(root: str | Path) -> tuple[Path, Path]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,10 @@ def _fresh_output(path: str, key: str) -> Path:
     return out
 
 
-def _demo_paths(demo_root: str) -> tuple[Path, Path]:
-    from rat.data.demo import ensure_demo_betons
+def _demo_paths(configured: str) -> tuple[Path, Path]:
+    from rat.data.demo import demo_root, ensure_demo_betons
 
-    root = Path(demo_root) if demo_root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat" / \
-        "demo"
-    return ensure_demo_betons(root)
+    return ensure_demo_betons(demo_root(configured))
 
 
 def _images(path: str | Path, n: int, resolution: int, device: torch.device, num_workers: int, key: str,

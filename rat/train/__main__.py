@@ -6,7 +6,6 @@ is read only by the ``build_*`` functions here; the engine below them takes plai
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import sys
@@ -26,6 +25,7 @@ from rat.attacks import create_attack, eps_warmup_factor
 from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
 from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info, read_classes
 from rat.data.augment import BatchRandomErasing
+from rat.data.demo import demo_root as default_demo_root
 from rat.data.demo import ensure_demo_betons
 from rat.data.policy import AdversarialAugment, PolicySpace
 from rat.io import OutputError, check_writable
@@ -123,12 +123,6 @@ def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | N
     return resumed
 
 
-def _demo_root(configured: str) -> Path:
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rat" / "demo"
-
-
 @section("data")
 @param("train_dataset")
 @param("val_dataset")
@@ -137,7 +131,7 @@ def build_datasets(info: DistInfo, train_dataset: str, val_dataset: str, demo_ro
     """The train/val beton paths (checked by ``preflight``); the embedded demo dataset (written by rank 0 on first use)
     when none is given."""
     if not train_dataset:
-        root = _demo_root(demo_root)
+        root = default_demo_root(demo_root)
         if info.is_primary:
             ensure_demo_betons(root)
         barrier()
