@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from process_support import sigterm_after_first_metrics
 
 from rat.config import config_to_dict, make_config
 from rat.io import FileLock, atomic_write, pid_alive
@@ -670,12 +671,7 @@ def test_run_train_sh_sigterm_saves_and_says_how_to_resume(tmp_path, demo_betons
            "--training.epochs", "3", "--training.precision", "fp32", "--validation.robust_n_ex", "0",
            "--logging.progress", "0", "--logging.log_every", "1", "--data.num_workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    stderr = sigterm_after_first_metrics(proc, run / "metrics.jsonl")
     assert proc.returncode == 0, stderr[-3000:]
     assert "checkpoint saved" in stderr and "resume with --training.resume auto" in stderr
     assert "SignalException" not in stderr and "Traceback" not in stderr

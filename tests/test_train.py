@@ -17,13 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from process_support import sigterm_after_first_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -179,12 +179,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, demo_root):
     cmd = [sys.executable, "-m", "rat.train", "--data.demo_root", str(demo_root), "--logging.folder", str(run_dir),
            *SMALL, "--training.limit_batches", "0", "--training.epochs", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    stderr = sigterm_after_first_metrics(proc, run_dir / "metrics.jsonl")
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM" in stderr
     state = _load(run_dir / "checkpoints" / "last.pt")
