@@ -145,6 +145,12 @@ class FileLock:
         self._fd = fd
         return True
 
+    def acquire(self, poll: float = 0.2) -> FileLock:
+        """Wait until this object holds the lock (polling every ``poll`` seconds); returns self, for ``with``."""
+        while not self.try_acquire():
+            time.sleep(poll)
+        return self
+
     def holder(self) -> str:
         """``pid N on HOST since HH:MM:SS`` of the process that wrote the lock file last (for messages)."""
         try:

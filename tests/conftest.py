@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded demo dataset written once per test session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_betons(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(train.beton, val.beton) of the embedded demo dataset, written to a session tmp dir."""
+    """(train.beton, val.beton) of the embedded demo dataset, written once per session to a tmp dir that parallel
+    workers (pytest-xdist) share: ``ensure_demo_betons`` lets one of them write while the others wait."""
     from rat.data.demo import ensure_demo_betons
 
-    return ensure_demo_betons(tmp_path_factory.mktemp("demo"))
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "demo"
+    return ensure_demo_betons(root)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from rat.io import FileLock
+
 _logger = logging.getLogger(__name__)
 
 DEMO_CLASSES: list[str] = [str(d) for d in range(10)]
@@ -121,16 +123,18 @@ def ensure_demo_betons(root: str | Path) -> tuple[Path, Path]:
     from rat.data import write_arrays_beton
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     stamp = root / "demo_version.json"
     paths = root / "train.beton", root / "val.beton"
     expected = {"version": DEMO_VERSION, "resolution": DEMO_RESOLUTION}
-    if stamp.exists() and all(p.exists() for p in paths) and json.loads(stamp.read_text()) == expected:
-        return paths
-    for split, path in zip(("train", "val"), paths):
-        images, labels = load_demo_arrays(split)
-        _logger.info("writing demo %s set (%d images) to %s", split, len(labels), path)
-        write_arrays_beton(images, labels, path, classes=DEMO_CLASSES, max_resolution=DEMO_RESOLUTION,
-                           compress_probability=0.0, write_mode="raw")
-    stamp.write_text(json.dumps(expected))
+    # Several processes may want the same cache at once (two runs, parallel test workers): one writes, the others
+    # wait for it and then find the stamp.
+    with FileLock(root / ".writing.lock").acquire():
+        if stamp.exists() and all(p.exists() for p in paths) and json.loads(stamp.read_text()) == expected:
+            return paths
+        for split, path in zip(("train", "val"), paths):
+            images, labels = load_demo_arrays(split)
+            _logger.info("writing demo %s set (%d images) to %s", split, len(labels), path)
+            write_arrays_beton(images, labels, path, classes=DEMO_CLASSES, max_resolution=DEMO_RESOLUTION,
+                               compress_probability=0.0, write_mode="raw")
+        stamp.write_text(json.dumps(expected))
     return paths
