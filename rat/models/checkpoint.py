@@ -5,8 +5,9 @@ carries code or arbitrary objects is rejected, never executed) and ``.safetensor
 
 Key layouts understood here (everything else is an error, never a guess):
 
-* rat: ``create_model(...).state_dict()``, i.e. ``model.<timm keys>``, bare or in a rat trainer checkpoint
-  (``{'model': ..., 'model_ema': ..., 'arch': ..., 'model_kwargs': ...}``);
+* rat: ``create_model(...).state_dict()``, i.e. timm's keys, bare or in a rat trainer checkpoint
+  (``{'model': ..., 'model_ema': ..., 'arch': ..., 'model_kwargs': ...}``); checkpoints written while rat wrapped the
+  timm network hold ``model.<timm keys>`` (older ones also ``normalize.mean/std``);
 * a plain timm state dict (``<timm keys>``);
 * revisiting-at releases: ``DDP(WrappedModel(normalize_model(model)))`` gives ``module.base_model.normalize.mean``,
   ``module.base_model.model.<keys>``; EMA files lack ``module.``; RobustBench-style files lack ``base_model.``; models
