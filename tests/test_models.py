@@ -345,18 +345,17 @@ def test_checkpoints_of_the_wrapper_layout_still_load(family: str, tmp_path: Pat
     buffers = {"normalize.mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
                "normalize.std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)}
     model_kwargs = {"normalize": True, "img_size": res, **kwargs}  # kwargs: num_classes and the family's
-    for weights, ema_weights in ((wrapped, wrapped_ema), ({**buffers, **wrapped}, {**buffers, **wrapped_ema})):
-        path = tmp_path / "trainer.pt"
-        torch.save({"model": weights, "model_ema": ema_weights, "arch": name, "model_kwargs": model_kwargs}, path)
-        _assert_same_outputs(model, rm.create_model_from_checkpoint(path), x)
-        _assert_same_outputs(ema.module, rm.create_model_from_checkpoint(path, use_ema=True), x)
-        _assert_same_outputs(model, create_model(name, checkpoint=weights, normalize=True, img_size=res, **kwargs), x)
-        resumed = create_model(name, img_size=res, **kwargs)
-        resumed_ema = ModelEmaV3(resumed, decay=0.5)
-        resumed.load_state_dict(weights)
-        resumed_ema.module.load_state_dict(ema_weights)
-        _assert_same_outputs(model, resumed, x)
-        _assert_same_outputs(ema.module, resumed_ema.module, x)
+    path = tmp_path / "trainer.pt"
+    torch.save({"model": wrapped, "model_ema": wrapped_ema, "arch": name, "model_kwargs": model_kwargs}, path)
+    _assert_same_outputs(model, rm.create_model_from_checkpoint(path), x)
+    _assert_same_outputs(ema.module, rm.create_model_from_checkpoint(path, use_ema=True), x)
+    resumed = create_model(name, img_size=res, **kwargs)  # the trainer's resume
+    resumed_ema = ModelEmaV3(resumed, decay=0.5)
+    resumed.load_state_dict(wrapped)
+    resumed_ema.module.load_state_dict({**buffers, **wrapped_ema})
+    _assert_same_outputs(model, resumed, x)
+    _assert_same_outputs(ema.module, resumed_ema.module, x)
+    _assert_same_outputs(model, create_model(name, checkpoint={**buffers, **wrapped}, img_size=res, **kwargs), x)
     wrong = {**wrapped, "normalize.mean": torch.full((1, 3, 1, 1), 0.5), "normalize.std": buffers["normalize.std"]}
     with pytest.raises(CheckpointError, match=r"normalizes inputs with mean=\[0.5, 0.5, 0.5\]"):
         resumed.load_state_dict(wrong)
