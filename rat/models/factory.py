@@ -10,9 +10,10 @@ Design:
 * **The returned object is the timm model.** Input normalization (STYLE.md section 4: the model takes pixels in
   [0, 1]) is an :class:`~rat.models.layers.ImageNormalizer` registered as the model's ``normalize`` submodule, with
   the mean/std of the model's pretrained cfg, and run as a forward pre-hook of the model's input module (the
-  top-level module holding the cfg's ``first_conv``: ``stem``, ``patch_embed``, ``conv1``, ...). Every path into the
-  network (``forward``, ``forward_features``, ``forward_intermediates``) starts there, so all of them see normalized
-  input, and every timm hook (``no_weight_decay``, ``set_input_size``, ``group_matcher``, ``reset_classifier``,
+  top-level module holding the cfg's ``first_conv``: ``stem``, ``patch_embed``, ``conv1``, ...; the model itself for
+  the rare model with several input branches, such as CrossViT). Every path into the network (``forward``,
+  ``forward_features``, ``forward_intermediates``) starts there, so all of them see normalized input, and every
+  timm hook (``no_weight_decay``, ``set_input_size``, ``group_matcher``, ``reset_classifier``,
   ``set_grad_checkpointing``, ``num_classes``, ...) is the model's own: nothing is forwarded by hand, and timm's
   optimizer helpers see the model's own parameter names. A wrapper module would have to translate every hook that
   names parameters (``no_weight_decay``, ``group_matcher``) and every forward variant. The hook is a bound method of
@@ -114,15 +115,17 @@ def _filter_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, 
 
 
 def _input_module(model: nn.Module) -> nn.Module:
-    """The top-level module that receives the image: the one holding the pretrained cfg's ``first_conv``."""
+    """The top-level module that receives the image: the one holding the pretrained cfg's ``first_conv``. A model
+    without one (several input branches, e.g. CrossViT's list of patch embeddings) gets normalization in front of its
+    ``forward`` only."""
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     if isinstance(first, (list, tuple)):
         first = first[0] if first else None
     module = model._modules.get(first.split(".", 1)[0]) if isinstance(first, str) and first else None
-    if module is None:
-        raise ValueError(f"{type(model).__name__} names no input module (pretrained_cfg first_conv={first!r}), so "
-                         "rat cannot put input normalization in front of it: create it with normalize=False and "
-                         "normalize its inputs yourself")
+    if module is None or isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # a container is never called
+        _logger.warning("%s has no single input module (first_conv=%r): input normalization runs in front of its "
+                        "forward() only, forward_features() takes normalized inputs", type(model).__name__, first)
+        return model
     return module
 
 
