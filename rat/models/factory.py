@@ -140,7 +140,7 @@ def add_input_normalization(model: nn.Module, normalize: bool = True) -> nn.Modu
     Returns:
         The same model.
     """
-    if "normalize" in model._modules or hasattr(model, "normalize"):
+    if hasattr(model, "normalize"):
         raise ValueError(f"{type(model).__name__} already has a 'normalize' attribute")
     if not normalize:
         model.register_module("normalize", None)
