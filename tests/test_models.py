@@ -56,6 +56,14 @@ def _build(family: str, **extra) -> tuple[nn.Module, str, dict, int]:
     return model, name, kwargs, res
 
 
+def _raw_twin(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
+    """The same weights in a model without input normalization (the function of a model trained on raw inputs)."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    twin = create_model(name, normalize=False, **({"img_size": img_size[0]} if img_size else {}), **kwargs)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
 def _randomize(model: nn.Module) -> None:
     """Make every parameter non-trivial (LayerScale, norms, pos_embed) so that a dropped or swapped key shows."""
     with torch.no_grad():
@@ -127,7 +135,7 @@ def test_paper_parameter_counts(name: str) -> None:
         timm_model = timm.create_model(name)
         rat_model = create_model(name)
     assert rm.count_params(timm_model) == PAPER_PARAMS[name]
-    assert rm.count_params(rat_model) == PAPER_PARAMS[name]  # the normalizing wrapper adds no parameters
+    assert rm.count_params(rat_model) == PAPER_PARAMS[name]  # input normalization adds no parameters
 
 
 @pytest.mark.parametrize("name", MICRO)
@@ -195,7 +203,7 @@ def test_generic_timm_models_through_the_same_entry_point(name: str) -> None:
         out = model(torch.rand(1, 3, 224, 224))
     assert out.shape == (1, 3)
     cfg = timm.models.get_pretrained_cfg(name)
-    assert model.input_mean == tuple(cfg.mean) and model.input_std == tuple(cfg.std)
+    assert model.normalize.mean_values == tuple(cfg.mean) and model.normalize.std_values == tuple(cfg.std)
 
 
 def test_generic_timm_vit_checkpoint_and_resolution(tmp_path: Path) -> None:
@@ -207,8 +215,8 @@ def test_generic_timm_vit_checkpoint_and_resolution(tmp_path: Path) -> None:
                 "model_kwargs": {"depth": 2, "num_classes": 4, "img_size": 32, "normalize": True}}, path)
     _assert_same_outputs(model, rm.create_model_from_checkpoint(path), _inputs(32))
     big = rm.create_model_from_checkpoint(path, img_size=64)
-    assert big.model.pos_embed.shape == (1, 17, 192) and big.model.patch_embed.img_size == (64, 64)
-    assert big.input_mean == (0.5, 0.5, 0.5)  # normalization from this model's own pretrained cfg
+    assert big.pos_embed.shape == (1, 17, 192) and big.patch_embed.img_size == (64, 64)
+    assert big.normalize.mean_values == (0.5, 0.5, 0.5)  # normalization from this model's own pretrained cfg
 
 
 @pytest.mark.parametrize("name", CVST_MODELS)
@@ -229,20 +237,50 @@ def test_unknown_model_name() -> None:
 
 def test_normalization_is_inside_the_model() -> None:
     model = create_model("convnext_micro_cvst").eval()
+    raw = create_model("convnext_micro_cvst", normalize=False).eval()
+    raw.load_state_dict(model.state_dict())
     x = _inputs(64)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model.model((x - mean) / std))
+        torch.testing.assert_close(model(x), raw((x - mean) / std))
+        torch.testing.assert_close(model.forward_features(x), raw.forward_features((x - mean) / std))
     assert model.pretrained_cfg["mean"] == (0.0, 0.0, 0.0) and model.pretrained_cfg["std"] == (1.0, 1.0, 1.0)
-    assert model.model.pretrained_cfg["mean"] == IMAGENET_MEAN
+    assert model.default_cfg == model.pretrained_cfg
+    assert model.normalize.mean_values == IMAGENET_MEAN and model.normalize.std_values == IMAGENET_STD
     assert not any(k.startswith("normalize") for k in model.state_dict())  # mean/std come from the cfg
+    assert raw.normalize is None and raw.pretrained_cfg["mean"] == IMAGENET_MEAN
 
-    raw = create_model("convnext_micro_cvst", normalize=False).eval()
-    raw.load_state_dict(model.state_dict())
+
+@pytest.mark.parametrize("name", MICRO)
+def test_the_model_is_the_timm_model(name: str) -> None:
+    """create_model returns timm's model itself: its hooks name its own parameters, and every way into the network
+    (forward, forward_features, forward_intermediates, an EMA copy) normalizes the input."""
+    torch.manual_seed(0)
+    timm_model = timm.create_model(name, num_classes=10).eval()
+    model = create_model(name, num_classes=10).eval()
+    assert type(model) is type(timm_model)
+    model.load_state_dict(timm_model.state_dict())
+    assert list(model.state_dict()) == list(timm_model.state_dict())  # exactly timm's keys
+    names = {n for n, _ in model.named_parameters()}
+    if name.startswith("vit"):  # timm's ConvNeXt has no no_weight_decay()
+        assert model.no_weight_decay() == timm_model.no_weight_decay() and {"pos_embed", "cls_token"} <= names
+    assert model.group_matcher() == timm_model.group_matcher()
+    x = _inputs(64)
+    x_norm = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ema = ModelEmaV3(model, decay=0.5).module
     with torch.no_grad():
-        torch.testing.assert_close(raw(x), model.model(x))
-    assert raw.input_mean is None and raw.pretrained_cfg["mean"] == IMAGENET_MEAN
+        _assert_same_outputs(model, ema, x)
+        torch.testing.assert_close(model(x), timm_model(x_norm), rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), timm_model(x_norm), rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_intermediates(x)[0], timm_model.forward_intermediates(x_norm)[0],
+                                   rtol=0, atol=0)
+        for p in ema.parameters():
+            p.zero_()
+        assert not torch.equal(ema(x), model(x))  # the copy's normalizer and weights are its own
+    model.set_grad_checkpointing(True)
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model(x).shape == (2, 3)
 
 
 # --- checkpoints: rat layouts ----------------------------------------------------------------------------------------
@@ -284,11 +322,43 @@ def test_trainer_checkpoint_model_ema_and_kwargs(tmp_path: Path) -> None:
     _assert_same_outputs(model, create_model(name, checkpoint=path, num_classes=10), x)
     _assert_same_outputs(ema.module, create_model(name, checkpoint=path, use_ema=True, num_classes=10), x)
     rebuilt = rm.create_model_from_checkpoint(path)
-    assert rebuilt.num_classes == 10 and rebuilt.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert rebuilt.num_classes == 10 and rebuilt.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     _assert_same_outputs(model, rebuilt, x)
     # the EMA wrapper's own state_dict (module.-prefixed) loads too
     _assert_same_outputs(ema.module, create_model(name, checkpoint=ema.state_dict(), normalize=True,
                                                   num_classes=10), x)
+
+
+@pytest.mark.parametrize("family", ["convnext", "vit", "iso"])
+def test_checkpoints_of_the_wrapper_layout_still_load(family: str, tmp_path: Path) -> None:
+    """Before the model was the timm model itself, rat wrapped it: trainer checkpoints hold ``model.<timm keys>``
+    (EMA too), and older ones also the ``normalize.mean/std`` buffers. They load with identical outputs through
+    create_model, create_model_from_checkpoint, and the trainer's resume (``module.load_state_dict``, EMA copy too)."""
+    model, name, kwargs, res = _build(family, num_classes=10)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    x = _inputs(res)
+    wrapped = {f"model.{k}": v for k, v in model.state_dict().items()}
+    wrapped_ema = {f"model.{k}": v for k, v in ema.module.state_dict().items()}
+    buffers = {"normalize.mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+               "normalize.std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)}
+    model_kwargs = {"normalize": True, "img_size": res, **kwargs}  # kwargs: num_classes and the family's
+    path = tmp_path / "trainer.pt"
+    torch.save({"model": wrapped, "model_ema": wrapped_ema, "arch": name, "model_kwargs": model_kwargs}, path)
+    _assert_same_outputs(model, rm.create_model_from_checkpoint(path), x)
+    _assert_same_outputs(ema.module, rm.create_model_from_checkpoint(path, use_ema=True), x)
+    resumed = create_model(name, img_size=res, **kwargs)  # the trainer's resume
+    resumed_ema = ModelEmaV3(resumed, decay=0.5)
+    resumed.load_state_dict(wrapped)
+    resumed_ema.module.load_state_dict({**buffers, **wrapped_ema})
+    _assert_same_outputs(model, resumed, x)
+    _assert_same_outputs(ema.module, resumed_ema.module, x)
+    _assert_same_outputs(model, create_model(name, checkpoint={**buffers, **wrapped}, img_size=res, **kwargs), x)
+    wrong = {**wrapped, "normalize.mean": torch.full((1, 3, 1, 1), 0.5), "normalize.std": buffers["normalize.std"]}
+    with pytest.raises(CheckpointError, match=r"normalizes inputs with mean=\[0.5, 0.5, 0.5\]"):
+        resumed.load_state_dict(wrong)
 
 
 @pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
@@ -305,7 +375,7 @@ def test_ddp_and_ema_wrap_the_model(tmp_path: Path) -> None:
         loss.backward()
         ema.update(model)
         path = tmp_path / "ddp.pt"
-        torch.save(ddp.state_dict(), path)  # module.model.* keys
+        torch.save(ddp.state_dict(), path)  # module.* keys
     finally:
         dist.destroy_process_group()
     _assert_same_outputs(model, create_model(name, checkpoint=path, normalize=True, num_classes=10), _inputs(res))
@@ -318,7 +388,7 @@ def test_ddp_and_ema_wrap_the_model(tmp_path: Path) -> None:
                                     "ddp_no_normalization", "bare_reference", "full_training_checkpoint"])
 def test_reference_layouts_load(family: str, layout: str, tmp_path: Path) -> None:
     model, name, kwargs, res = _build(family)
-    ckpt, normalized = _reference_layouts(model.model.state_dict(), family)[layout]
+    ckpt, normalized = _reference_layouts(model.state_dict(), family)[layout]
     path = tmp_path / "released.pt"
     torch.save(ckpt, path)
     loaded = create_model(name, checkpoint=path, normalize=normalized, **kwargs)
@@ -326,7 +396,7 @@ def test_reference_layouts_load(family: str, layout: str, tmp_path: Path) -> Non
     if normalized:
         _assert_same_outputs(model, loaded, x)
     else:
-        _assert_same_outputs(model.model, loaded, x)  # a model trained on raw [0, 1] inputs
+        _assert_same_outputs(_raw_twin(model, name, kwargs), loaded, x)  # a model trained on raw [0, 1] inputs
     if layout == "full_training_checkpoint":
         _assert_same_outputs(model, create_model(name, checkpoint=path, use_ema=True, **kwargs), x)
 
@@ -334,7 +404,7 @@ def test_reference_layouts_load(family: str, layout: str, tmp_path: Path) -> Non
 @pytest.mark.parametrize("family", ["convnext", "vit"])
 def test_reference_layout_through_timm_pretrained_file(family: str, tmp_path: Path) -> None:
     model, name, kwargs, res = _build(family)
-    ckpt, _ = _reference_layouts(model.model.state_dict(), family)["ddp_wrapped_normalized"]
+    ckpt, _ = _reference_layouts(model.state_dict(), family)["ddp_wrapped_normalized"]
     path = tmp_path / "released.pt"
     torch.save(ckpt, path)
     if family == "vit":
@@ -394,7 +464,7 @@ def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path: Path) ->
 def test_shape_mismatch_and_stray_key_are_reported(tmp_path: Path) -> None:
     model, name, _, _ = _build("convnext", num_classes=10)
     sd = model.state_dict()
-    sd["model.extra.weight"] = torch.zeros(1)
+    sd["extra.weight"] = torch.zeros(1)
     path = tmp_path / "w.pt"
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=r"unexpected keys: extra\.weight.*shape mismatches: head\.fc\.bias: "
@@ -418,7 +488,7 @@ def test_trainer_checkpoint_errors(tmp_path: Path) -> None:
 
 def test_reference_normalization_is_checked() -> None:
     model, name, _, _ = _build("convnext")
-    ckpt, _ = _reference_layouts(model.model.state_dict(), "convnext")["robustbench_normalized"]
+    ckpt, _ = _reference_layouts(model.state_dict(), "convnext")["robustbench_normalized"]
     with pytest.raises(CheckpointError, match="create it with normalize=True"):
         create_model(name, checkpoint=ckpt, normalize=False)
     ckpt["normalize.mean"] = torch.full((1, 3, 1, 1), 0.5)
@@ -475,7 +545,7 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
 def test_vit_resolution_round_trip_and_change(tmp_path: Path) -> None:
     model, name, kwargs, res = _build("vit")
     with torch.no_grad():
-        model.model.pos_embed.normal_(0, 1.0)  # strong position signal: zeros or a wrong grid would show
+        model.pos_embed.normal_(0, 1.0)  # strong position signal: zeros or a wrong grid would show
     path = tmp_path / "vit32.pt"
     torch.save(model.state_dict(), path)
     x = _inputs(res)
@@ -486,15 +556,15 @@ def test_vit_resolution_round_trip_and_change(tmp_path: Path) -> None:
 
     # new resolution: pos_embed resampled (not zeroed), outputs finite and input-dependent
     big = create_model(name, checkpoint=path, img_size=64, normalize=True).eval()
-    expected = resample_abs_pos_embed(model.model.pos_embed.detach(), new_size=[4, 4], old_size=[2, 2],
+    expected = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[4, 4], old_size=[2, 2],
                                       num_prefix_tokens=1)
-    torch.testing.assert_close(big.model.pos_embed.detach(), expected)
-    assert big.model.pos_embed[:, 1:].abs().sum() > 0
+    torch.testing.assert_close(big.pos_embed.detach(), expected)
+    assert big.pos_embed[:, 1:].abs().sum() > 0
     with torch.no_grad():
         y1, y2 = big(_inputs(64, seed=1)), big(_inputs(64, seed=2))
     assert torch.isfinite(y1).all() and not torch.allclose(y1, y2)
 
-    # set_input_size through the wrapper, as the evaluator does between resolutions
+    # timm's own set_input_size, as the evaluator does between resolutions
     model.set_input_size(48)
     with torch.no_grad():
         assert torch.isfinite(model(_inputs(48))).all()
@@ -505,7 +575,7 @@ def test_vit_no_embed_class_resolution(tmp_path: Path) -> None:
     path = tmp_path / "vitm.pt"
     torch.save(model.state_dict(), path)
     big = create_model(name, checkpoint=path, img_size=64, normalize=True, **kwargs).eval()
-    assert big.model.pos_embed.shape == (1, 16, 64)
+    assert big.pos_embed.shape == (1, 16, 64)
     with torch.no_grad():
         assert torch.isfinite(big(_inputs(64))).all()
 
@@ -517,7 +587,7 @@ def test_eval_resolutions_of_paper_models(res: int) -> None:
         convnext = create_model("convnext_tiny_cvst", img_size=res)
         x = torch.rand(1, 3, res, res)
         assert vit(x).shape == convnext(x).shape == (1, 1000)
-    assert vit.model.pos_embed.shape[1] == 1 + (res // 16) ** 2
+    assert vit.pos_embed.shape[1] == 1 + (res // 16) ** 2
 
 
 # --- FLOPs -----------------------------------------------------------------------------------------------------------
@@ -636,7 +706,7 @@ def test_paper_releases_compute_the_reference_function(name: str, tmp_path: Path
         torch.save(_release_file(reference, name, normalized), path)
         loaded = create_model(name, checkpoint=path, **kwargs).eval()
         expected_normalize = normalized or rm.RELEASE_NORMALIZATION[name]
-        assert (loaded.input_mean is not None) == expected_normalize
+        assert (loaded.normalize is not None) == expected_normalize
         with torch.no_grad():
             logits = loaded(x)
         expected = normalized_logits if expected_normalize else raw_logits
@@ -656,12 +726,12 @@ def test_file_that_does_not_say_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"does not record whether its model normalizes its input: pass "
                                               r"normalize=True .* --normalize 1 or --normalize 0"):
         create_model(name, checkpoint=path)
-    reference_layout, _ = _reference_layouts(model.model.state_dict(), "convnext")["ddp_no_normalization"]
+    reference_layout, _ = _reference_layouts(model.state_dict(), "convnext")["ddp_no_normalization"]
     with pytest.raises(CheckpointError, match="normalize="):
         create_model(name, checkpoint=reference_layout)
     # a trainer checkpoint records it, and a contradicting argument is an error
     ckpt = {"model": model.state_dict(), "arch": name, "model_kwargs": {"normalize": False}}
-    assert create_model(name, checkpoint=ckpt).input_mean is None
+    assert create_model(name, checkpoint=ckpt).normalize is None
     with pytest.raises(CheckpointError, match="create it with normalize=False"):
         create_model(name, checkpoint=ckpt, normalize=True)
 
@@ -678,7 +748,7 @@ def test_vit_dynamic_size_equals_set_input_size() -> None:
     model = create_model("vit_micro_patch16_cvst", img_size=64, num_classes=10, **kwargs).eval()
     _randomize(model)
     with torch.no_grad():
-        model.model.pos_embed.normal_(0, 1.0)
+        model.pos_embed.normal_(0, 1.0)
     for res in (32, 48, 64):
         resized = create_model("vit_micro_patch16_cvst", checkpoint=model.state_dict(), img_size=res, num_classes=10,
                                normalize=True).eval()

@@ -226,8 +226,8 @@ def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["quant"]["name"] == "INT8" and ckpt["quant"]["act_scales"]
     plain = create_model_from_checkpoint(out).eval()  # rat.models: quantized weights, float activations
-    scale = ckpt["quant"]["weight_scales"]["model.conv1.0"]
-    weights = plain.model.conv1[0].weight / scale
+    scale = ckpt["quant"]["weight_scales"]["conv1.0"]
+    weights = plain.conv1[0].weight / scale
     assert torch.allclose(weights, weights.round(), atol=1e-4)  # integers times the recorded scale
     full = load_quantized_model(out).model.eval()  # rat.quant: activation quantizers too
     with torch.no_grad():

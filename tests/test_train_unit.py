@@ -62,15 +62,41 @@ class _Tiny(nn.Module):
 
 
 def test_no_weight_decay_on_norm_bias_and_position_parameters():
-    wrapper = nn.Sequential(_Tiny())
-    decay, no_decay = param_groups(wrapper, 0.05)
-    names = {id(p): n for n, p in wrapper.named_parameters()}
-    assert sorted(names[id(p)] for p in decay["params"]) == ["0.head.weight", "0.inner.0.weight"]
-    assert "0.pos_embed" in {names[id(p)] for p in no_decay["params"]}
+    model = _Tiny()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["head.weight", "inner.0.weight"]
+    assert "pos_embed" in {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    opt = build_optimizer(wrapper, "adamw", 1e-3, 0.05)
+    assert [len(g["params"]) for g in param_groups(model, 0.0)] == [2, 5]  # the same two groups without decay
+    opt = build_optimizer(model, "adamw", 1e-3, 0.05)
     assert opt.defaults["betas"] == (0.9, 0.95)
-    assert isinstance(build_optimizer(wrapper, "sgd", 0.1, 5e-4, nesterov=True), torch.optim.SGD)
+    assert isinstance(build_optimizer(model, "sgd", 0.1, 5e-4, nesterov=True), torch.optim.SGD)
+
+
+@pytest.mark.parametrize("arch", ["vit_micro_patch16_cvst", "convnext_micro_cvst", "convnext_iso_small_cvst"])
+def test_param_groups_are_timms_on_rat_models(arch):
+    """rat's groups on a model from rat.models.create_model are timm's param_groups_weight_decay groups (decay-first
+    order), and they keep the membership rat used before: every norm, bias and LayerScale gain, the position
+    embedding and the class token without decay, every other weight with it."""
+    from timm.optim import param_groups_weight_decay
+
+    import rat.models as rm
+
+    kwargs = {"init_values": 1e-6} if arch.startswith("vit") else {}  # LayerScale gains as in ViT-M-CvSt
+    with torch.device("meta"):
+        model = rm.create_model(arch, num_classes=10, **kwargs)
+    decay, no_decay = param_groups(model, 0.05)
+    timm_no_decay, timm_decay = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay()
+                                                          if hasattr(model, "no_weight_decay") else ())
+    assert [id(p) for p in decay["params"]] == [id(p) for p in timm_decay["params"]]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in timm_no_decay["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {n for n, p in model.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
+    assert {names[id(p)] for p in no_decay["params"]} == exempt
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - exempt
+    if arch.startswith("vit"):
+        assert {"pos_embed", "cls_token", "blocks.0.ls1.gamma", "patch_embed.proj.0.conv.bias"} <= exempt
 
 
 def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path):

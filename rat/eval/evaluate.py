@@ -154,7 +154,7 @@ def _requested_normalize(spec: EvalSpec) -> bool | None:
 def _resolve_source(spec: EvalSpec) -> _ModelSource:
     """Architecture, model kwargs and input normalization from the checkpoint (and the spec), with clear errors."""
     from rat.models import CheckpointError as UnreadableCheckpoint
-    from rat.models import load_checkpoint_file, resolve_normalization
+    from rat.models import checkpoint_model_kwargs, load_checkpoint_file, resolve_normalization
     from rat.models.preflight import check_arch
 
     if spec.arch is not None:
@@ -173,7 +173,6 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
     except UnreadableCheckpoint as exc:
         raise CheckpointError(str(exc)) from exc
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
-    kwargs: dict[str, Any] = dict(ckpt.get("model_kwargs") or {}) if isinstance(ckpt, dict) and arch else {}
     if arch is None:
         if spec.arch is None:
             raise CheckpointError(f"checkpoint {path} does not name its architecture (not a rat trainer checkpoint): "
@@ -184,14 +183,10 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
                               "(rat checkpoints name their architecture)")
     if spec.use_ema and isinstance(ckpt, dict) and "model_ema" in ckpt and ckpt["model_ema"] is None:
         raise CheckpointError(f"checkpoint {path} has no EMA weights: drop --use-ema")
-    train_resolution = kwargs.pop("img_size", None)
-    if isinstance(train_resolution, (tuple, list)):
-        train_resolution = int(train_resolution[-1])
-    kwargs.update(spec.model_kwargs)
-    kwargs.pop("normalize", None)
     try:
-        kwargs["normalize"], why = resolve_normalization(arch, ckpt, _requested_normalize(spec), source=str(path),
-                                                         use_ema=spec.use_ema)
+        kwargs, train_resolution, why = checkpoint_model_kwargs(
+            ckpt, arch, normalize=_requested_normalize(spec), use_ema=spec.use_ema, source=str(path),
+            **spec.model_kwargs)
     except UnreadableCheckpoint as exc:  # bad input: the message names --normalize
         raise CheckpointError(str(exc)) from exc
     return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), why, ckpt)

@@ -1,4 +1,4 @@
-"""rat models: ConvStem ViTs and ConvNeXts as timm models, a [0, 1]-input factory, safe strict checkpoint loading.
+"""rat models: ConvStem ViTs and ConvNeXts as timm models, one [0, 1]-input factory, safe strict checkpoint loading.
 
 Importing this package registers the ``*_cvst`` architectures with timm (``timm.list_models('*_cvst')``).
 """
@@ -7,11 +7,12 @@ from .convnext_cvst import ConvNeXtCvSt
 from .convnext_iso_cvst import ConvNeXtIsotropicCvSt
 from .factory import (
     RELEASE_NORMALIZATION,
-    NormalizedModel,
+    add_input_normalization,
+    checkpoint_filter,
+    checkpoint_model_kwargs,
     create_model,
     create_model_from_checkpoint,
     dynamic_size_kwargs,
-    load_checkpoint_into,
     resolve_normalization,
 )
 from .flops import count_flops, count_params
@@ -25,15 +26,16 @@ __all__ = [
     "ConvStem",
     "ConvStemPatchEmbed",
     "ImageNormalizer",
-    "NormalizedModel",
     "RELEASE_NORMALIZATION",
+    "add_input_normalization",
+    "checkpoint_filter",
+    "checkpoint_model_kwargs",
     "count_flops",
     "count_params",
     "create_model",
     "create_model_from_checkpoint",
     "dynamic_size_kwargs",
     "load_checkpoint_file",
-    "load_checkpoint_into",
     "resolve_normalization",
     "select_state_dict",
     "unwrap_state_dict",

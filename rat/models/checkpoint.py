@@ -5,8 +5,9 @@ carries code or arbitrary objects is rejected, never executed) and ``.safetensor
 
 Key layouts understood here (everything else is an error, never a guess):
 
-* rat: ``create_model(...).state_dict()``, i.e. ``model.<timm keys>``, bare or in a rat trainer checkpoint
-  (``{'model': ..., 'model_ema': ..., 'arch': ..., 'model_kwargs': ...}``);
+* rat: ``create_model(...).state_dict()``, i.e. timm's keys, bare or in a rat trainer checkpoint
+  (``{'model': ..., 'model_ema': ..., 'arch': ..., 'model_kwargs': ...}``); checkpoints written while rat wrapped the
+  timm network hold ``model.<timm keys>`` (older ones also ``normalize.mean/std``);
 * a plain timm state dict (``<timm keys>``);
 * revisiting-at releases: ``DDP(WrappedModel(normalize_model(model)))`` gives ``module.base_model.normalize.mean``,
   ``module.base_model.model.<keys>``; EMA files lack ``module.``; RobustBench-style files lack ``base_model.``; models
@@ -16,7 +17,8 @@ Key layouts understood here (everything else is an error, never a guess):
 Wrapper prefixes (``module.`` from DDP/EMA, ``_orig_mod.`` from torch.compile, ``base_model.`` from the reference's
 ``WrappedModel``) are stripped only when *every* key carries them; the ``normalize.`` / ``model.`` pair is split off
 only when every other key starts with ``model.``. Family-specific renames (the reference ConvStem's ``stem.stem.N``)
-live in each family's ``checkpoint_filter_fn``.
+live in each family's ``checkpoint_filter_fn``, which starts with :func:`filter_state_dict` (the steps every layout
+needs: unwrap, check the input normalization, resample a position embedding to the model's grid).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .layers import ImageNormalizer
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "select_state_dict",
     "unwrap_state_dict",
     "check_normalization",
+    "filter_state_dict",
+    "model_input_normalization",
     "is_reference_layout",
     "remap_reference_stem",
     "resample_pos_embed_to_model",
@@ -210,6 +216,45 @@ def check_normalization(
         raise CheckpointError(
             f"{source} normalizes inputs with mean={ckpt_mean}, std={ckpt_std} but the model uses "
             f"mean={[round(m, 4) for m in mean]}, std={[round(s, 4) for s in std]}")
+
+
+def model_input_normalization(model: nn.Module) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(mean, std)`` a model normalizes its input with, ``(None, None)`` if it takes raw [0, 1] inputs.
+
+    A model from :func:`rat.models.create_model` says it with its ``normalize`` module (an
+    :class:`~rat.models.layers.ImageNormalizer`, or None for raw inputs). A plain timm model (``timm.create_model``)
+    has none; its pretrained cfg's mean/std are what its caller normalizes with.
+    """
+    if "normalize" in model._modules:
+        normalizer = model._modules["normalize"]
+        if isinstance(normalizer, ImageNormalizer):
+            return normalizer.mean_values, normalizer.std_values
+        return None, None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("mean"), cfg.get("std")
+
+
+def filter_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint filter of any timm model, and the first step of every rat family's ``checkpoint_filter_fn``.
+
+    Strips wrapper prefixes and splits off ``normalize.*`` buffers (:func:`unwrap_state_dict`), checks those against
+    the model's input normalization (:func:`model_input_normalization`), and resamples an absolute position
+    embedding to the model's patch grid (:func:`resample_pos_embed_to_model`): the model is built at the resolution
+    it should run at, and the checkpoint adapts to it.
+
+    Args:
+        state_dict: Weights in any layout this module's docstring lists.
+        model: The target model.
+
+    Returns:
+        Weights with the model's timm-style keys (family-specific names still to map).
+
+    Raises:
+        CheckpointError: The checkpoint's normalization buffers differ from the model's.
+    """
+    state_dict, norm = unwrap_state_dict(state_dict)
+    check_normalization(norm, *model_input_normalization(model))
+    return resample_pos_embed_to_model(state_dict, model)
 
 
 def is_reference_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:

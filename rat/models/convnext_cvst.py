@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 
-from .checkpoint import check_normalization, remap_reference_stem, unwrap_state_dict
+from .checkpoint import filter_state_dict, remap_reference_stem
 from .layers import ConvStem
 
 _logger = logging.getLogger(__name__)
@@ -81,10 +81,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXtCvS
     Returns:
         Weights keyed like ``model.state_dict()``; anything unmappable stays as is so the strict load reports it.
     """
-    state_dict, norm = unwrap_state_dict(state_dict)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    check_normalization(norm, cfg.get("mean"), cfg.get("std"))
-    return remap_reference_stem(state_dict, "stem.stem.", "stem.")
+    return remap_reference_stem(filter_state_dict(state_dict, model), "stem.stem.", "stem.")
 
 
 def _create_convnext_cvst(variant: str, pretrained: bool = False, **kwargs: Any) -> ConvNeXtCvSt:

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from .checkpoint import check_normalization, remap_reference_stem, unwrap_state_dict
+from .checkpoint import filter_state_dict, remap_reference_stem
 from .convnext_cvst import LINF4_DESCRIPTION, PAPER
 from .layers import ConvStem
 
@@ -140,10 +140,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXtIso
     Returns:
         Weights keyed like ``model.state_dict()``; anything unmappable stays as is so the strict load reports it.
     """
-    state_dict, norm = unwrap_state_dict(state_dict)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    check_normalization(norm, cfg.get("mean"), cfg.get("std"))
-    state_dict = remap_reference_stem(state_dict, "stem.stem.", "stem.")
+    state_dict = remap_reference_stem(filter_state_dict(state_dict, model), "stem.stem.", "stem.")
     out = {}
     for k, v in state_dict.items():
         for pattern, replacement in _REFERENCE_RENAMES:

@@ -1,9 +1,36 @@
 """One entry point for building any timm classifier, rat's *_cvst models included, as a [0, 1]-input model.
 
-``create_model(name, checkpoint=None, img_size=None)`` builds ``timm.create_model(name, **kwargs)``, puts it inside a
-:class:`NormalizedModel` (input normalization from the model's pretrained cfg is its first module), loads a
-checkpoint strictly in any supported layout, and sets the evaluation resolution. Whatever it returns is what the
-trainer saves ``state_dict()`` of, and what ``create_model(..., checkpoint=...)`` reloads.
+``create_model(name, checkpoint=None, img_size=None)`` returns ``timm.create_model(name, **kwargs)`` itself, with input
+normalization as one of its modules, a checkpoint of any supported layout loaded strictly, at the resolution asked
+for. ``create_model_from_checkpoint(path)`` rebuilds what a rat checkpoint records and calls ``create_model``; every
+rat entry point (training init and resume, rat.eval and its runner, rat.quant) loads through these two.
+
+Design:
+
+* **The returned object is the timm model.** Input normalization (STYLE.md section 4: the model takes pixels in
+  [0, 1]) is an :class:`~rat.models.layers.ImageNormalizer` registered as the model's ``normalize`` submodule, with
+  the mean/std of the model's pretrained cfg, and run as a forward pre-hook of the model's input module (the
+  top-level module holding the cfg's ``first_conv``: ``stem``, ``patch_embed``, ``conv1``, ...; the model itself for
+  the rare model with several input branches, such as CrossViT). Every path into the network (``forward``,
+  ``forward_features``, ``forward_intermediates``) starts there, so all of them see normalized input, and every
+  timm hook (``no_weight_decay``, ``set_input_size``, ``group_matcher``, ``reset_classifier``,
+  ``set_grad_checkpointing``, ``num_classes``, ...) is the model's own: nothing is forwarded by hand, and timm's
+  optimizer helpers see the model's own parameter names. A wrapper module would have to translate every hook that
+  names parameters (``no_weight_decay``, ``group_matcher``) and every forward variant. The hook is a bound method of
+  the ``normalize`` module, so ``copy.deepcopy`` (EMA) binds the copy to the copied module. A model that takes raw
+  [0, 1] inputs has ``normalize = None``. When normalizing, the instance's ``pretrained_cfg`` (and ``default_cfg``)
+  says mean 0 / std 1, the input the model now expects, so timm data pipelines do not normalize twice.
+* **Keys.** The normalizer's buffers are not persistent, so ``state_dict()`` holds exactly timm's keys. Checkpoints
+  written before this layout (``model.<timm keys>``, from the wrapper rat used then) load through the family filter
+  fns (:func:`~rat.models.checkpoint.unwrap_state_dict` strips the prefix). The model's ``load_state_dict`` applies
+  its family filter fn too (a load-state-dict pre-hook that ``create_model`` registers), so a trainer resuming from
+  such a checkpoint with ``module.load_state_dict(state['model'])`` keeps working.
+* **One filter fn per model** does every rename and check: a rat family's ``checkpoint_filter_fn``, else
+  :func:`~rat.models.checkpoint.filter_state_dict` (which every family's filter starts with). This module renames
+  nothing.
+* **One resolution mechanism.** The model is built at the resolution it should run at (``img_size``; without it, a
+  checkpoint's own resolution, read from its ``pos_embed``; else the cfg's), and the filter fn resamples a
+  checkpoint's position embedding to the model's grid with timm's ``resample_abs_pos_embed``.
 """
 from __future__ import annotations
 
@@ -22,8 +49,8 @@ from torch import nn
 from . import convnext_cvst, convnext_iso_cvst, vit_cvst
 from .checkpoint import (
     CheckpointError,
-    check_normalization,
     checkpoint_grid_size,
+    filter_state_dict,
     is_reference_layout,
     load_checkpoint_file,
     load_state_dict_strict,
@@ -35,8 +62,9 @@ from .layers import ImageNormalizer
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RELEASE_NORMALIZATION", "NormalizedModel", "checkpoint_normalization", "create_model",
-    "create_model_from_checkpoint", "dynamic_size_kwargs", "load_checkpoint_into", "resolve_normalization",
+    "RELEASE_NORMALIZATION", "add_input_normalization", "checkpoint_filter", "checkpoint_model_kwargs",
+    "checkpoint_normalization", "create_model", "create_model_from_checkpoint", "dynamic_size_kwargs",
+    "resolve_normalization",
 ]
 
 # Input normalization of the paper's released checkpoints (Singh, Croce & Hein 2023, github.com/nmndeep/revisiting-at),
@@ -59,150 +87,85 @@ RELEASE_NORMALIZATION: dict[str, bool] = {
 NORMALIZE_HINT = ("pass normalize=True (ImageNet mean/std inside the model) or normalize=False (raw [0, 1] inputs); "
                   "on the command line --normalize 1 or --normalize 0")
 
-# Family checkpoint filters (reference-layout renames) by the module that registers the architecture.
-_FILTERS: dict[str, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]] = {
+StateDictFilter = Callable[[Mapping[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+# Family checkpoint filters by the module that registers the architecture; other timm models get filter_state_dict.
+_FILTERS: dict[str, StateDictFilter] = {
     convnext_cvst.__name__: convnext_cvst.checkpoint_filter_fn,
     convnext_iso_cvst.__name__: convnext_iso_cvst.checkpoint_filter_fn,
     vit_cvst.__name__: vit_cvst.checkpoint_filter_fn,
 }
 
 
-class NormalizedModel(nn.Module):
-    """A classifier that takes images in [0, 1]: ``model(normalize(x))``.
-
-    ``normalize`` is an :class:`~rat.models.layers.ImageNormalizer` with the mean/std of the inner model's pretrained
-    cfg (non-persistent buffers), or ``nn.Identity`` for models trained without input normalization. State-dict keys
-    are ``model.<timm keys>`` either way. Attacks and epsilons therefore live in pixel space.
-
-    The timm-facing helpers (``set_input_size``, ``forward_features``, ``reset_classifier``, ``no_weight_decay``,
-    ...) are forwarded to the inner model. ``pretrained_cfg`` describes the wrapper's input: its mean/std are 0/1
-    when normalization is inside, so timm data pipelines do not normalize twice.
-
-    Args:
-        model: A timm classifier.
-        normalize: Normalize inputs with the inner model's pretrained-cfg mean/std.
-    """
-
-    def __init__(self, model: nn.Module, normalize: bool = True) -> None:
-        super().__init__()
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = tuple(float(m) for m in cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-        std = tuple(float(s) for s in cfg.get("std", IMAGENET_DEFAULT_STD))
-        self.input_mean: tuple[float, ...] | None = mean if normalize else None
-        self.input_std: tuple[float, ...] | None = std if normalize else None
-        self.normalize = ImageNormalizer(mean, std) if normalize else nn.Identity()
-        self.model = model
-
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """The inner model's pretrained cfg, with mean 0 / std 1 when this wrapper normalizes."""
-        cfg = dict(getattr(self.model, "pretrained_cfg", None) or {})
-        if self.input_mean is not None:
-            cfg["mean"] = (0.0,) * len(self.input_mean)
-            cfg["std"] = (1.0,) * len(self.input_mean)
-        return cfg
-
-    @property
-    def default_cfg(self) -> dict[str, Any]:
-        """Alias of :attr:`pretrained_cfg` (timm's older name)."""
-        return self.pretrained_cfg
-
-    @property
-    def num_classes(self) -> int:
-        """Classifier outputs of the inner model."""
-        return int(self.model.num_classes)
-
-    @property
-    def num_features(self) -> int:
-        """Feature width before the classifier."""
-        return int(self.model.num_features)
-
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Set the input resolution: ViTs resample their position embedding; convnets need nothing.
-
-        Args:
-            img_size: New resolution (an int for square images).
-        """
-        fn = getattr(self.model, "set_input_size", None)
-        if fn is None:
-            _logger.debug("%s has no set_input_size; it runs at any resolution as is", type(self.model).__name__)
-            return
-        fn(img_size=to_2tuple(img_size))
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable activation checkpointing in the inner model."""
-        self.model.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Full parameter names (``model.`` prefixed) that the inner model exempts from weight decay."""
-        fn = getattr(self.model, "no_weight_decay", None)
-        return {f"model.{name}" for name in fn()} if fn is not None else set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The inner model's classifier layer."""
-        return self.model.get_classifier()
-
-    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
-        """Replace the classifier (see timm's ``reset_classifier``)."""
-        self.model.reset_classifier(num_classes, *args, **kwargs)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of a [0, 1] batch."""
-        return self.model.forward_features(self.normalize(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Classifier head applied to :meth:`forward_features` output."""
-        return self.model.forward_head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of an NCHW batch with pixel values in [0, 1]."""
-        return self.model(self.normalize(x))
-
-
-def _filter_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None:
+def checkpoint_filter(model: nn.Module) -> StateDictFilter:
+    """The filter fn that maps any supported checkpoint layout onto ``model``: its rat family's
+    ``checkpoint_filter_fn``, else :func:`~rat.models.checkpoint.filter_state_dict`."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch or not is_model(arch):
-        return None
-    return _FILTERS.get(model_entrypoint(arch).__module__)
+        return filter_state_dict
+    return _FILTERS.get(model_entrypoint(arch).__module__, filter_state_dict)
 
 
-def load_checkpoint_into(model: NormalizedModel, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
-                         hint: str = "") -> None:
-    """Load weights of any supported layout into a :class:`NormalizedModel`, strictly.
+def _filter_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: map the weights under ``prefix`` with the model's filter fn, in place."""
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not keys:
+        return
+    weights = {k[len(prefix):]: state_dict.pop(k) for k in keys}
+    state_dict.update({prefix + k: v for k, v in checkpoint_filter(module)(weights, module).items()})
 
-    Wrapper prefixes are stripped, released normalization buffers checked against the model, reference ConvStem
-    names mapped by the family's filter fn; a ViT is first set to the checkpoint's resolution (read from its
-    ``pos_embed``) so that the weights load unchanged.
+
+def _input_module(model: nn.Module) -> nn.Module:
+    """The top-level module that receives the image: the one holding the pretrained cfg's ``first_conv``. A model
+    without one (several input branches, e.g. CrossViT's list of patch embeddings) gets normalization in front of its
+    ``forward`` only."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    if isinstance(first, (list, tuple)):
+        first = first[0] if first else None
+    module = model._modules.get(first.split(".", 1)[0]) if isinstance(first, str) and first else None
+    if module is None or isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # a container is never called
+        _logger.warning("%s has no single input module (first_conv=%r): input normalization runs in front of its "
+                        "forward() only, forward_features() takes normalized inputs", type(model).__name__, first)
+        return model
+    return module
+
+
+def add_input_normalization(model: nn.Module, normalize: bool = True) -> nn.Module:
+    """Make ``model`` take images in [0, 1]: ``model.normalize`` (mean/std of its pretrained cfg) runs before its
+    input module; ``normalize=False`` records ``model.normalize = None`` (the model takes raw [0, 1] inputs).
 
     Args:
-        model: Target model, as returned by :func:`create_model`.
-        state_dict: The weights.
-        source: Name of the checkpoint for messages.
-        hint: Extra sentence for the mismatch error.
+        model: A timm classifier (changed in place).
+        normalize: Normalize inputs with the pretrained cfg's mean/std.
 
-    Raises:
-        CheckpointError: Keys or shapes do not match, or the normalization differs.
+    Returns:
+        The same model.
     """
-    inner_sd, norm = unwrap_state_dict(state_dict)
-    check_normalization(norm, model.input_mean, model.input_std, source)
-    inner = model.model
-    pos = inner_sd.get("pos_embed")
-    target = getattr(inner, "pos_embed", None)
-    if (pos is not None and isinstance(target, torch.Tensor) and pos.shape != target.shape and pos.ndim == 3
-            and pos.shape[-1] == target.shape[-1] and hasattr(inner, "set_input_size")):
-        num_prefix = 0 if getattr(inner, "no_embed_class", False) else getattr(inner, "num_prefix_tokens", 1)
-        grid = checkpoint_grid_size(pos, num_prefix)
-        patch = inner.patch_embed.patch_size
-        res = (grid[0] * patch[0], grid[1] * patch[1])
-        _logger.info("%s was trained at %dx%d px; building the model at that resolution to load it", source, *res)
-        inner.set_input_size(img_size=res)
-    filter_fn = _filter_fn(inner)
-    if filter_fn is not None:
-        inner_sd = filter_fn(inner_sd, inner)
-    load_state_dict_strict(inner, inner_sd, source=source, hint=hint)
+    if hasattr(model, "normalize"):
+        raise ValueError(f"{type(model).__name__} already has a 'normalize' attribute")
+    if not normalize:
+        model.register_module("normalize", None)
+        return model
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    normalizer = ImageNormalizer(cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
+    _input_module(model).register_forward_pre_hook(normalizer.normalize_input)
+    model.register_module("normalize", normalizer)
+    channels = len(normalizer.mean_values)
+    model.pretrained_cfg = model.default_cfg = {**cfg, "mean": (0.0,) * channels, "std": (1.0,) * channels}
+    return model
+
+
+def _checkpoint_img_size(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """The resolution a ViT-like checkpoint was trained at (its ``pos_embed`` grid times the model's patch size), or
+    None when the model or the checkpoint has no absolute position embedding of another size."""
+    pos = unwrap_state_dict(state_dict)[0].get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if (pos is None or not isinstance(target, torch.Tensor) or pos.shape == target.shape or pos.ndim != 3
+            or pos.shape[-1] != target.shape[-1] or not hasattr(model, "set_input_size")):
+        return None
+    num_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    grid = checkpoint_grid_size(pos, num_prefix)
+    patch = model.patch_embed.patch_size
+    return grid[0] * patch[0], grid[1] * patch[1]
 
 
 def checkpoint_normalization(name: str, checkpoint: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
@@ -286,16 +249,16 @@ def create_model(
         normalize: bool | None = None,
         use_ema: bool = False,
         **kwargs: Any,
-) -> NormalizedModel:
-    """Build a [0, 1]-input classifier, optionally load a checkpoint, optionally set the resolution.
+) -> nn.Module:
+    """Build a [0, 1]-input timm classifier, optionally load a checkpoint, at the resolution asked for.
 
     Args:
         name: Any registered timm model (rat's ``*_cvst`` models, ``resnet50``, ``vit_small_patch16_224``, ...),
             optionally with a pretrained tag (``convnext_tiny_cvst.rat_in1k_linf4``).
         checkpoint: Path (torch or ``.safetensors``) or already loaded dict: a rat trainer checkpoint, a state dict
             (rat or timm keys), or a revisiting-at release. Loaded strictly with ``weights_only=True``.
-        img_size: Input resolution. ViTs resample their position embedding to it (after loading a checkpoint at its
-            own resolution); convnets run at any resolution. None: the checkpoint's resolution, else the cfg's.
+        img_size: Input resolution. ViTs are built at it and a checkpoint's position embedding is resampled to it;
+            convnets run at any resolution. None: the checkpoint's resolution, else the cfg's.
         normalize: Put ImageNet-style mean/std normalization (from the pretrained cfg) inside the model; False for
             models trained on raw [0, 1] inputs. None: from the checkpoint (:func:`resolve_normalization`: a rat
             trainer checkpoint's record, released normalize.* buffers, or the paper's release table); a checkpoint
@@ -304,7 +267,7 @@ def create_model(
         **kwargs: Passed to ``timm.create_model`` (num_classes, drop_path_rate, in_chans, ...).
 
     Returns:
-        The model, in train mode, on the CPU (or the default device).
+        The timm model itself (see the module docstring), in train mode, on the CPU (or the default device).
 
     Raises:
         ValueError: Unknown model name or conflicting arguments.
@@ -345,16 +308,54 @@ def create_model(
 
     build_kwargs = dict(kwargs)
     cfg = get_pretrained_cfg(name)
-    fixed_size = bool(cfg is not None and cfg.fixed_input_size)
-    if img_size is not None and fixed_size and state is None:
-        build_kwargs["img_size"] = img_size  # build at the target size: position embeddings start untouched
-    model = NormalizedModel(timm.create_model(name, **build_kwargs), normalize=normalize)
+    if img_size is not None and cfg is not None and cfg.fixed_input_size:
+        build_kwargs["img_size"] = img_size  # built at the target size; a checkpoint's pos_embed is resampled to it
+    model = add_input_normalization(timm.create_model(name, **build_kwargs), normalize=normalize)
+    model.register_load_state_dict_pre_hook(_filter_on_load)
+    if img_size is None and state is not None:
+        trained = _checkpoint_img_size(model, state)
+        if trained is not None:
+            _logger.info("%s was trained at %dx%d px; building the model at that resolution", source, *trained)
+            model.set_input_size(img_size=trained)
+    elif img_size is not None and hasattr(model, "set_input_size"):
+        model.set_input_size(img_size=to_2tuple(img_size))  # models that take the size as state, not as a kwarg
     if state is not None:
-        load_checkpoint_into(model, state, source=source, hint=hint)
+        try:
+            weights = checkpoint_filter(model)(state, model)
+        except CheckpointError as exc:
+            raise CheckpointError(exc if source == "checkpoint" else f"{source}: {exc}") from exc
+        load_state_dict_strict(model, weights, source=source, hint=hint)
         _logger.info("Loaded %s into %s", source, name)
-    if img_size is not None:
-        model.set_input_size(img_size)
     return model
+
+
+def checkpoint_model_kwargs(checkpoint: Mapping[str, Any], name: str, *, normalize: bool | None = None,
+                            use_ema: bool = False, source: str = "checkpoint", **overrides: Any,
+                            ) -> tuple[dict[str, Any], int | None, str]:
+    """The :func:`create_model` kwargs of the model a checkpoint holds.
+
+    Args:
+        checkpoint: A loaded checkpoint dict.
+        name: The architecture it is loaded into.
+        normalize: The input normalization asked for (None: what the checkpoint says, :func:`resolve_normalization`).
+        use_ema: The EMA weights will be loaded.
+        source: Name of the checkpoint for messages.
+        **overrides: Replace entries of the recorded ``model_kwargs`` (e.g. ``drop_path_rate=0.0``).
+
+    Returns:
+        ``(kwargs, img_size, reason)``: a rat trainer checkpoint's recorded ``model_kwargs`` (none for a file that
+        does not record its architecture) with the overrides applied, ``normalize`` resolved and ``img_size`` taken
+        out; the recorded training resolution (or None); where the normalization comes from.
+    """
+    recorded = checkpoint.get("model_kwargs")
+    kwargs = dict(recorded) if isinstance(checkpoint.get("arch"), str) and isinstance(recorded, Mapping) else {}
+    kwargs.update(overrides)
+    kwargs.pop("normalize", None)
+    img_size = kwargs.pop("img_size", None)
+    if isinstance(img_size, (tuple, list)):
+        img_size = int(img_size[-1])
+    kwargs["normalize"], why = resolve_normalization(name, checkpoint, normalize, source=source, use_ema=use_ema)
+    return kwargs, img_size, why
 
 
 def create_model_from_checkpoint(
@@ -363,17 +364,17 @@ def create_model_from_checkpoint(
         *,
         use_ema: bool = False,
         **overrides: Any,
-) -> NormalizedModel:
+) -> nn.Module:
     """Rebuild a model from a rat trainer checkpoint, which records ``arch`` and ``model_kwargs``.
 
     Args:
-        checkpoint: Path or loaded dict of a checkpoint written by ``rat.train``.
+        checkpoint: Path or loaded dict of a checkpoint written by ``rat.train`` (or ``rat.quant``).
         img_size: Evaluation resolution; None keeps the training resolution (``model_kwargs['img_size']``).
         use_ema: Load the EMA weights.
         **overrides: Replace entries of the recorded ``model_kwargs`` (e.g. ``drop_path_rate=0.0``).
 
     Returns:
-        The model with the checkpoint's weights.
+        The model with the checkpoint's weights (:func:`create_model`).
     """
     source = "checkpoint"
     if isinstance(checkpoint, Mapping):
@@ -385,11 +386,8 @@ def create_model_from_checkpoint(
         raise CheckpointError(
             f"{source} is not a rat trainer checkpoint (it needs 'arch' and 'model_kwargs' entries); load it with "
             f"rat.models.create_model(NAME, checkpoint=path)")
-    kwargs = dict(ckpt["model_kwargs"])
-    kwargs.update(overrides)
-    train_size = kwargs.pop("img_size", None)
-    if isinstance(train_size, (tuple, list)):
-        train_size = int(train_size[-1])
-    model = create_model(ckpt["arch"], checkpoint=ckpt, img_size=img_size if img_size is not None else train_size,
-                         use_ema=use_ema, **kwargs)
-    return model
+    normalize = overrides.pop("normalize", None)
+    kwargs, train_size, _ = checkpoint_model_kwargs(ckpt, ckpt["arch"], normalize=normalize, use_ema=use_ema,
+                                                    source=source, **overrides)
+    return create_model(ckpt["arch"], checkpoint=ckpt, img_size=img_size if img_size is not None else train_size,
+                        use_ema=use_ema, **kwargs)

@@ -83,7 +83,11 @@ class ImageNormalizer(nn.Module):
     """Maps images in [0, 1] to ``(x - mean) / std``, the normalization a classifier was trained with.
 
     The buffers are not persistent: mean and std come from the model's pretrained config, so checkpoints need not
-    carry them (released checkpoints that do are checked against them when loading).
+    carry them (released checkpoints that do are checked against them when loading). ``mean_values`` and
+    ``std_values`` keep them as floats (readable on the meta device too).
+
+    :meth:`normalize_input` is the forward pre-hook with which :func:`rat.models.create_model` puts it in front of a
+    timm model's input module.
 
     Args:
         mean: Per-channel mean.
@@ -98,6 +102,7 @@ class ImageNormalizer(nn.Module):
             raise ValueError(f"mean and std must have one entry per channel, got mean={mean}, std={std}")
         if min(std) <= 0:
             raise ValueError(f"std must be positive, got {std}")
+        self.mean_values, self.std_values = mean, std
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -105,7 +110,9 @@ class ImageNormalizer(nn.Module):
         """Normalize an NCHW batch in [0, 1]."""
         return (x - self.mean) / self.std
 
+    def normalize_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Forward pre-hook: normalize the first positional input of ``module``, pass the rest unchanged."""
+        return (self(args[0]), *args[1:])
+
     def extra_repr(self) -> str:
-        mean = [round(v, 4) for v in self.mean.flatten().tolist()] if not self.mean.is_meta else "meta"
-        std = [round(v, 4) for v in self.std.flatten().tolist()] if not self.std.is_meta else "meta"
-        return f"mean={mean}, std={std}"
+        return f"mean={[round(v, 4) for v in self.mean_values]}, std={[round(v, 4) for v in self.std_values]}"

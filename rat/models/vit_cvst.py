@@ -8,8 +8,9 @@ followed by LayerNorm + GELU) and a 1x1 projection to the embedding width, so th
 * ViT-M-CvSt: DeiT-III medium (dim 512, depth 12, 8 heads, LayerScale 1e-6, position embedding without class token)
 * ViT-B-CvSt: ViT-B (dim 768, depth 12, 12 heads)
 
-Position embeddings are resampled with timm's ``set_input_size`` / ``resample_abs_pos_embed`` when the resolution
-changes, both through ``model.set_input_size`` and when a checkpoint trained at another resolution is loaded.
+Resolution: the model is built (or ``set_input_size``-d) at the size it should run at, and a checkpoint trained at
+another size is adapted to the model: :func:`checkpoint_filter_fn` resamples its ``pos_embed`` with timm's
+``resample_abs_pos_embed``, the call ``set_input_size`` makes.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from timm.layers import PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoint import check_normalization, remap_reference_stem, resample_pos_embed_to_model, unwrap_state_dict
+from .checkpoint import filter_state_dict, remap_reference_stem
 from .convnext_cvst import LINF4_DESCRIPTION, PAPER
 from .layers import ConvStem
 
@@ -85,9 +86,9 @@ class ConvStemPatchEmbed(PatchEmbed):
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Map rat, timm and revisiting-at checkpoints onto a ViT-CvSt (no key is dropped).
 
-    Renames the reference stem (``patch_embed.proj.stem.N.*``), strips wrapper prefixes, checks released
-    normalization buffers against the model's config, and resamples ``pos_embed`` if the checkpoint was trained at
-    another resolution than the model's.
+    :func:`~rat.models.checkpoint.filter_state_dict` (wrapper prefixes, released normalization buffers checked
+    against the model's, ``pos_embed`` resampled to the model's grid), then the reference stem's names
+    (``patch_embed.proj.stem.N.*``).
 
     Args:
         state_dict: Weights in any supported layout (see :mod:`rat.models.checkpoint`).
@@ -96,11 +97,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTrans
     Returns:
         Weights keyed like ``model.state_dict()``; anything unmappable stays as is so the strict load reports it.
     """
-    state_dict, norm = unwrap_state_dict(state_dict)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    check_normalization(norm, cfg.get("mean"), cfg.get("std"))
-    state_dict = remap_reference_stem(state_dict, "patch_embed.proj.stem.", "patch_embed.proj.")
-    return resample_pos_embed_to_model(state_dict, model)
+    return remap_reference_stem(filter_state_dict(state_dict, model), "patch_embed.proj.stem.", "patch_embed.proj.")
 
 
 def _create_vit_cvst(variant: str, pretrained: bool = False, stem_channels: Sequence[int] = (48, 96, 192, 384),

@@ -4,33 +4,25 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 
-def _no_decay_names(model: nn.Module) -> set[str]:
-    """Full names of parameters that models declare decay-free through timm's ``no_weight_decay()`` hook, which nested
-    (wrapped) models expose on their submodules rather than on the top module."""
-    names: set[str] = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, "no_weight_decay") and callable(module.no_weight_decay):
-            names.update(f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay())
-    return names
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; norms, biases, position embeddings and tokens without.
+    """Two groups, always in this order: weights with decay; norms, biases and what the model's ``no_weight_decay()``
+    names (ViTs: position embedding, class token) without.
 
-    timm's ``param_groups_weight_decay`` only consults ``no_weight_decay()`` of the module it is given; rat's models
-    wrap the timm network (normalization layer in front), so the names are collected from every submodule here.
+    Membership is timm's ``param_groups_weight_decay`` (rat's models are timm models, so their own
+    ``no_weight_decay()`` names their parameters). The groups are rebuilt from it because timm lists them the other
+    way round and leaves out empty ones (with ``weight_decay=0`` it returns a single group), while a resumed run's
+    optimizer state must match the decay-first pair that rat's checkpoints hold.
     """
-    skip = _no_decay_names(model)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_token = name.endswith(("pos_embed", "cls_token", "reg_token", "dist_token"))
-        (no_decay if param.ndim <= 1 or name in skip or is_token else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    skip = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
+    exempt = {id(p) for group in param_groups_weight_decay(model, 1.0, no_weight_decay_list=skip)  # any decay > 0
+              if group["weight_decay"] == 0.0 for p in group["params"]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *,
