@@ -171,6 +171,13 @@ def load_quantized_model(checkpoint: str | Path | Mapping[str, Any], img_size: i
     # the weights alone: create_model warns about a ``quant`` record, whose activation quantization is restored here
     model = create_model_from_checkpoint({k: v for k, v in ckpt.items() if k != "quant"}, img_size=img_size)
     layers = quantizable_layers(model)
-    act_scales = {k: float(v) for k, v in record["act_scales"].items()}
+    act_scales = {_layer_name(k, layers): float(v) for k, v in record["act_scales"].items()}
+    weight_scales = {_layer_name(k, layers): float(v) for k, v in record["weight_scales"].items()}
     handles = _attach_act_quant(layers, act_scales, fmt)
-    return QuantizedModel(model, fmt, {k: float(v) for k, v in record["weight_scales"].items()}, act_scales, handles)
+    return QuantizedModel(model, fmt, weight_scales, act_scales, handles)
+
+
+def _layer_name(name: str, layers: Mapping[str, nn.Module]) -> str:
+    """A recorded layer name as the model names it: records written while rat.models wrapped the timm network (before
+    the model was the timm model itself) name layers ``model.<name>``."""
+    return name if name in layers else name.removeprefix("model.")
