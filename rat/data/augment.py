@@ -419,8 +419,8 @@ def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magn
     The shared batched base of RandAugment and the adversarial policy. Draws from the CPU generator ``gen``, in this
     order: a sign per image (for the ops timm negates at random), an interpolation per image (used when
     ``interpolation='random'``), and, only when ``ops`` holds Cutout, a box centre per image. Images that drew the
-    same colour op are processed together; all geometric ops of the layer go through one ``grid_sample`` per
-    interpolation.
+    same colour op are processed together; all geometric ops of the layer go through one :func:`geometric` call per
+    interpolation. Rows are gathered and written back in ``out``'s memory format.
     """
     n, _, height, width = out.shape
     sign = torch.where(torch.rand(n, generator=gen) > 0.5, -1.0, 1.0).to(torch.float64)
