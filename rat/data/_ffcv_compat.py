@@ -134,6 +134,8 @@ def check_pipeline(field: str, ops: Sequence[Any]) -> None:
 def make_loader(path: str, *, batch_size: int, num_workers: int, order: Any, distributed: bool, seed: int,
                  indices: np.ndarray | None, pipelines: dict[str, list[Any]], drop_last: bool, os_cache: bool,
                  batches_ahead: int) -> Any:
+    """An ffcv ``Loader`` (same arguments); every pipeline goes through :func:`check_pipeline` first, and the
+    loader's compiled code is kept alive for the life of the process (``_COMPILED_PIPELINES``)."""
     from ffcv.loader import Loader
 
     for name, ops in pipelines.items():
