@@ -348,17 +348,22 @@ def geometric(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, mode: st
     cpu_theta = theta.detach().to("cpu", torch.float64)
     translation = (cpu_theta[:, :, :2] == torch.eye(2, dtype=torch.float64)).all(dim=2).all(dim=1)
     rest = torch.nonzero(~translation).flatten()
-    # grid_sample writes NCHW: collect everything in that layout then, and transpose each row once on the way back.
-    out = torch.empty(src.shape, dtype=src.dtype, device=src.device) if len(rest) else torch.empty_like(src)
-    for i in torch.nonzero(translation).flatten().tolist():
-        image = src[i]
-        shift_x, shift_y = float(cpu_theta[i, 0, 2]) * width / 2, float(cpu_theta[i, 1, 2]) * height / 2
-        image = _shift(image, shift_x, 2, mode) if shift_x else image
-        out[i] = _shift(image, shift_y, 1, mode) if shift_y else image
+    sampled = None
     if len(rest):
         grid = _affine_grid(theta[rest.to(theta.device)].to(device=x.device, dtype=x.dtype), height, width)
         sampled = F.grid_sample(src[rest.to(x.device)], grid, mode=mode, padding_mode="zeros", align_corners=False)
-        out = sampled if len(rest) == len(x) else out.index_copy_(0, rest.to(x.device), sampled)
+    if len(rest) == len(x):
+        out = sampled
+    else:
+        # grid_sample writes NCHW: then collect every row in that layout (each is transposed once on the way back).
+        out = torch.empty_like(src) if sampled is None else torch.empty(src.shape, dtype=src.dtype, device=src.device)
+        for i in torch.nonzero(translation).flatten().tolist():
+            image = src[i]
+            shift_x, shift_y = float(cpu_theta[i, 0, 2]) * width / 2, float(cpu_theta[i, 1, 2]) * height / 2
+            image = _shift(image, shift_x, 2, mode) if shift_x else image
+            out[i] = _shift(image, shift_y, 1, mode) if shift_y else image
+        if sampled is not None:
+            out.index_copy_(0, rest.to(x.device), sampled)
     if src is not x:
         out.add_(colour)
     return out.clamp_(0.0, 1.0)
