@@ -109,6 +109,24 @@ def test_geometric_ops_match_timm_pil_ops(photo: np.ndarray, name: str, arg: flo
     assert mirrored > 5 * error  # the check sees a wrong direction
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_geometric_is_affine_grid_and_grid_sample(mode: str) -> None:
+    """The resampling (translations as weighted slices, the rest through a closed-form grid) equals torch's
+    ``affine_grid`` + ``grid_sample`` with zero padding around the fill, on NCHW and channels_last batches."""
+    import torch.nn.functional as F
+
+    x = torch.rand(6, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    names = ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateXRel"]
+    theta = aug.affine_theta(names, torch.tensor([20.0, 0.2, -0.3, 0.137, -0.29, -0.6]), 24, 32)
+    for fill in (torch.zeros(3), torch.tensor([0.2, 0.5, 0.9])):
+        colour = fill.view(1, 3, 1, 1)
+        grid = F.affine_grid(theta.float(), [6, 3, 24, 32], align_corners=False)
+        reference = F.grid_sample(x - colour, grid, mode=mode, padding_mode="zeros", align_corners=False)
+        reference = reference.add_(colour).clamp_(0.0, 1.0)
+        for batch in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(aug.geometric(batch, theta, fill, mode), reference, atol=2e-5, rtol=0)
+
+
 def test_batch_augment_is_per_sample_and_in_range(photo: np.ndarray) -> None:
     x = _to_tensor(photo).repeat(32, 1, 1, 1).contiguous(memory_format=torch.channels_last)
     augment = build_augment()

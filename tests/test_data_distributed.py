@@ -38,7 +38,9 @@ def _rank_main(rank: int, port: int, beton: str, out_dir: str) -> None:
             epochs.setdefault(str(epoch), []).append([int(v) for _, y in train for v in y])
         val = build_val_loader(beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True,
                                indices=np.arange(3, N))
-        result = {"train": epochs, "train_len": len(train), "val": [int(v) for _, y in val for v in y]}
+        every = build_val_loader(beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True)
+        result = {"train": epochs, "train_len": len(train), "val": [int(v) for _, y in val for v in y],
+                  "val_all": [int(v) for _, y in every for v in y], "val_len": [len(val), len(every)]}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:
@@ -68,6 +70,10 @@ def test_two_rank_sharding(tmp_path: Path) -> None:
         assert r["train"]["0"][0] != r["train"]["1"][0]  # a new epoch reshuffles
         assert sorted(r["train"]["0"][0]) != sorted(r["train"]["1"][0])  # ... across ranks, not just within
         assert r["train_len"] == -(-(N // WORLD) // 8)
-    # Val: contiguous, in order, disjoint, complete (no padding).
+    # Val: each rank evaluates its own contiguous run of the given indices (or of all samples), in order, disjoint,
+    # complete (no padding), sizes within one.
     assert ranks[0]["val"] + ranks[1]["val"] == list(range(3, N))
     assert abs(len(ranks[0]["val"]) - len(ranks[1]["val"])) <= 1
+    assert ranks[0]["val_all"] + ranks[1]["val_all"] == list(range(N))
+    assert len(ranks[0]["val_all"]) == len(ranks[1]["val_all"]) == N // WORLD
+    assert [r["val_len"] for r in ranks] == [[3, 4], [3, 4]]  # ceil(24 / 8), ceil(23 / 8); ceil(25 / 8) each

@@ -14,8 +14,8 @@ from PIL import Image
 pytest.importorskip("ffcv")
 
 from rat.data import build_train_loader, build_val_loader, write_arrays_beton, write_folder_beton  # noqa: E402
+from rat.data._ffcv_compat import FFCV_VERSION, PipelineError, check_ffcv_version, check_pipeline  # noqa: E402
 from rat.data.demo import DEMO_CLASSES, load_demo_arrays  # noqa: E402
-from rat.data.ffcv import PipelineError, check_pipeline, shard_indices  # noqa: E402
 
 pytestmark = [pytest.mark.ffcv, pytest.mark.timeout(300)]
 
@@ -228,13 +228,13 @@ def test_loader_argument_errors(demo_val) -> None:
     assert len(empty) == 0 and list(empty) == []
 
 
-def test_shard_indices_are_disjoint_contiguous_and_cover() -> None:
-    order = np.arange(10, 33)
-    shards = [shard_indices(order, r, 4) for r in range(4)]
-    assert np.concatenate(shards).tolist() == order.tolist()
-    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
-    with pytest.raises(ValueError):
-        shard_indices(order, 4, 4)
+def test_the_ffcv_workarounds_check_the_version_they_were_written_for() -> None:
+    import importlib.metadata
+
+    assert check_ffcv_version(FFCV_VERSION) is True
+    with pytest.warns(RuntimeWarning, match=rf"ffcv 9\.9\.9 is installed.*written for ffcv {FFCV_VERSION}"):
+        assert check_ffcv_version("9.9.9") is False
+    assert check_ffcv_version() is (importlib.metadata.version("ffcv") == FFCV_VERSION)
 
 
 @pytest.mark.gpu

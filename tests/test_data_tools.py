@@ -96,10 +96,14 @@ def test_bench_loader_prints_the_json(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_loader.py"), "--make-data", str(tmp_path / "jpegs"),
          "--num-images", "32", "--batch-size", "8", "--workers", "1", "--resolution", "64", "--warmup-epochs", "0",
-         "--min-seconds", "0"],
+         "--min-seconds", "0", "--repeats", "2"],
         capture_output=True, text=True, timeout=540, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("rat_img_s", "torchvision_img_s", "rat_heavy_img_s", "torchvision_heavy_img_s", "speedup_plain"):
         assert result[key] > 0, key
     assert result["settings"]["images"] == 32 and result["settings"]["beton"]["max_resolution"] == 256
+    assert result["repeats"] == 2 and set(result["load_average_1_5_15min"]) == {"before", "after"}
+    for key in ("rat_heavy_img_s", "speedup_heavy", "heavy_cost_rat_ms_per_img"):
+        spread = result["ranges"][key]
+        assert len(spread["runs"]) == 2 and spread["min"] <= spread["median"] <= spread["max"], key

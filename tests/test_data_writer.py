@@ -27,7 +27,8 @@ from rat.data import (  # noqa: E402
     write_folder_beton,
 )
 from rat.data.demo import DEMO_CLASSES, load_demo_arrays  # noqa: E402
-from rat.data.writer import classes_path, load_cifar  # noqa: E402
+from rat.data.meta import classes_path  # noqa: E402
+from rat.data.sources import load_cifar  # noqa: E402
 
 pytestmark = [pytest.mark.ffcv, pytest.mark.timeout(300)]
 

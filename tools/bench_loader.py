@@ -12,13 +12,18 @@ includes numba compilation, torchvision's the worker start-up):
 * ``torchvision_heavy``: timm ``create_transform`` with the same RandAugment string, random erasing and bicubic
   interpolation (the reference recipe), then timm Mixup in the loop.
 
-Prints one JSON object (``rat_img_s``, ``torchvision_img_s``, ``rat_heavy_img_s``, ``torchvision_heavy_img_s``,
-ratios, and the exact settings). ``--make-data DIR`` first builds an ImageFolder of ~400 px JPEGs from scikit-learn's
-two sample photos (random crops, sizes and flips), which ``--data`` then defaults to.
+``--repeats N`` measures the four pipelines N times, interleaved (rat, rat heavy, torchvision, torchvision heavy,
+then again), so that the noise of a shared machine hits all of them alike; each loader is built once and reused.
+
+Prints one JSON object: ``rat_img_s``, ``torchvision_img_s``, ``rat_heavy_img_s``, ``torchvision_heavy_img_s``, the
+speed-ups and the heavy augmentation's per-image cost as medians over the repeats, ``ranges`` with
+``{min, median, max, runs}`` of each (ratios and costs are taken per repeat, from runs measured side by side), the
+load average before and after, and the exact settings. ``--make-data DIR`` first builds an ImageFolder of ~400 px
+JPEGs from scikit-learn's two sample photos (random crops, sizes and flips), which ``--data`` then defaults to.
 
 Example::
 
-    python tools/bench_loader.py --make-data /tmp/bench_jpegs --batch-size 64 --workers 2 --resolution 160
+    python tools/bench_loader.py --make-data /tmp/bench_jpegs --batch-size 64 --workers 2 --resolution 160 --repeats 5
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -108,8 +114,9 @@ def _safe_posterize_ops() -> None:
         auto_augment.NAME_TO_OP[name] = posterize
 
 
-def bench_torchvision(folder: Path, *, batch_size: int, workers: int, resolution: int, heavy: bool,
-                      warmup_epochs: int, min_seconds: float, num_classes: int) -> dict[str, float]:
+def torchvision_epochs(folder: Path, *, batch_size: int, workers: int, resolution: int, heavy: bool,
+                       num_classes: int) -> Callable[[], Iterable[int]]:
+    """One epoch of the torchvision (+ timm, when ``heavy``) pipeline per call; yields the batch sizes."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -137,16 +144,13 @@ def bench_torchvision(folder: Path, *, batch_size: int, workers: int, resolution
                 x, y = mixup(x, y)
             yield x.shape[0]
 
-    return _timed(epoch, warmup_epochs, min_seconds)
+    return epoch
 
 
-def bench_rat(beton: Path, *, batch_size: int, workers: int, resolution: int, heavy: bool, device: torch.device,
-              warmup_epochs: int, min_seconds: float, num_classes: int, loader: Any = None) -> tuple[dict, Any]:
-    from rat.data import build_augment, build_mixup, build_train_loader
+def rat_epochs(loader: Any, *, heavy: bool, device: torch.device, num_classes: int) -> Callable[[], Iterable[int]]:
+    """One epoch of rat's pipeline (``loader`` + the heavy augmentation and Mixup when ``heavy``) per call."""
+    from rat.data import build_augment, build_mixup
 
-    if loader is None:
-        loader = build_train_loader(beton, batch_size=batch_size, resolution=resolution, device=device,
-                                    num_workers=workers, seed=0)
     augment = build_augment(RAND_AUGMENT, re_prob=0.25) if heavy else None
     mixup = build_mixup(num_classes=num_classes) if heavy else None
     generator = torch.Generator().manual_seed(0)
@@ -160,7 +164,16 @@ def bench_rat(beton: Path, *, batch_size: int, workers: int, resolution: int, he
                 torch.cuda.synchronize(device)
             yield x.shape[0]
 
-    return _timed(epoch, warmup_epochs, min_seconds), loader
+    return epoch
+
+
+def _spread(values: Sequence[float], digits: int) -> dict[str, Any]:
+    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
+            "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -181,7 +194,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compress-probability", type=float, default=0.5, help="beton: JPEG share (proportion)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="beton: JPEG quality")
     parser.add_argument("--skip-heavy", action="store_true", help="only the plain pipelines")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of every pipeline (ranges in JSON)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} must be >= 1")
     if args.data is None and args.make_data is None:
         parser.error("pass --data IMAGEFOLDER_DIR, or --make-data DIR to build one")
     return args
@@ -204,20 +220,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     write_mode=args.write_mode, compress_probability=args.compress_probability,
                                     jpeg_quality=args.jpeg_quality, num_workers=args.workers, progress=False)
         device = torch.device(args.device)
-        common = dict(batch_size=args.batch_size, workers=args.workers, resolution=args.resolution,
-                      warmup_epochs=args.warmup_epochs, min_seconds=args.min_seconds, num_classes=len(classes))
-        results: dict[str, dict] = {}
-        results["rat"], loader = bench_rat(report.path, heavy=False, device=device, **common)
-        _logger.info("rat: %.0f img/s", results["rat"]["img_s"])
-        if not args.skip_heavy:
-            results["rat_heavy"], _ = bench_rat(report.path, heavy=True, device=device, loader=loader, **common)
-            _logger.info("rat heavy: %.0f img/s", results["rat_heavy"]["img_s"])
-        del loader
-        results["torchvision"] = bench_torchvision(folder, heavy=False, **common)
-        _logger.info("torchvision: %.0f img/s", results["torchvision"]["img_s"])
-        if not args.skip_heavy:
-            results["torchvision_heavy"] = bench_torchvision(folder, heavy=True, **common)
-            _logger.info("torchvision heavy: %.0f img/s", results["torchvision_heavy"]["img_s"])
+        from rat.data import build_train_loader
+
+        loader = build_train_loader(report.path, batch_size=args.batch_size, resolution=args.resolution,
+                                    device=device, num_workers=args.workers, seed=0)
+        names = ["rat", "rat_heavy", "torchvision", "torchvision_heavy"] if not args.skip_heavy else \
+            ["rat", "torchvision"]
+        tv = dict(batch_size=args.batch_size, workers=args.workers, resolution=args.resolution,
+                  num_classes=len(classes))
+        epochs = {
+            "rat": rat_epochs(loader, heavy=False, device=device, num_classes=len(classes)),
+            "rat_heavy": rat_epochs(loader, heavy=True, device=device, num_classes=len(classes)),
+            "torchvision": torchvision_epochs(folder, heavy=False, **tv),
+            "torchvision_heavy": torchvision_epochs(folder, heavy=True, **tv),
+        }
+        load_before = _load()
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for repeat in range(args.repeats):
+            for name in names:
+                # Warm-up before the first run of each pipeline only: numba compilation, worker start-up.
+                runs[name].append(_timed(epochs[name], args.warmup_epochs if repeat == 0 else 0, args.min_seconds))
+                _logger.info("run %d/%d %s: %.0f img/s", repeat + 1, args.repeats, name, runs[name][-1]["img_s"])
+        load_after = _load()
+        del loader, epochs
         beton_mib = report.path.stat().st_size / 2**20
 
     sizes = []
@@ -226,22 +251,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, _ in samples[:: max(1, len(samples) // 50)]:
         with Image.open(path) as img:
             sizes.append(max(img.size))
-    out: dict[str, Any] = {f"{name}_img_s": round(r["img_s"], 1) for name, r in results.items()}
-    out["speedup_plain"] = round(results["rat"]["img_s"] / results["torchvision"]["img_s"], 2)
+    series: dict[str, list[float]] = {f"{name}_img_s": [r["img_s"] for r in runs[name]] for name in runs}
+    series["speedup_plain"] = [r / t for r, t in zip(series["rat_img_s"], series["torchvision_img_s"])]
     if not args.skip_heavy:
-        out["speedup_heavy"] = round(results["rat_heavy"]["img_s"] / results["torchvision_heavy"]["img_s"], 2)
+        series["speedup_heavy"] = [r / t for r, t in zip(series["rat_heavy_img_s"],
+                                                         series["torchvision_heavy_img_s"])]
         # Per-image cost of the heavy augmentation, in ms, and as a share of the plain pipeline's throughput.
         for name in ("rat", "torchvision"):
-            plain, heavy = results[name]["img_s"], results[f"{name}_heavy"]["img_s"]
-            out[f"heavy_cost_{name}_ms_per_img"] = round(1000 * (1 / heavy - 1 / plain), 3)
-            out[f"heavy_slowdown_{name}"] = round(1 - heavy / plain, 3)
+            pairs = list(zip(series[f"{name}_img_s"], series[f"{name}_heavy_img_s"]))
+            series[f"heavy_cost_{name}_ms_per_img"] = [1000 * (1 / heavy - 1 / plain) for plain, heavy in pairs]
+            series[f"heavy_slowdown_{name}"] = [1 - heavy / plain for plain, heavy in pairs]
+    digits = {key: 1 if key.endswith("_img_s") else 2 if key.startswith("speedup") else 3 for key in series}
+    out: dict[str, Any] = {key: round(statistics.median(values), digits[key]) for key, values in series.items()}
+    out["ranges"] = {key: _spread(values, digits[key]) for key, values in series.items()}
+    out["repeats"] = args.repeats
+    out["load_average_1_5_15min"] = {"before": load_before, "after": load_after}
     out["settings"] = {
         "images": len(samples), "classes": len(classes), "median_long_side_px": int(np.median(sizes)),
         "batch_size": args.batch_size, "workers": args.workers, "resolution": args.resolution,
-        "device": str(device), "warmup_epochs": args.warmup_epochs, "timed": {k: {"images": v["images"],
-                                                                                   "epochs": v["epochs"],
-                                                                                   "seconds": round(v["seconds"], 2)}
-                                                                               for k, v in results.items()},
+        "device": str(device), "warmup_epochs": args.warmup_epochs, "min_seconds": args.min_seconds,
+        "timed": {k: {"images": sum(r["images"] for r in v), "epochs": sum(r["epochs"] for r in v),
+                      "seconds": round(sum(r["seconds"] for r in v), 2)} for k, v in runs.items()},
         "beton": {"max_resolution": args.max_resolution or None, "write_mode": args.write_mode,
                   "compress_probability": args.compress_probability, "jpeg_quality": args.jpeg_quality,
                   "size_mib": round(beton_mib, 1), "write_s": round(report.seconds, 1)},
@@ -249,7 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "switch_prob": 0.5, "label_smoothing": 0.1},
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
     }
     print(json.dumps(out))
     return 0

@@ -4,13 +4,17 @@ Public API (see docs/data.md):
 
 * writing: :func:`write_arrays_beton`, :func:`write_folder_beton` (over :func:`list_image_folder`),
   :func:`write_cifar_beton` (-> :class:`WriteReport`, :class:`BetonWriteError`); reading back: :func:`read_classes`,
-  :func:`read_beton_info`, :func:`read_beton_item`;
-* loading: :func:`build_train_loader`, :func:`build_val_loader` (central crop :data:`VAL_CROP_RATIO`);
+  :func:`read_beton_info`, :func:`read_beton_item`, :class:`BetonImages`;
+* loading: :func:`build_train_loader`, :func:`build_val_loader` (central crop :data:`VAL_CROP_RATIO`; with
+  ``distributed=True`` each rank evaluates its own contiguous shard);
 * augmentation: :class:`BatchAugment` (per-sample RandAugment + random erasing on a batch, on its device),
   :func:`build_augment`, :func:`build_mixup` (timm ``Mixup``).
 
-The building blocks stay in their modules (``rat.data.augment``, ``rat.data.ffcv``, ``rat.data.writer``);
-``rat.data.demo`` (the embedded demo dataset) builds on these and is imported on its own.
+The modules, one job each, in the order data flows: ``sources`` (ImageFolder listing, CIFAR archives, the indexable
+sources the writer reads), ``meta`` (a beton's fields and classes file, reading samples back), ``writer`` (the atomic
+write), ``ffcv`` (the loaders), ``augment`` (batched augmentation); ``_ffcv_compat`` holds every workaround for
+ffcv 1.0.2's internals and checks the installed version. ``rat.data.demo`` (the embedded demo dataset) and
+``rat.data.policy`` (Adversarial AutoAugment) build on these and are imported on their own.
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ from rat.data.augment import BatchAugment, build_augment, build_mixup
 # on a GPU machine without ffcv). So those names load on first use (PEP 562).
 _FFCV_NAMES = {
     "VAL_CROP_RATIO": "rat.data.ffcv", "build_train_loader": "rat.data.ffcv", "build_val_loader": "rat.data.ffcv",
+    "list_image_folder": "rat.data.sources",
+    **{name: "rat.data.meta" for name in ("BetonImages", "read_beton_info", "read_beton_item", "read_classes")},
     **{name: "rat.data.writer" for name in (
-        "BetonImages", "BetonWriteError", "WriteReport", "list_image_folder", "read_beton_info", "read_beton_item",
-        "read_classes", "write_arrays_beton", "write_cifar_beton", "write_folder_beton")},
+        "BetonWriteError", "WriteReport", "write_arrays_beton", "write_cifar_beton", "write_folder_beton")},
 }
 
 

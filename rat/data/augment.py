@@ -77,6 +77,7 @@ GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 CUTOUT_MAX = 0.2  # Cutout's square side at magnitude 10, as a fraction of the shorter image side
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's ITU-R 601-2 luma, as in Image.convert('L')
+_BICUBIC_A = -0.75  # the bicubic kernel of torch's grid_sample (PIL uses -0.5)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
 
 
 def auto_contrast(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
+    x = x.contiguous()  # per-image, per-channel reductions are many times slower on channels_last
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
     spread = hi - lo
@@ -192,7 +194,7 @@ def auto_contrast(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Te
 
 def equalize(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
     n, c, h, w = x.shape
-    q = _to_levels(x).to(torch.int64).reshape(n * c, h * w)
+    q = _to_levels(x.contiguous()).to(torch.int64).view(n * c, h * w)
     hist = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device).scatter_add_(1, q, torch.ones_like(q))
     last = hist.gather(1, q.amax(dim=1, keepdim=True))  # count of the highest level present
     step = torch.div(h * w - last, 255, rounding_mode="floor")
@@ -200,9 +202,8 @@ def equalize(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
     safe_step = step.clamp(min=1)
     before = hist.cumsum(dim=1) - hist  # pixels strictly below each level
     lut = torch.div(torch.div(safe_step, 2, rounding_mode="floor") + before, safe_step, rounding_mode="floor")
-    lut = lut.clamp_(max=255)
-    out = torch.where(usable, lut.gather(1, q), q)
-    return out.reshape(n, c, h, w).to(x.dtype).div_(255.0)
+    lut = torch.where(usable, lut.clamp_(max=255), torch.arange(256, device=x.device))  # identity: left as is
+    return lut.to(x.dtype).div_(255.0).gather(1, q).view(n, c, h, w)
 
 
 def invert(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,10 +211,9 @@ def invert(x: torch.Tensor, _arg: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    q = _to_levels(x).to(torch.int64)
-    shift = (8 - bits.to(torch.int64)).clamp(0, 8)
-    mask = _col(torch.bitwise_left_shift(torch.bitwise_right_shift(torch.full_like(shift, 255), shift), shift))
-    return torch.bitwise_and(q, mask).to(x.dtype).div_(255.0)
+    # Keeping the top ``bits`` of an 8-bit level is flooring it to a multiple of 2**(8 - bits): exact in float.
+    step = _col(torch.exp2((8 - bits.to(x.dtype)).clamp(0, 8)))
+    return torch.floor_(_to_levels(x).div_(step)).mul_(step).div_(255.0)
 
 
 def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -239,12 +239,15 @@ def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    # PIL's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3x3 box sum + 4 * centre) / 13; a box filter is
-    # much faster than a depthwise conv2d on CPU.
-    box = F.avg_pool2d(x, kernel_size=3, stride=1) * 9.0
-    degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = (box + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0  # PIL keeps the border pixels
-    return _blend(degenerate, x, factor)
+    # PIL's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3x3 box sum + 4 * centre) / 13, as a separable
+    # box sum of shifted views (cheaper on CPU than avg_pool2d or a depthwise conv2d, in any memory format). PIL keeps
+    # the border pixels, where the blend is then the identity.
+    rows = x[..., :, :-2] + x[..., :, 1:-1] + x[..., :, 2:]
+    inner = x[..., 1:-1, 1:-1]
+    degenerate = (rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :] + 4.0 * inner) / 13.0
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = _blend(degenerate, inner, factor)
+    return out
 
 
 _COLOR_OPS = {
@@ -293,12 +296,95 @@ def affine_theta(names: Sequence[str], args: torch.Tensor, height: int, width: i
     return theta
 
 
+def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (n, C, height, width), align_corners=False)`` in closed form: one broadcast add of an
+    x term and a y term per image instead of a (H·W, 3) x (3, 2) ``bmm`` per image, which is slow on CPU."""
+    xs = torch.arange(width, device=theta.device, dtype=theta.dtype).mul_(2.0).add_(1.0).div_(width).sub_(1.0)
+    ys = torch.arange(height, device=theta.device, dtype=theta.dtype).mul_(2.0).add_(1.0).div_(height).sub_(1.0)
+    x_term = xs.view(1, 1, width, 1) * theta[:, :, 0].view(-1, 1, 1, 2) + theta[:, :, 2].view(-1, 1, 1, 2)
+    y_term = ys.view(1, height, 1, 1) * theta[:, :, 1].view(-1, 1, 1, 2)
+    return x_term + y_term
+
+
+def _taps(shift: float, mode: str) -> list[tuple[int, float]]:
+    """``grid_sample``'s 1-D taps ``(offset, weight)`` for sampling at ``position + shift``: bilinear, or bicubic with
+    torch's kernel (``A = -0.75``)."""
+    base = math.floor(shift)
+    t = shift - base
+    if mode == "bilinear":
+        return [(base, 1.0 - t), (base + 1, t)]
+    a = _BICUBIC_A
+
+    def near(d: float) -> float:
+        return ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+
+    def far(d: float) -> float:
+        return ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+
+    return [(base - 1, far(t + 1.0)), (base, near(t)), (base + 1, near(1.0 - t)), (base + 2, far(2.0 - t))]
+
+
+def _shift(image: torch.Tensor, shift: float, dim: int, mode: str) -> torch.Tensor:
+    """``image`` (C, H, W) sampled at ``position + shift`` along ``dim`` with zero padding: a translation as a few
+    weighted slices, which is what ``grid_sample`` computes for it (the taps across ``dim`` have weights 0 and 1)."""
+    size = image.shape[dim]
+    out = torch.zeros_like(image)
+    for offset, weight in _taps(shift, mode):
+        lo, hi = max(0, -offset), min(size, size - offset)
+        if weight != 0.0 and lo < hi:
+            out.narrow(dim, lo, hi - lo).add_(image.narrow(dim, lo + offset, hi - lo), alpha=weight)
+    return out
+
+
 def geometric(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, mode: str) -> torch.Tensor:
-    """Resample each image with its affine ``theta``; pixels from outside the image take ``fill`` (C,)."""
-    fill = fill.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
-    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return out.add_(fill).clamp_(0.0, 1.0)
+    """Resample each image with its affine ``theta``; pixels from outside the image take ``fill`` (C,).
+
+    Translations (``theta``'s linear part the identity: TranslateXRel/YRel) are resampled as weighted slices, the
+    rest (Rotate, ShearX/Y) with ``grid_sample``; both are ``grid_sample``'s interpolation with zero padding.
+    """
+    colour = fill.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    src = x - colour if bool(fill.any()) else x
+    height, width = x.shape[2:]
+    cpu_theta = theta.detach().to("cpu", torch.float64)
+    translation = (cpu_theta[:, :, :2] == torch.eye(2, dtype=torch.float64)).all(dim=2).all(dim=1)
+    rest = torch.nonzero(~translation).flatten()
+    sampled = None
+    if len(rest):
+        grid = _affine_grid(theta[rest.to(theta.device)].to(device=x.device, dtype=x.dtype), height, width)
+        sampled = F.grid_sample(src[rest.to(x.device)], grid, mode=mode, padding_mode="zeros", align_corners=False)
+    if len(rest) == len(x):
+        out = sampled
+    else:
+        # grid_sample writes NCHW: then collect every row in that layout (each is transposed once on the way back).
+        out = torch.empty_like(src) if sampled is None else torch.empty(src.shape, dtype=src.dtype, device=src.device)
+        for i in torch.nonzero(translation).flatten().tolist():
+            image = src[i]
+            shift_x, shift_y = float(cpu_theta[i, 0, 2]) * width / 2, float(cpu_theta[i, 1, 2]) * height / 2
+            image = _shift(image, shift_x, 2, mode) if shift_x else image
+            out[i] = _shift(image, shift_y, 1, mode) if shift_y else image
+        if sampled is not None:
+            out.index_copy_(0, rest.to(x.device), sampled)
+    if src is not x:
+        out.add_(colour)
+    return out.clamp_(0.0, 1.0)
+
+
+def _scatter(out: torch.Tensor, rows: torch.Tensor, result: torch.Tensor) -> None:
+    """``out[rows] = result`` (``rows`` on the CPU). Between layouts (an NCHW result into a channels_last batch) one
+    ``copy_`` per row, several times faster than ``index_copy_`` there."""
+    if out.is_contiguous(memory_format=torch.channels_last) == result.is_contiguous(memory_format=torch.channels_last):
+        out.index_copy_(0, rows.to(out.device), result)
+        return
+    for j, row in enumerate(rows.tolist()):
+        out[row].copy_(result[j])
+
+
+def _gather(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of a batch, in its memory format (a channels_last batch is gathered as NHWC rows, a memcpy each;
+    ``index_select`` on it would transpose them to NCHW)."""
+    if out.is_contiguous() or not out.is_contiguous(memory_format=torch.channels_last):
+        return out.index_select(0, idx)
+    return out.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,8 +424,8 @@ def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magn
     The shared batched base of RandAugment and the adversarial policy. Draws from the CPU generator ``gen``, in this
     order: a sign per image (for the ops timm negates at random), an interpolation per image (used when
     ``interpolation='random'``), and, only when ``ops`` holds Cutout, a box centre per image. Images that drew the
-    same colour op are processed together; all geometric ops of the layer go through one ``grid_sample`` per
-    interpolation.
+    same colour op are processed together; all geometric ops of the layer go through one :func:`geometric` call per
+    interpolation. Rows are gathered and written back in ``out``'s memory format.
     """
     n, _, height, width = out.shape
     sign = torch.where(torch.rand(n, generator=gen) > 0.5, -1.0, 1.0).to(torch.float64)
@@ -360,10 +446,10 @@ def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magn
             continue
         idx = rows.to(out.device)
         if name == "Cutout":
-            result = cutout(out.index_select(0, idx), cutout_boxes(arg, centres[rows], height, width), fill)
+            result = cutout(_gather(out, idx), cutout_boxes(arg, centres[rows], height, width), fill)
         else:
-            result = _COLOR_OPS[name](out.index_select(0, idx), arg.to(device=out.device, dtype=out.dtype))
-        out.index_copy_(0, idx, result)
+            result = _COLOR_OPS[name](_gather(out, idx), arg.to(device=out.device, dtype=out.dtype))
+        _scatter(out, rows, result)
     if not geo_rows:
         return
     rows = torch.cat(geo_rows)
@@ -375,8 +461,8 @@ def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magn
     for mode, member in groups:
         if not bool(member.any()):
             continue
-        idx = rows[member].to(out.device)
-        out.index_copy_(0, idx, geometric(out.index_select(0, idx), theta[member], fill, mode))
+        chosen = rows[member]
+        _scatter(out, chosen, geometric(_gather(out, chosen.to(out.device)), theta[member], fill, mode))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -416,8 +502,11 @@ def check_fill_and_interpolation(fill: Sequence[float], interpolation: str) -> t
 
 
 class BatchTransform:
-    """Base of the batch augmentations: ``transform(x, generator)`` checks the batch, augments a private NCHW copy
-    in place with :meth:`apply_` (no autograd), and returns it in ``x``'s memory format; ``x`` is untouched.
+    """Base of the batch augmentations: ``transform(x, generator)`` checks the batch, augments a private copy in
+    ``x``'s memory format in place with :meth:`apply_` (no autograd), and returns it; ``x`` is untouched.
+
+    The ops work on NCHW and channels_last batches alike (rows are gathered in the batch's own layout), so a
+    channels_last batch from the loaders is never transposed as a whole.
 
     The per-image parameters come from the CPU ``generator`` (without one they follow ``torch.manual_seed``), so the
     same generator state gives the same batch on a given device.
@@ -427,15 +516,13 @@ class BatchTransform:
         _check_batch(x)
         gen = _cpu_generator(generator)
         with torch.no_grad():
-            out = x.contiguous()  # grid_sample and the row gathers are faster on NCHW than on channels_last
-            out = out.clone() if out is x else out
+            out = x.clone()  # preserves x's memory format
             self.apply_(out, gen)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return out.contiguous(memory_format=torch.channels_last)
         return out
 
     def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Augment ``out`` (a float NCHW batch) in place, drawing the parameters from the CPU generator ``gen``."""
+        """Augment ``out`` (a float (N, 3, H, W) batch, any memory format) in place, drawing the parameters from the
+        CPU generator ``gen``."""
         raise NotImplementedError
 
 
@@ -539,25 +626,34 @@ class BatchRandomErasing(BatchTransform):
         return out
 
     def apply_(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        x = out
-        n, c, height, width = x.shape
+        n, c, height, width = out.shape
         boxes = self.boxes(n, height, width, gen)
-        dev_gen = _device_generator(gen, x.device)
+        dev_gen = _device_generator(gen, out.device)
         rows = torch.nonzero((boxes[:, :, 2] > 0).any(dim=1)).flatten()
         if len(rows) == 0:
             return
-        inside = box_mask(boxes[rows], height, width, x.device)
-        mean = self.mean.to(device=x.device, dtype=x.dtype).view(1, c, 1, 1)
-        std = self.std.to(device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        drawn = [(i, int(r), [box for box in boxes[r].tolist() if box[2] > 0]) for i, r in enumerate(rows.tolist())]
+        mean = self.mean.to(device=out.device, dtype=out.dtype).view(c, 1)
+        std = self.std.to(device=out.device, dtype=out.dtype).view(c, 1)
+        # Only the boxes' pixels are drawn and written: per-pixel noise for every box pixel ('pixel'), one colour per
+        # erased image ('rand'), or the mean ('const'); rows are painted in place, in any memory format.
         if self.mode == "pixel":
-            noise = torch.randn(len(rows), c, height, width, generator=dev_gen, device=x.device, dtype=x.dtype)
+            total = sum(h * w for _, _, row_boxes in drawn for _, _, h, w in row_boxes)
+            noise = torch.randn(c, total, generator=dev_gen, device=out.device, dtype=out.dtype)
         elif self.mode == "rand":
-            noise = torch.randn(len(rows), c, 1, 1, generator=dev_gen, device=x.device, dtype=x.dtype)
+            noise = torch.randn(len(rows), c, generator=dev_gen, device=out.device, dtype=out.dtype).T
         else:
-            noise = torch.zeros(len(rows), c, 1, 1, device=x.device, dtype=x.dtype)
-        fill = (mean + std * noise).clamp_(0.0, 1.0)
-        idx = rows.to(x.device)
-        out.index_copy_(0, idx, torch.where(inside, fill, out.index_select(0, idx)))
+            noise = torch.zeros(c, len(rows), device=out.device, dtype=out.dtype)
+        fill = (mean + std * noise).clamp_(0.0, 1.0)  # (c, pixels) or (c, erased images)
+        offset = 0
+        for i, row, row_boxes in drawn:
+            for top, left, h, w in row_boxes:
+                if self.mode == "pixel":
+                    paint = fill[:, offset:offset + h * w].view(c, h, w)
+                    offset += h * w
+                else:
+                    paint = fill[:, i].view(c, 1, 1)
+                out[row, :, top:top + h, left:left + w] = paint
 
 
 class BatchAugment(BatchTransform):

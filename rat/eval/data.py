@@ -238,7 +238,7 @@ def dataset_size(path: str | Path) -> int:
     path = Path(path)
     _check_source(path)
     if _is_beton(path):
-        from rat.data.writer import check_beton
+        from rat.data.meta import check_beton
 
         return check_beton(path)
     return len(_image_folder(path, None))
