@@ -36,6 +36,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.6,<4",
             "hypothesis>=6.100",
             "ruff>=0.6",
         ],

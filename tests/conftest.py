@@ -16,3 +16,12 @@ def demo_betons(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "demo"
     return ensure_demo_betons(root)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist the two workers share the machine's cores: one intra-op thread each, instead of each
+    worker's torch spreading over every core and the two fighting for them."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
