@@ -63,10 +63,11 @@ EPS = 4 / 255
 MODELS = {
     "resnet10t_w8": ("resnet10t", {"channels": (8, 16, 32, 64), "stem_width": 8}),
     "resnet18_w8": ("resnet18", {"channels": (8, 16, 32, 64)}),
+    "resnet14t_w8": ("resnet14t", {"channels": (8, 16, 32, 64), "stem_width": 8}),
     "mobilenetv3_small_050": ("mobilenetv3_small_050", {}),
     "convnext_micro_cvst": ("convnext_micro_cvst", {}),
 }
-BN_MODELS = ("resnet10t_w8", "resnet18_w8", "mobilenetv3_small_050")  # the default set: small BatchNorm timm CNNs
+BN_MODELS = ("resnet10t_w8", "resnet18_w8", "resnet14t_w8")  # the default set: small BatchNorm timm CNNs
 # Quantized variants whose robust ranking the generated set has to predict: a spread from harmless to ruinous.
 ESTIMATE_FORMATS = ("INT8", "INT5", "INT4", "INT3", "POT4", "POT3", "FLOAT6_E3M2", "FLOAT4_E2M1", "FLOAT4_E3M0")
 
