@@ -198,8 +198,8 @@ def test_int8_keeps_accuracy_int2_and_pot2_do_not(trained, tmp_path):
 def test_generator_images_are_classified_as_their_labels(trained):
     model, *_ = trained
     targets = stat_targets(model, None)
-    generator = train_generator(model, targets, num_classes=10, img_size=16, steps=60, batch_size=32, seed=0,
-                                progress=False)
+    generator = train_generator(model, targets, num_classes=10, img_size=16, steps=60, batch_size=32, width=32,
+                                seed=0, progress=False)
     assert label_accuracy(model, generator, n=200) >= 90
 
 
