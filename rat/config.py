@@ -320,6 +320,8 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
             lr=Param(PositiveFloat(), "Adam learning rate", default=1e-3),
             mix=Param(_float(0, 1), "initial share of inter-class samples", default=0.2),
             stat_weight=Param(_float(0), "weight of the feature-statistics term", default=1.0),
+            width=Param(_int(4), "channels of the generator's first feature map (its cost grows with the square)",
+                        default=128),
             n_samples=Param(_int(1), "images in the generated set", default=1000),
             tolerance=Param(_float(0), "stop adjusting once clean and robust are this close (points)", default=1.0),
             seed=Param(_int(0), "seed", default=0),

@@ -15,6 +15,7 @@ from rat.quant import (
     FormatError,
     QuantFormat,
     QuantizationError,
+    adjust_generator,
     calibrate,
     fake_quantize,
     fit_curve,
@@ -26,13 +27,15 @@ from rat.quant import (
     plot_fits,
     quantize_model,
     record_norm_stats,
+    robust_accuracy,
     run_sweep,
+    sample,
     stat_targets,
     sweep_grid,
     train_generator,
 )
 from rat.quant.__main__ import main as quant_main
-from rat.quant.generator import GeneratorError
+from rat.quant.generator import GeneratorError, solve_mix
 
 RES = 32
 
@@ -195,9 +198,35 @@ def test_int8_keeps_accuracy_int2_and_pot2_do_not(trained, tmp_path):
 def test_generator_images_are_classified_as_their_labels(trained):
     model, *_ = trained
     targets = stat_targets(model, None)
-    generator = train_generator(model, targets, num_classes=10, img_size=16, steps=60, batch_size=32, seed=0,
-                                progress=False)
+    generator = train_generator(model, targets, num_classes=10, img_size=16, steps=60, batch_size=32, width=32,
+                                seed=0, progress=False)
     assert label_accuracy(model, generator, n=200) >= 90
+
+
+def test_solve_mix_by_hand():
+    # pure set: robust 80 %, all-inter-class set: robust 20 % -> a 40 % robust set needs (80 - 40) / (80 - 20) = 2/3
+    assert solve_mix((100.0, 80.0), (70.0, 20.0), 40.0) == pytest.approx(2 / 3)
+    assert solve_mix((100.0, 80.0), (70.0, 20.0), 90.0) == 0.0  # unreachable above: all pure
+    assert solve_mix((100.0, 80.0), (70.0, 20.0), 10.0) == 1.0  # unreachable below: all inter-class
+    # inter-class samples no less robust: the closer of the two sets
+    assert solve_mix((100.0, 30.0), (70.0, 35.0), 10.0) == 0.0 and solve_mix((100.0, 30.0), (70.0, 35.0), 40.0) == 1.0
+
+
+def test_adjusted_generator_tracks_the_target_robust_accuracy(trained):
+    model, *_ = trained
+    targets = stat_targets(model, None)
+    generator = train_generator(model, targets, num_classes=10, img_size=16, steps=60, batch_size=32, width=32,
+                                seed=0, progress=False)
+    spec = AttackSpec(norm="Linf", eps=2 / 255, n_iter=3)
+    kwargs = {"spec": spec, "steps_per_round": 5, "batch_size": 32, "train_n_iter": 1, "probe_n": 200,
+              "progress": False}
+    probe = adjust_generator(model, generator, targets, target_clean=90.0, target_robust=0.0, rounds=0, **kwargs)
+    pure, mixed = probe.history[0]["pure_robust"], probe.history[0]["mixed_robust"]
+    assert pure - mixed > 10, "inter-class samples should be markedly less robust"
+    target = (pure + mixed) / 2
+    result = adjust_generator(model, generator, targets, target_clean=90.0, target_robust=target, rounds=1, **kwargs)
+    x, y = sample(result.generator, 400, result.mix, 1000, torch.device("cpu"))
+    assert abs(robust_accuracy(model, x, y, spec, 400) - target) < 5
 
 
 def test_layernorm_model_needs_recorded_statistics():

@@ -10,7 +10,7 @@ from typing import Any
 
 from rat.eval.results import format_eps
 
-__all__ = ["choose_axis", "plot_rows", "result_row", "write_csv", "write_markdown"]
+__all__ = ["choose_axis", "plot_rows", "pyplot", "result_row", "save_figure", "write_csv", "write_markdown"]
 
 _logger = logging.getLogger(__name__)
 
@@ -80,11 +80,7 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path, x: str = "auto")
         path: the PNG to write.
         x: ``resolution``, ``eps`` (one panel per norm) or ``auto`` (see ``choose_axis``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if x == "auto":
         x = choose_axis(rows)
     if x not in ("resolution", "eps"):
@@ -114,6 +110,22 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path, x: str = "auto")
         if x == "eps":
             ax.set_title(norm)
     fig.suptitle(f"AutoAttack robust (solid) and clean (dashed) accuracy versus {'ε' if x == 'eps' else x}")
+    return save_figure(fig, path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at 120 dpi (creating the folder) and close it."""
+    plt = pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -214,7 +214,8 @@ def run_generate(cfg: dict[str, Any]) -> int:
     progress = bool(gen_cfg["progress"])
     generator = train(model, targets, num_classes=model.num_classes, img_size=resolution, steps=gen_cfg["steps"],
                       batch_size=gen_cfg["batch_size"], lr=gen_cfg["lr"], mix=gen_cfg["mix"],
-                      stat_weight=gen_cfg["stat_weight"], seed=gen_cfg["seed"], progress=progress)
+                      stat_weight=gen_cfg["stat_weight"], width=gen_cfg["width"], seed=gen_cfg["seed"],
+                      progress=progress)
     label_acc = label_accuracy(model, generator)
     mix, beta, history = gen_cfg["mix"], 0.0, []
     if gen_cfg["rounds"] > 0:

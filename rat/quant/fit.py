@@ -80,11 +80,9 @@ def fit_sweeps(records: Sequence[dict[str, Any]], similarity: str = "js_flops") 
 
 def plot_fits(records: Sequence[dict[str, Any]], summary: dict[str, Any], path: str | Path) -> Path:
     """Scatter of loss vs similarity per model with each model's curve (dashed) and the overall one (black)."""
-    import matplotlib
+    from rat.eval.aggregate import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     similarity = summary["similarity"]
     fig, axes = plt.subplots(1, len(TARGETS), figsize=(6 * len(TARGETS), 4.5))
     grid = np.linspace(np.log10(max(min(r[similarity] for r in records), _JS_FLOOR)),
@@ -106,9 +104,4 @@ def plot_fits(records: Sequence[dict[str, Any]], summary: dict[str, Any], path: 
         ax.set_ylabel(f"{target} accuracy loss (fp - q) / fp")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

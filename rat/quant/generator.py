@@ -41,7 +41,7 @@ from rat.quant.sweep import AttackSpec, accuracy, robust_accuracy
 
 __all__ = [
     "AdjustResult", "GeneratorError", "LabelGenerator", "NormStatLoss", "adjust_generator", "bn_targets",
-    "label_accuracy", "record_norm_stats", "sample", "stat_targets", "train_generator",
+    "label_accuracy", "record_norm_stats", "sample", "solve_mix", "stat_targets", "train_generator",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -253,14 +253,21 @@ def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
 
 def train_generator(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
                     img_size: int, steps: int, batch_size: int = 64, lr: float = 1e-3, mix: float = 0.2,
-                    stat_weight: float = 1.0, seed: int = 0, progress: bool = True) -> LabelGenerator:
-    """Stage 1: a generator whose images the model classifies as their labels, with matched feature statistics."""
+                    stat_weight: float = 1.0, width: int = 128, seed: int = 0,
+                    progress: bool = True) -> LabelGenerator:
+    """Stage 1: a generator whose images the model classifies as their labels, with matched feature statistics.
+
+    Adam (betas 0.5, 0.999, the seed's) with a cosine decay of ``lr`` to 0 over ``steps``: the decay lets the
+    generator's own BatchNorm statistics settle, so that images sampled in eval mode are classified like the
+    training-mode ones.
+    """
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    generator = LabelGenerator(num_classes, img_size, _classifier_weight(model)).to(device)
+    generator = LabelGenerator(num_classes, img_size, _classifier_weight(model), width=width).to(device)
     model.eval()
     model.requires_grad_(False)
     optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     stat_loss = NormStatLoss(model, targets)
     gen = torch.Generator().manual_seed(seed + 1)
     try:
@@ -268,6 +275,7 @@ def train_generator(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, 
         for step in bar:
             logs = _generator_step(model, generator, optimizer, stat_loss, batch_size=batch_size, mix=mix,
                                    stat_weight=stat_weight, beta=0.0, attack=None, gen=gen, device=device)
+            schedule.step()
             if step % 20 == 0:
                 bar.set_postfix(ce=f"{logs['ce']:.3f}", stat=f"{logs['stat']:.3f}")
     finally:
@@ -294,6 +302,25 @@ class AdjustResult:
     history: list[dict[str, float]]
 
 
+def _probe(model: nn.Module, generator: LabelGenerator, n: int, mix: float, seed: int, spec: AttackSpec,
+           device: torch.device) -> tuple[float, float]:
+    x, y = sample(generator, n, mix, seed, device)
+    return accuracy(model, x, y, 256), robust_accuracy(model, x, y, spec, 256)
+
+
+def solve_mix(pure: tuple[float, float], mixed: tuple[float, float], target_robust: float) -> float:
+    """The share of inter-class samples whose set has ``target_robust`` robust accuracy, clipped to [0, 1].
+
+    A set that draws each sample as inter-class with probability ``s`` has, in expectation, the accuracies
+    ``(1 - s) * pure + s * mixed``; ``pure`` and ``mixed`` are the (clean, robust) accuracies of all-pure and
+    all-inter-class sets.
+    """
+    gap = pure[1] - mixed[1]
+    if gap <= 0:
+        return 0.0 if pure[1] >= target_robust else 1.0
+    return min(max((pure[1] - target_robust) / gap, 0.0), 1.0)
+
+
 def adjust_generator(model: nn.Module, generator: LabelGenerator,
                      targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, target_clean: float,
                      target_robust: float, spec: AttackSpec, rounds: int, steps_per_round: int, batch_size: int = 64,
@@ -302,6 +329,13 @@ def adjust_generator(model: nn.Module, generator: LabelGenerator,
                      progress: bool = True) -> AdjustResult:
     """Stage 2: train on adversarially perturbed samples and re-balance inter-class samples until the model's clean
     and robust accuracy on a fixed probe set are within ``tolerance`` points of the targets (or ``rounds`` run out).
+
+    Every round measures the model on a fixed all-pure and a fixed all-inter-class probe set (``probe_n`` each) and
+    sets the share of inter-class samples in closed form (:func:`solve_mix`) so that the expected robust accuracy of
+    the mixed set equals ``target_robust``; inter-class samples lower it, pure ones raise it. When even the pure
+    samples are less robust than the target (no share can reach it), ``beta`` — the weight of the
+    adversarially-perturbed term — rises, which makes the generated images more robust. ``mix`` is the share the
+    first training round uses before the first solve.
     """
     from rat.attacks import create_attack
 
@@ -315,20 +349,23 @@ def adjust_generator(model: nn.Module, generator: LabelGenerator,
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, Any], float, float, float, float] | None = None
     for round_index in tqdm(range(rounds + 1), desc="adjust", disable=not progress):
-        x, y = sample(generator, probe_n, mix, seed + 7, device)
-        clean = accuracy(model, x, y, 256)
-        robust = robust_accuracy(model, x, y, spec, 256)
+        pure = _probe(model, generator, probe_n, 0.0, seed + 7, spec, device)
+        mixed = _probe(model, generator, probe_n, 1.0, seed + 8, spec, device)
+        mix = solve_mix(pure, mixed, target_robust)
+        clean = (1 - mix) * pure[0] + mix * mixed[0]
+        robust = (1 - mix) * pure[1] + mix * mixed[1]
         err = max(abs(clean - target_clean), abs(robust - target_robust))
-        history.append({"round": round_index, "mix": mix, "beta": beta, "clean": clean, "robust": robust})
+        history.append({"round": round_index, "mix": mix, "beta": beta, "clean": clean, "robust": robust,
+                        "pure_clean": pure[0], "pure_robust": pure[1], "mixed_clean": mixed[0],
+                        "mixed_robust": mixed[1]})
         _logger.info("adjust round %d: mix %.3f beta %.3f -> clean %.2f%% (target %.2f), robust %.2f%% (target %.2f)",
                      round_index, mix, beta, clean, target_clean, robust, target_robust)
         if best is None or err < best[0]:
             best = (err, copy.deepcopy(generator.state_dict()), mix, beta, clean, robust)
         if err <= tolerance or round_index == rounds:
             break
-        # robust too low -> more weight on adversarially perturbed samples; clean too high -> more inter-class ones
-        beta = min(max(beta + 4.0 * (target_robust - robust) / 100.0, 0.0), 10.0)
-        mix = min(max(mix + 1.0 * (clean - target_clean) / 100.0, 0.0), 1.0)
+        # the pure samples must be more robust than the target for a share to reach it: raise beta while they are not
+        beta = min(max(beta + 4.0 * (target_robust + 5.0 - pure[1]) / 100.0, 0.0), 10.0)
         stat_loss = NormStatLoss(model, targets)
         try:
             for _ in range(steps_per_round):
