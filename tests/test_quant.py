@@ -265,6 +265,12 @@ def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_
                                  model_kwargs={k: v for k, v in ckpt["model_kwargs"].items() if k != "img_size"})
     with torch.no_grad():  # rat.eval attacks the deployed model: activation quantizers on, like rat.quant's
         assert torch.equal(evaluated(x_val), full(x_val))
+    # Written while rat.models wrapped the timm network: weights and the record's layer names under ``model.``
+    legacy = {**ckpt, "model": {f"model.{k}": v for k, v in ckpt["model"].items()},
+              "quant": {**ckpt["quant"], **{key: {f"model.{k}": v for k, v in ckpt["quant"][key].items()}
+                                            for key in ("act_scales", "weight_scales")}}}
+    with torch.no_grad():
+        assert torch.equal(load_quantized_model(legacy).model.eval()(x_val), full(x_val))
 
 
 @pytest.mark.parametrize("args, message", [
