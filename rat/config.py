@@ -10,16 +10,20 @@ in the order given, and ``--section.name value`` flags. Unlike plain fastargs, r
   surprises on shared clusters);
 * uses 0/1 ints for on/off flags (fastargs' ``bool`` checker turns the string ``"0"`` into ``True``).
 
-Code below the ``build_*`` functions never reads the config: it takes plain typed arguments.
+The trainer reads its configuration once: :meth:`TrainSpec.from_config` turns the validated Config into frozen, typed
+dataclasses (one per Section), and code below the entry point takes those or plain arguments, never the Config.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from fastargs import Config, Param, Section, set_current_config
@@ -28,6 +32,9 @@ from fastargs.validation import And, Checker, InRange, OneOf
 from rat.attacks import DEFAULT_EPS, NORMS
 from rat.cli import ArgumentParser
 from rat.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    from rat.data.policy import PolicySpace
 
 
 class ConfigError(ValueError):
@@ -207,7 +214,7 @@ def _declare_sections() -> None:
         eps=Param(CommaList(PositiveFloat(), "numbers > 0 (one per norm, e.g. 0.0157,75)", allow_empty=True),
                   "radius per norm in [0,1] pixel units; empty = Linf 4/255, L2 2, L1 75", default=""),
         n_iter=Param(CommaList(_int(1), "ints >= 1 (one per norm, e.g. 2 or 2,5)"),
-                     "attack steps, one value or one per norm", default="2"),
+                     "attack steps, one value or one per norm (fgsm: always 1 step)", default="2"),
         step_size=Param(_float(0), "attack step size (0 = the attack's default, 2*eps for APGD-Linf)", default=0.0),
         random_start=Param(Flag(), "1: random start (PGD; FGSM always starts at random)", default=0),
         mixed_loss=Param(_float(0, 1), "weight of the clean loss: (1-w)*adv + w*clean (0 = adversarial only)",
@@ -450,12 +457,8 @@ def _check_augment_policy(config: Config) -> None:
     """The adversarial policy's search space, and the configs it cannot serve."""
     if config["augment.policy"] != "adversarial":
         return
-    from rat.data.policy import PolicySpace
-
     try:
-        PolicySpace(tuple(v.strip() for v in config["aaa.ops"].split(",") if v.strip()),
-                    tuple(int(v) for v in config["aaa.magnitudes"].split(",")), config["aaa.sub_policies"],
-                    config["aaa.ops_per_sub_policy"])
+        AAASpec(**config_to_dict(config)["aaa"]).policy_space()
     except ValueError as err:
         raise ConfigError(f"aaa.ops/aaa.magnitudes: {err}") from err
     if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0):
@@ -471,9 +474,10 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return result
 
 
-def dump_config(config: Config, path: str | Path) -> None:
-    """Write the resolved configuration as JSON (a file that ``--config-file`` accepts back)."""
-    Path(path).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+def dump_config(values: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Write a resolved configuration (:func:`config_to_dict`, :meth:`TrainSpec.to_dict`) as JSON: a file that
+    ``--config-file`` accepts back (``params.json``)."""
+    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def threat_models(norm: str, eps: str, n_iter: str) -> list[tuple[str, float, int]]:
@@ -486,3 +490,198 @@ def threat_models(norm: str, eps: str, n_iter: str) -> list[tuple[str, float, in
     if len(iters) == 1:
         iters = iters * len(norms)
     return list(zip(norms, eps_values, iters))
+
+
+# ---- the trainer's run spec: one frozen dataclass per Section, fields in declaration order --------------------------
+# Each field is the validated value of the Param of the same name (declared above, with its rule and default, in
+# _declare_sections); the dataclasses add types and the values derived from them, never defaults of their own.
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_dataset: str
+    val_dataset: str
+    demo_root: str
+    num_workers: int
+    in_memory: int
+    num_classes: int
+    crop_scale_min: float
+    flip: int
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    heavy: int
+    randaugment: str
+    reprob: float
+    mixup: float
+    cutmix: float
+    mixup_prob: float
+    mixup_switch_prob: float
+    policy: str
+
+
+@dataclass(frozen=True)
+class AAASpec:
+    num_policies: int
+    batch_fraction: float
+    ops: str
+    magnitudes: str
+    sub_policies: int
+    ops_per_sub_policy: int
+    lr: float
+    entropy_weight: float
+    baseline_decay: float
+    update_every: int
+    hidden_size: int
+
+    def policy_space(self) -> PolicySpace:
+        """The Adversarial AutoAugment search space (``rat.data.policy.PolicySpace``) of ``aaa.ops``/``magnitudes``/
+        ``sub_policies``/``ops_per_sub_policy``.
+
+        Raises:
+            ValueError: an unknown op or an impossible space.
+        """
+        from rat.data.policy import PolicySpace
+
+        return PolicySpace(tuple(v.strip() for v in self.ops.split(",") if v.strip()),
+                           tuple(int(v) for v in self.magnitudes.split(",")), self.sub_policies,
+                           self.ops_per_sub_policy)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    normalize: int
+    drop_path: float
+    init_checkpoint: str
+    channels_last: int
+    compile: int
+
+
+@dataclass(frozen=True)
+class EMASpec:
+    enabled: int
+    decay: float
+    cpu: int
+
+
+@dataclass(frozen=True)
+class ResolutionSpec:
+    """The progressive-resizing ramp; the field names are ``rat.train.optim.resolution_at``'s keyword arguments."""
+
+    min_res: int
+    max_res: int
+    start_ramp: int
+    end_ramp: int
+    step: int
+
+
+@dataclass(frozen=True)
+class LRSpec:
+    """The learning-rate schedule; the field names are ``rat.train.optim.lr_at``'s keyword arguments."""
+
+    lr: float
+    schedule: str
+    warmup_epochs: float
+    min_lr: float
+    step_ratio: float
+    step_length: int
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    beta1: float
+    beta2: float
+    momentum: float
+    nesterov: int
+    label_smoothing: float
+    precision: str
+    grad_clip: float
+    seed: int
+    device: str
+    resume: str
+    save_every: int
+    limit_batches: int
+
+
+@dataclass(frozen=True)
+class AdvSpec:
+    attack: str
+    norm: str
+    eps: str
+    n_iter: str
+    step_size: float
+    random_start: int
+    mixed_loss: float
+    eps_warmup_epochs: float
+
+    @property
+    def threat_models(self) -> list[tuple[str, float, int]]:
+        """The training attack's ``[(norm, eps, n_iter), ...]`` (:func:`threat_models`).
+
+        FGSM is a single step by definition: with ``adv.attack fgsm`` every ``n_iter`` is 1, whatever ``adv.n_iter``
+        says (params.json and checkpoints record ``adv.n_iter`` as given, so that ``-C params.json`` replays the run).
+        """
+        return threat_models(self.norm, self.eps, "1" if self.attack == "fgsm" else self.n_iter)
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    every: int
+    batch_size: int
+    resolution: int
+    robust_n_ex: int
+    robust_n_iter: int
+
+
+@dataclass(frozen=True)
+class LoggingSpec:
+    folder: str
+    log_every: int
+    progress: int
+
+
+@dataclass(frozen=True)
+class DistSpec:
+    backend: str
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything ``python -m rat.train`` was configured with, parsed and validated once (:func:`make_config`), as one
+    frozen, typed object: ``spec.adv.attack``, ``spec.training.epochs``, ...
+
+    :meth:`to_dict` is the resolved configuration exactly as :func:`config_to_dict` gives it (``params.json``, the
+    ``config`` recorded in checkpoints, which a resume compares key by key).
+    """
+
+    data: DataSpec
+    augment: AugmentSpec
+    aaa: AAASpec
+    model: ModelSpec
+    ema: EMASpec
+    resolution: ResolutionSpec
+    lr: LRSpec
+    training: TrainingSpec
+    adv: AdvSpec
+    validation: ValidationSpec
+    logging: LoggingSpec
+    dist: DistSpec
+
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, Any]]) -> TrainSpec:
+        """The spec of a resolved ``{section: {name: value}}`` configuration (every trainer Section, every Param)."""
+        types = typing.get_type_hints(cls)
+        return cls(**{f.name: types[f.name](**values[f.name]) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_config(cls, config: Config) -> TrainSpec:
+        """The spec of a Config built by :func:`make_config` with the trainer's Sections (already validated)."""
+        return cls.from_dict(config_to_dict(config))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -84,7 +84,7 @@ def test_environment_variables_are_not_read(monkeypatch):
 
 def test_dumped_config_reloads_identically(tmp_path):
     config = make_config(["--adv.attack", "apgd", "--adv.norm", "Linf,L1", "--training.epochs", "3"])
-    dump_config(config, tmp_path / "params.json")
+    dump_config(config_to_dict(config), tmp_path / "params.json")
     reloaded = make_config(["-C", str(tmp_path / "params.json")])
     assert config_to_dict(reloaded) == config_to_dict(config)
     assert json.loads((tmp_path / "params.json").read_text())["adv"]["norm"] == "Linf,L1"
