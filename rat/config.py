@@ -114,7 +114,10 @@ def _float(lo: float = float("-inf"), hi: float = float("inf")) -> Checker:
 # fastargs Sections from them, and TrainSpec.from_config turns the validated Config into these typed, frozen objects.
 
 def _param(checker: Any, desc: str, *, default: Any) -> Any:
-    """A spec field that declares its fastargs Param (a fresh ``Param(checker, desc, default=default)`` per Config)."""
+    """A spec field that declares its fastargs Param (a fresh ``Param(checker, desc, default=default)`` per Config).
+
+    The field itself has no dataclass default: specs are made only from a validated Config, where the Param's default
+    applies."""
     return dataclasses.field(metadata={"param": (checker, desc, default)})
 
 

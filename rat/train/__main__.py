@@ -87,10 +87,10 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
     data = spec.data
     if bool(data.train_dataset) != bool(data.val_dataset):
         raise ConfigError("give both data.train_dataset and data.val_dataset, or neither (= the demo dataset)")
-    for name in ("train_dataset", "val_dataset"):
-        if getattr(data, name):
+    for name, beton in (("train_dataset", data.train_dataset), ("val_dataset", data.val_dataset)):
+        if beton:
             try:
-                read_beton_info(getattr(data, name))
+                read_beton_info(beton)
             except (ValueError, FileNotFoundError) as exc:
                 raise ConfigError(f"data.{name}: {exc}") from exc
     for key, value in (("resolution.min_res", spec.resolution.min_res), ("resolution.max_res", spec.resolution.max_res),
