@@ -10,16 +10,20 @@ in the order given, and ``--section.name value`` flags. Unlike plain fastargs, r
   surprises on shared clusters);
 * uses 0/1 ints for on/off flags (fastargs' ``bool`` checker turns the string ``"0"`` into ``True``).
 
-Code below the ``build_*`` functions never reads the config: it takes plain typed arguments.
+The trainer reads its configuration once: :meth:`TrainSpec.from_config` turns the validated Config into frozen, typed
+dataclasses (one per Section), and code below the entry point takes those or plain arguments, never the Config.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from fastargs import Config, Param, Section, set_current_config
@@ -28,6 +32,9 @@ from fastargs.validation import And, Checker, InRange, OneOf
 from rat.attacks import DEFAULT_EPS, NORMS
 from rat.cli import ArgumentParser
 from rat.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    from rat.data.policy import PolicySpace
 
 
 class ConfigError(ValueError):
@@ -102,133 +109,252 @@ def _float(lo: float = float("-inf"), hi: float = float("inf")) -> Checker:
     return And(float, InRange(lo, hi))
 
 
+# ---- the trainer's Sections: one frozen dataclass per Section, whose fields declare its Params --------------------
+# Each field names a Param and carries its rule, description and default (_param); _declare_sections builds the
+# fastargs Sections from them, and TrainSpec.from_config turns the validated Config into these typed, frozen objects.
+
+def _param(checker: Any, desc: str, *, default: Any) -> Any:
+    """A spec field that declares its fastargs Param (a fresh ``Param(checker, desc, default=default)`` per Config).
+
+    The field itself has no dataclass default: specs are made only from a validated Config, where the Param's default
+    applies."""
+    return dataclasses.field(metadata={"param": (checker, desc, default)})
+
+
+def _section(desc: str) -> Any:
+    """A :class:`TrainSpec` field: one Section, described by ``desc``."""
+    return dataclasses.field(metadata={"desc": desc})
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_dataset: str = _param(str, "train .beton; empty = the embedded demo dataset (built on first use)", default="")
+    val_dataset: str = _param(str, "val .beton; empty = the embedded demo dataset's val split", default="")
+    demo_root: str = _param(str, "where the demo betons are built and cached; empty = ~/.cache/rat/demo", default="")
+    num_workers: int = _param(_int(0), "FFCV decoding threads per process", default=2)
+    in_memory: int = _param(Flag(), "1: load the whole beton in RAM; 0: read through the OS page cache", default=1)
+    num_classes: int = _param(_int(0), "number of classes; 0 = read from the beton's classes file", default=0)
+    crop_scale_min: float = _param(_float(0.01, 1), "smallest area fraction of the training RandomResizedCrop",
+                                   default=0.08)
+    flip: int = _param(Flag(), "1: random horizontal flip in training (0 for data whose mirror image means something "
+                       "else)", default=1)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    heavy: int = _param(Flag(), "1: RandAugment + random erasing + mixup/cutmix (the paper's recipe)", default=0)
+    randaugment: str = _param(str, "timm RandAugment config string", default="rand-m9-mstd0.5-inc1")
+    reprob: float = _param(_float(0, 1), "random-erasing probability (pixel mode)", default=0.25)
+    mixup: float = _param(_float(0), "mixup alpha (0 = off)", default=0.8)
+    cutmix: float = _param(_float(0), "cutmix alpha (0 = off)", default=1.0)
+    mixup_prob: float = _param(_float(0, 1), "probability of applying mixup or cutmix to a batch", default=1.0)
+    mixup_switch_prob: float = _param(_float(0, 1), "probability of cutmix instead of mixup when both are on",
+                                      default=0.5)
+    policy: str = _param(OneOf(["randaugment", "adversarial"]), "augmentation policy: randaugment (fixed, with "
+                         "augment.heavy 1) or adversarial (Adversarial AutoAugment, options in aaa.*; with "
+                         "augment.heavy 1 random erasing follows it)", default="randaugment")
+
+
+@dataclass(frozen=True)
+class AAASpec:
+    num_policies: int = _param(_int(1), "M: policies sampled per step; the batch is augmented M times (M x the cost)",
+                               default=8)
+    batch_fraction: float = _param(And(_float(0, 1), PositiveFloat()), "share of the batch each policy augments (1 = "
+                                   "the whole batch, M*B images as in the paper; 1/M = RandAugment's cost)",
+                                   default=1.0)
+    ops: str = _param(str, "comma-separated op types of the search space (default: all 15)",
+                      default="ShearX,ShearY,TranslateX,TranslateY,Rotate,AutoContrast,Invert,Equalize,Solarize,"
+                              "Posterize,Contrast,Color,Brightness,Sharpness,Cutout")
+    magnitudes: str = _param(CommaList(_int(0, 10), "ints in [0, 10]"), "magnitude levels the controller chooses from "
+                             "(timm's scale, level = m/10)", default="0,1,2,3,4,5,6,7,8,9")
+    sub_policies: int = _param(_int(1), "sub-policies per policy", default=5)
+    ops_per_sub_policy: int = _param(_int(1), "operations per sub-policy", default=2)
+    lr: float = _param(_float(0), "controller Adam learning rate (0 = frozen, uniformly random policies)",
+                       default=0.00035)
+    entropy_weight: float = _param(_float(0), "weight of the controller's entropy bonus (keeps it from collapsing)",
+                                   default=1e-5)
+    baseline_decay: float = _param(_float(0, 0.9999), "decay of the moving-average reward baseline", default=0.95)
+    update_every: int = _param(_int(1), "update the controller every this many steps (their samples form one batch)",
+                               default=1)
+    hidden_size: int = _param(_int(1), "controller LSTM width", default=100)
+
+    def policy_space(self) -> PolicySpace:
+        """The Adversarial AutoAugment search space (``rat.data.policy.PolicySpace``) of ``aaa.ops``/``magnitudes``/
+        ``sub_policies``/``ops_per_sub_policy``.
+
+        Raises:
+            ValueError: an unknown op or an impossible space.
+        """
+        from rat.data.policy import PolicySpace
+
+        return PolicySpace(tuple(v.strip() for v in self.ops.split(",") if v.strip()),
+                           tuple(int(v) for v in self.magnitudes.split(",")), self.sub_policies,
+                           self.ops_per_sub_policy)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = _param(str, "any timm model name, e.g. convnext_tiny_cvst, vit_small_patch16_cvst, resnet50",
+                       default="convnext_micro_cvst")
+    normalize: int = _param(Flag(), "1: ImageNet mean/std normalization inside the model (inputs in [0,1])", default=1)
+    drop_path: float = _param(_float(0, 1), "stochastic depth rate", default=0.0)
+    init_checkpoint: str = _param(str, "initialise the weights from this checkpoint (e.g. a clean model); empty = "
+                                  "random", default="")
+    channels_last: int = _param(Flag(), "1: channels_last memory format", default=1)
+    compile: int = _param(Flag(), "1: torch.compile the model", default=0)
+
+
+@dataclass(frozen=True)
+class EMASpec:
+    enabled: int = _param(Flag(), "1: keep an EMA of the weights", default=0)
+    decay: float = _param(_float(0, 1), "EMA decay per step", default=0.9999)
+    cpu: int = _param(Flag(), "1: keep the EMA copy on the CPU (saves accelerator memory)", default=0)
+
+
+@dataclass(frozen=True)
+class ResolutionSpec:
+    """The progressive-resizing ramp; the field names are ``rat.train.optim.resolution_at``'s keyword arguments."""
+
+    min_res: int = _param(_int(16), "resolution up to start_ramp", default=224)
+    max_res: int = _param(_int(16), "resolution from end_ramp on", default=224)
+    start_ramp: int = _param(_int(0), "epoch at which the resolution starts to grow", default=0)
+    end_ramp: int = _param(_int(0), "epoch at which it reaches max_res", default=0)
+    step: int = _param(_int(1), "resolutions are rounded down to a multiple of this", default=32)
+
+
+@dataclass(frozen=True)
+class LRSpec:
+    """The learning-rate schedule; the field names are ``rat.train.optim.lr_at``'s keyword arguments."""
+
+    lr: float = _param(PositiveFloat(), "peak learning rate (absolute, not scaled by the batch size)", default=1e-3)
+    schedule: str = _param(OneOf(["cosine", "step", "cyclic"]), "shape after the warm-up", default="cosine")
+    warmup_epochs: float = _param(_float(0), "linear warm-up from 0 to the peak over this many epochs (lr_peak_epoch)",
+                                  default=0.0)
+    min_lr: float = _param(_float(0), "final learning rate of the cosine schedule", default=5e-6)
+    step_ratio: float = _param(_float(0, 1), "step schedule: multiply the lr by this ...", default=0.1)
+    step_length: int = _param(_int(1), "... every this many epochs", default=30)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int = _param(_int(1), "number of epochs", default=1)
+    batch_size: int = _param(_int(1), "batch size per process (the global batch is this times the world size)",
+                             default=64)
+    optimizer: str = _param(OneOf(["adamw", "sgd"]), "optimizer", default="adamw")
+    weight_decay: float = _param(_float(0), "weight decay (not applied to norm, bias, position and token parameters)",
+                                 default=0.05)
+    beta1: float = _param(_float(0, 1), "AdamW beta1", default=0.9)
+    beta2: float = _param(_float(0, 1), "AdamW beta2", default=0.95)
+    momentum: float = _param(_float(0, 1), "SGD momentum", default=0.9)
+    nesterov: int = _param(Flag(), "1: Nesterov momentum for SGD", default=0)
+    label_smoothing: float = _param(_float(0, 1), "label smoothing", default=0.0)
+    precision: str = _param(OneOf(list(PRECISIONS)), "autocast precision (GradScaler only for fp16)", default="bf16")
+    grad_clip: float = _param(_float(0), "clip the gradient norm to this (0 = off)", default=0.0)
+    seed: int = _param(_int(0), "random seed (each rank uses seed + rank)", default=0)
+    device: str = _param(OneOf(["auto", "cpu", "cuda"]), "auto = cuda when available", default="auto")
+    resume: str = _param(str, "'' = start fresh, 'auto' = newest checkpoint in the run directory, or a checkpoint path",
+                         default="")
+    save_every: int = _param(_int(1), "write a checkpoint every this many epochs (and always at the end)", default=1)
+    limit_batches: int = _param(_int(0), "stop each epoch after this many batches (0 = whole epoch); for smoke runs",
+                                default=0)
+
+
+@dataclass(frozen=True)
+class AdvSpec:
+    attack: str = _param(OneOf(["none", "apgd", "pgd", "fgsm"]), "attack generating the training inputs",
+                         default="none")
+    norm: str = _param(CommaList(OneOf(NORMS), "norms from Linf, L2, L1"), "threat model; several (e.g. Linf,L1) "
+                       "alternate batch by batch as in E-AT", default="Linf")
+    eps: str = _param(CommaList(PositiveFloat(), "numbers > 0 (one per norm, e.g. 0.0157,75)", allow_empty=True),
+                      "radius per norm in [0,1] pixel units; empty = Linf 4/255, L2 2, L1 75", default="")
+    n_iter: str = _param(CommaList(_int(1), "ints >= 1 (one per norm, e.g. 2 or 2,5)"), "attack steps, one value or "
+                         "one per norm (fgsm: always 1 step)", default="2")
+    step_size: float = _param(_float(0), "attack step size (0 = the attack's default, 2*eps for APGD-Linf)",
+                              default=0.0)
+    random_start: int = _param(Flag(), "1: random start (PGD; FGSM always starts at random)", default=0)
+    mixed_loss: float = _param(_float(0, 1), "weight of the clean loss: (1-w)*adv + w*clean (0 = adversarial only)",
+                               default=0.0)
+    eps_warmup_epochs: float = _param(_float(0), "grow eps linearly from 0 over this many epochs", default=0.0)
+
+    @property
+    def threat_models(self) -> list[tuple[str, float, int]]:
+        """The training attack's ``[(norm, eps, n_iter), ...]`` (:func:`threat_models`).
+
+        FGSM is a single step by definition: with ``adv.attack fgsm`` every ``n_iter`` is 1, whatever ``adv.n_iter``
+        says (params.json and checkpoints record ``adv.n_iter`` as given, so that ``-C params.json`` replays the run).
+        """
+        return threat_models(self.norm, self.eps, "1" if self.attack == "fgsm" else self.n_iter)
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    every: int = _param(_int(0), "evaluate every this many epochs (0 = only after the last one)", default=1)
+    batch_size: int = _param(_int(1), "val batch size per process", default=64)
+    resolution: int = _param(_int(0), "val resolution; 0 = the final training resolution", default=0)
+    robust_n_ex: int = _param(_int(0), "robust accuracy on this many fixed val images (0 = clean only)", default=500)
+    robust_n_iter: int = _param(_int(1), "APGD steps of the robust evaluation", default=10)
+
+
+@dataclass(frozen=True)
+class LoggingSpec:
+    folder: str = _param(str, "run directory: checkpoints/, metrics.jsonl, params.json, train.log",
+                         default="runs/default")
+    log_every: int = _param(_int(1), "log metrics every this many steps", default=50)
+    progress: int = _param(Flag(), "1: tqdm progress bar on rank 0", default=1)
+
+
+@dataclass(frozen=True)
+class DistSpec:
+    backend: str = _param(OneOf(["auto", "nccl", "gloo"]), "auto = nccl on GPU, gloo on CPU", default="auto")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything ``python -m rat.train`` was configured with, parsed and validated once (:func:`make_config`), as one
+    frozen, typed object: ``spec.adv.attack``, ``spec.training.epochs``, ...
+
+    :meth:`to_dict` is the resolved configuration exactly as :func:`config_to_dict` gives it (``params.json``, the
+    ``config`` recorded in checkpoints, which a resume compares key by key).
+    """
+
+    data: DataSpec = _section("Datasets (FFCV .beton files)")
+    augment: AugmentSpec = _section("Heavy augmentation (applied per sample, batch-wise on the training device)")
+    aaa: AAASpec = _section("Adversarial AutoAugment (augment.policy adversarial): a learned, loss-raising policy")
+    model: ModelSpec = _section("Architecture")
+    ema: EMASpec = _section("Exponential moving average of the weights (timm ModelEmaV3)")
+    resolution: ResolutionSpec = _section("Training resolution; progressive resizing from min_res to max_res")
+    lr: LRSpec = _section("Learning-rate schedule (updated every iteration)")
+    training: TrainingSpec = _section("Optimisation and run control")
+    adv: AdvSpec = _section("Adversarial training")
+    validation: ValidationSpec = _section("Evaluation during training")
+    logging: LoggingSpec = _section("Run directory and logging")
+    dist: DistSpec = _section("Distributed training (ranks come from torchrun's environment)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, Any]]) -> TrainSpec:
+        """The spec of a resolved ``{section: {name: value}}`` configuration (every trainer Section, every Param)."""
+        types = typing.get_type_hints(cls)
+        return cls(**{f.name: types[f.name](**values[f.name]) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_config(cls, config: Config) -> TrainSpec:
+        """The spec of a Config built by :func:`make_config` with the trainer's Sections (already validated)."""
+        return cls.from_dict(config_to_dict(config))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
 def _declare_sections() -> None:
-    """Declare every Section of rat on the current fastargs Config."""
-    Section("data", "Datasets (FFCV .beton files)").params(
-        train_dataset=Param(str, "train .beton; empty = the embedded demo dataset (built on first use)", default=""),
-        val_dataset=Param(str, "val .beton; empty = the embedded demo dataset's val split", default=""),
-        demo_root=Param(str, "where the demo betons are built and cached; empty = ~/.cache/rat/demo", default=""),
-        num_workers=Param(_int(0), "FFCV decoding threads per process", default=2),
-        in_memory=Param(Flag(), "1: load the whole beton in RAM; 0: read through the OS page cache", default=1),
-        num_classes=Param(_int(0), "number of classes; 0 = read from the beton's classes file", default=0),
-        crop_scale_min=Param(_float(0.01, 1), "smallest area fraction of the training RandomResizedCrop", default=0.08),
-        flip=Param(Flag(), "1: random horizontal flip in training (0 for data whose mirror image means something else)",
-                   default=1),
-    )
-    Section("augment", "Heavy augmentation (applied per sample, batch-wise on the training device)").params(
-        heavy=Param(Flag(), "1: RandAugment + random erasing + mixup/cutmix (the paper's recipe)", default=0),
-        randaugment=Param(str, "timm RandAugment config string", default="rand-m9-mstd0.5-inc1"),
-        reprob=Param(_float(0, 1), "random-erasing probability (pixel mode)", default=0.25),
-        mixup=Param(_float(0), "mixup alpha (0 = off)", default=0.8),
-        cutmix=Param(_float(0), "cutmix alpha (0 = off)", default=1.0),
-        mixup_prob=Param(_float(0, 1), "probability of applying mixup or cutmix to a batch", default=1.0),
-        mixup_switch_prob=Param(_float(0, 1), "probability of cutmix instead of mixup when both are on", default=0.5),
-        policy=Param(OneOf(["randaugment", "adversarial"]), "augmentation policy: randaugment (fixed, with "
-                     "augment.heavy 1) or adversarial (Adversarial AutoAugment, options in aaa.*; with augment.heavy "
-                     "1 random erasing follows it)", default="randaugment"),
-    )
-    Section("aaa", "Adversarial AutoAugment (augment.policy adversarial): a learned, loss-raising policy").params(
-        num_policies=Param(_int(1), "M: policies sampled per step; the batch is augmented M times (M x the cost)",
-                           default=8),
-        batch_fraction=Param(And(_float(0, 1), PositiveFloat()), "share of the batch each policy augments (1 = the "
-                             "whole batch, M*B images as in the paper; 1/M = RandAugment's cost)", default=1.0),
-        ops=Param(str, "comma-separated op types of the search space (default: all 15)",
-                  default="ShearX,ShearY,TranslateX,TranslateY,Rotate,AutoContrast,Invert,Equalize,Solarize,"
-                          "Posterize,Contrast,Color,Brightness,Sharpness,Cutout"),
-        magnitudes=Param(CommaList(_int(0, 10), "ints in [0, 10]"), "magnitude levels the controller chooses from "
-                         "(timm's scale, level = m/10)", default="0,1,2,3,4,5,6,7,8,9"),
-        sub_policies=Param(_int(1), "sub-policies per policy", default=5),
-        ops_per_sub_policy=Param(_int(1), "operations per sub-policy", default=2),
-        lr=Param(_float(0), "controller Adam learning rate (0 = frozen, uniformly random policies)", default=0.00035),
-        entropy_weight=Param(_float(0), "weight of the controller's entropy bonus (keeps it from collapsing)",
-                             default=1e-5),
-        baseline_decay=Param(_float(0, 0.9999), "decay of the moving-average reward baseline", default=0.95),
-        update_every=Param(_int(1), "update the controller every this many steps (their samples form one batch)",
-                           default=1),
-        hidden_size=Param(_int(1), "controller LSTM width", default=100),
-    )
-    Section("model", "Architecture").params(
-        arch=Param(str, "any timm model name, e.g. convnext_tiny_cvst, vit_small_patch16_cvst, resnet50",
-                   default="convnext_micro_cvst"),
-        normalize=Param(Flag(), "1: ImageNet mean/std normalization inside the model (inputs in [0,1])", default=1),
-        drop_path=Param(_float(0, 1), "stochastic depth rate", default=0.0),
-        init_checkpoint=Param(str, "initialise the weights from this checkpoint (e.g. a clean model); empty = random",
-                              default=""),
-        channels_last=Param(Flag(), "1: channels_last memory format", default=1),
-        compile=Param(Flag(), "1: torch.compile the model", default=0),
-    )
-    Section("ema", "Exponential moving average of the weights (timm ModelEmaV3)").params(
-        enabled=Param(Flag(), "1: keep an EMA of the weights", default=0),
-        decay=Param(_float(0, 1), "EMA decay per step", default=0.9999),
-        cpu=Param(Flag(), "1: keep the EMA copy on the CPU (saves accelerator memory)", default=0),
-    )
-    Section("resolution", "Training resolution; progressive resizing from min_res to max_res").params(
-        min_res=Param(_int(16), "resolution up to start_ramp", default=224),
-        max_res=Param(_int(16), "resolution from end_ramp on", default=224),
-        start_ramp=Param(_int(0), "epoch at which the resolution starts to grow", default=0),
-        end_ramp=Param(_int(0), "epoch at which it reaches max_res", default=0),
-        step=Param(_int(1), "resolutions are rounded down to a multiple of this", default=32),
-    )
-    Section("lr", "Learning-rate schedule (updated every iteration)").params(
-        lr=Param(PositiveFloat(), "peak learning rate (absolute, not scaled by the batch size)", default=1e-3),
-        schedule=Param(OneOf(["cosine", "step", "cyclic"]), "shape after the warm-up", default="cosine"),
-        warmup_epochs=Param(_float(0), "linear warm-up from 0 to the peak over this many epochs (lr_peak_epoch)",
-                            default=0.0),
-        min_lr=Param(_float(0), "final learning rate of the cosine schedule", default=5e-6),
-        step_ratio=Param(_float(0, 1), "step schedule: multiply the lr by this ...", default=0.1),
-        step_length=Param(_int(1), "... every this many epochs", default=30),
-    )
-    Section("training", "Optimisation and run control").params(
-        epochs=Param(_int(1), "number of epochs", default=1),
-        batch_size=Param(_int(1), "batch size per process (the global batch is this times the world size)", default=64),
-        optimizer=Param(OneOf(["adamw", "sgd"]), "optimizer", default="adamw"),
-        weight_decay=Param(_float(0), "weight decay (not applied to norm, bias, position and token parameters)",
-                           default=0.05),
-        beta1=Param(_float(0, 1), "AdamW beta1", default=0.9),
-        beta2=Param(_float(0, 1), "AdamW beta2", default=0.95),
-        momentum=Param(_float(0, 1), "SGD momentum", default=0.9),
-        nesterov=Param(Flag(), "1: Nesterov momentum for SGD", default=0),
-        label_smoothing=Param(_float(0, 1), "label smoothing", default=0.0),
-        precision=Param(OneOf(list(PRECISIONS)), "autocast precision (GradScaler only for fp16)",
-                        default="bf16"),
-        grad_clip=Param(_float(0), "clip the gradient norm to this (0 = off)", default=0.0),
-        seed=Param(_int(0), "random seed (each rank uses seed + rank)", default=0),
-        device=Param(OneOf(["auto", "cpu", "cuda"]), "auto = cuda when available", default="auto"),
-        resume=Param(str, "'' = start fresh, 'auto' = newest checkpoint in the run directory, or a checkpoint path",
-                     default=""),
-        save_every=Param(_int(1), "write a checkpoint every this many epochs (and always at the end)", default=1),
-        limit_batches=Param(_int(0), "stop each epoch after this many batches (0 = whole epoch); for smoke runs",
-                            default=0),
-    )
-    Section("adv", "Adversarial training").params(
-        attack=Param(OneOf(["none", "apgd", "pgd", "fgsm"]), "attack generating the training inputs", default="none"),
-        norm=Param(CommaList(OneOf(NORMS), "norms from Linf, L2, L1"),
-                   "threat model; several (e.g. Linf,L1) alternate batch by batch as in E-AT", default="Linf"),
-        eps=Param(CommaList(PositiveFloat(), "numbers > 0 (one per norm, e.g. 0.0157,75)", allow_empty=True),
-                  "radius per norm in [0,1] pixel units; empty = Linf 4/255, L2 2, L1 75", default=""),
-        n_iter=Param(CommaList(_int(1), "ints >= 1 (one per norm, e.g. 2 or 2,5)"),
-                     "attack steps, one value or one per norm", default="2"),
-        step_size=Param(_float(0), "attack step size (0 = the attack's default, 2*eps for APGD-Linf)", default=0.0),
-        random_start=Param(Flag(), "1: random start (PGD; FGSM always starts at random)", default=0),
-        mixed_loss=Param(_float(0, 1), "weight of the clean loss: (1-w)*adv + w*clean (0 = adversarial only)",
-                         default=0.0),
-        eps_warmup_epochs=Param(_float(0), "grow eps linearly from 0 over this many epochs", default=0.0),
-    )
-    Section("validation", "Evaluation during training").params(
-        every=Param(_int(0), "evaluate every this many epochs (0 = only after the last one)", default=1),
-        batch_size=Param(_int(1), "val batch size per process", default=64),
-        resolution=Param(_int(0), "val resolution; 0 = the final training resolution", default=0),
-        robust_n_ex=Param(_int(0), "robust accuracy on this many fixed val images (0 = clean only)", default=500),
-        robust_n_iter=Param(_int(1), "APGD steps of the robust evaluation", default=10),
-    )
-    Section("logging", "Run directory and logging").params(
-        folder=Param(str, "run directory: checkpoints/, metrics.jsonl, params.json, train.log", default="runs/default"),
-        log_every=Param(_int(1), "log metrics every this many steps", default=50),
-        progress=Param(Flag(), "1: tqdm progress bar on rank 0", default=1),
-    )
-    Section("dist", "Distributed training (ranks come from torchrun's environment)").params(
-        backend=Param(OneOf(["auto", "nccl", "gloo"]), "auto = nccl on GPU, gloo on CPU", default="auto"),
-    )
+    """Declare every Section of the trainer (the fields of :class:`TrainSpec`, each with its Params) on the current
+    fastargs Config."""
+    types = typing.get_type_hints(TrainSpec)
+    for section in dataclasses.fields(TrainSpec):
+        params = {}
+        for field in dataclasses.fields(types[section.name]):
+            checker, desc, default = field.metadata["param"]
+            params[field.name] = Param(checker, desc, default=default)
+        Section(section.name, section.metadata["desc"]).params(**params)
 
 
 # ---- rat.quant (python -m rat.quant SUBCOMMAND): one declare function per subcommand -------------------------------
@@ -452,12 +578,8 @@ def _check_augment_policy(config: Config) -> None:
     """The adversarial policy's search space, and the configs it cannot serve."""
     if config["augment.policy"] != "adversarial":
         return
-    from rat.data.policy import PolicySpace
-
     try:
-        PolicySpace(tuple(v.strip() for v in config["aaa.ops"].split(",") if v.strip()),
-                    tuple(int(v) for v in config["aaa.magnitudes"].split(",")), config["aaa.sub_policies"],
-                    config["aaa.ops_per_sub_policy"])
+        AAASpec(**config_to_dict(config)["aaa"]).policy_space()
     except ValueError as err:
         raise ConfigError(f"aaa.ops/aaa.magnitudes: {err}") from err
     if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0):
@@ -473,9 +595,10 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return result
 
 
-def dump_config(config: Config, path: str | Path) -> None:
-    """Write the resolved configuration as JSON (a file that ``--config-file`` accepts back)."""
-    Path(path).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+def dump_config(values: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Write a resolved configuration (:func:`config_to_dict`, :meth:`TrainSpec.to_dict`) as JSON: a file that
+    ``--config-file`` accepts back (``params.json``)."""
+    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def threat_models(norm: str, eps: str, n_iter: str) -> list[tuple[str, float, int]]:

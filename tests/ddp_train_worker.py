@@ -17,8 +17,10 @@ from rat.attacks import create_attack
 from rat.data import build_train_loader
 from rat.models import create_model
 from rat.train.distributed import cleanup_distributed, init_distributed
-from rat.train.engine import train_one_epoch
+from rat.train.engine import StepOptions, train_one_epoch
 from rat.train.optim import build_optimizer
+from rat.train.state import TrainState
+from rat.train.task import AdversarialTask
 
 
 def main(train_beton: str, out_dir: str) -> None:
@@ -32,8 +34,9 @@ def main(train_beton: str, out_dir: str) -> None:
     order = [int(i) for i in loader.epoch_order(0)]
     optimizer = build_optimizer(module, "adamw", 1e-3, 0.05)
     attack = create_attack("apgd", module, norm="Linf", eps=4 / 255, n_iter=2, seed=info.rank)
-    result = train_one_epoch(model, attack, nn.CrossEntropyLoss(), loader, optimizer, device=info.device, epoch=0,
-                             step=0, lr_fn=lambda step: 1e-3, num_batches=3, world_size=info.world_size)
+    state = TrainState(module, optimizer, attack, rank=info.rank, world_size=info.world_size)
+    task = AdversarialTask(model, attack, nn.CrossEntropyLoss())
+    result = train_one_epoch(task, loader, state, StepOptions(lr=lambda step: 1e-3, steps_per_epoch=3))
     checksums = {name: p.detach().double().sum().item() for name, p in module.named_parameters()}
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(
         {"order": order, "checksums": checksums, "steps": result.step, "batches_per_epoch": len(loader)}))

@@ -1,13 +1,15 @@
 """The config front end: precedence, strictness and error messages users rely on."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
+from rat.config import ConfigError, TrainSpec, config_to_dict, dump_config, make_config, threat_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +86,7 @@ def test_environment_variables_are_not_read(monkeypatch):
 
 def test_dumped_config_reloads_identically(tmp_path):
     config = make_config(["--adv.attack", "apgd", "--adv.norm", "Linf,L1", "--training.epochs", "3"])
-    dump_config(config, tmp_path / "params.json")
+    dump_config(config_to_dict(config), tmp_path / "params.json")
     reloaded = make_config(["-C", str(tmp_path / "params.json")])
     assert config_to_dict(reloaded) == config_to_dict(config)
     assert json.loads((tmp_path / "params.json").read_text())["adv"]["norm"] == "Linf,L1"
@@ -104,3 +106,25 @@ def test_threat_models_defaults_and_lists():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_key_is_declared(path):
     make_config(["-C", str(path)])
+
+
+def test_train_spec_is_the_resolved_config_typed_and_frozen(tmp_path):
+    """The trainer's spec: the same values, sections and key order as the resolved config (params.json, the config
+    that checkpoints record and resumes compare), each value of its field's type, frozen, and replayed by
+    ``-C params.json``."""
+    yaml_file = _yaml(tmp_path, {"lr": {"lr": 1}, "training": {"epochs": 3}, "adv": {"norm": ["Linf", "L1"]}})
+    config = make_config(["-C", yaml_file, "--adv.attack", "apgd", "--ema.enabled", "1"])
+    spec = TrainSpec.from_config(config)
+    resolved = config_to_dict(config)
+    assert spec.to_dict() == resolved
+    assert [list(v) for v in spec.to_dict().values()] == [list(v) for v in resolved.values()]
+    assert list(spec.to_dict()) == list(resolved)
+    assert (spec.training.epochs, spec.ema.enabled, spec.adv.norm, spec.lr.lr) == (3, 1, "Linf,L1", 1.0)
+    for section in dataclasses.fields(spec):
+        values = getattr(spec, section.name)
+        for name, kind in typing.get_type_hints(type(values)).items():
+            assert type(getattr(values, name)) is kind, f"{section.name}.{name}"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.training.epochs = 4
+    dump_config(spec.to_dict(), tmp_path / "params.json")
+    assert TrainSpec.from_config(make_config(["-C", str(tmp_path / "params.json")])) == spec

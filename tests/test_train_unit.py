@@ -1,4 +1,5 @@
-"""Trainer building blocks that need no data: LR schedules, resolution ramp, weight-decay groups, atomic checkpoints."""
+"""Trainer building blocks that need no data: LR schedules, resolution ramp, weight-decay groups, atomic checkpoints,
+the training state and its checkpoint format, the adversarial task, the per-step contract of ``train_one_epoch``."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,10 @@ import torch
 from torch import nn
 
 from rat.train.checkpoint import config_changes, load_resume_checkpoint, rng_state, save_atomic, set_rng_state
+from rat.train.engine import EpochHooks, EpochResult, StepOptions, train_one_epoch
 from rat.train.optim import build_optimizer, lr_at, param_groups, resolution_at
+from rat.train.state import TrainState
+from rat.train.task import AdversarialTask
 
 SPE = 10  # steps per epoch
 
@@ -144,3 +148,187 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     again = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
     assert expected == again
     assert not math.isnan(expected[0]) and os.path.exists(tmp_path / "r.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TrainState (the checkpoint), AdversarialTask and train_one_epoch on a tiny classifier and in-memory batches.
+
+# The keys of the checkpoint, in the order rat.train has always written them.
+CHECKPOINT_KEYS = ["model", "model_ema", "optimizer", "scaler", "epoch", "step", "batches_done", "arch", "attack",
+                   "replicas_in_sync", "model_kwargs", "config", "rng", "metrics", "best_robust", "augment_policy"]
+
+
+def _classifier(init_seed: int, batch_norm: bool = True) -> nn.Module:
+    torch.manual_seed(init_seed)
+    norm = [nn.BatchNorm2d(4)] if batch_norm else []
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+def _state(init_seed: int) -> TrainState:
+    """Every part a TrainState can hold: EMA, fp16 scaler, a two-norm (E-AT) attack, the adversarial policy."""
+    from timm.utils import ModelEmaV3
+
+    from rat.attacks import create_attack
+    from rat.data.policy import AdversarialAugment, PolicySpace
+
+    module = _classifier(init_seed)
+    generator = torch.Generator().manual_seed(5)
+    policy = AdversarialAugment(PolicySpace(("Rotate", "Invert"), (0, 5), 2, 1), num_policies=2, lr=0.01,
+                                update_every=3, seed=7, augment_generator=generator, hidden_size=8)
+    attack = create_attack("apgd", module, norm=["Linf", "L1"], eps=[4 / 255, 5.0], n_iter=[1, 1], seed=3)
+    return TrainState(module, build_optimizer(module, "adamw", 1e-3, 0.05), attack, ema=ModelEmaV3(module, decay=0.5),
+                      scaler=torch.amp.GradScaler("cpu"), generator=generator, policy=policy, arch="tiny",
+                      model_kwargs={"num_classes": 3}, config={"training": {"epochs": 2}, "adv": {"attack": "apgd"}})
+
+
+def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(n)]
+
+
+def _epoch(state: TrainState, batches, **options) -> EpochResult:
+    task = AdversarialTask(state.module, state.attack, nn.CrossEntropyLoss())
+    return train_one_epoch(task, batches, state, StepOptions(lr=lambda step: 1e-2, **options))
+
+
+def _todays_checkpoint(state: TrainState, metrics: dict) -> dict:
+    """A checkpoint exactly as rat.train wrote it before TrainState existed (its ``checkpoint`` closure's dict, one
+    rank): the format that older runs left on disk."""
+    return {"model": state.module.state_dict(), "model_ema": state.ema.module.state_dict(),
+            "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
+            "epoch": state.epoch, "step": state.step, "batches_done": state.batches_done, "arch": state.arch,
+            "attack": state.attack.state_dict(), "replicas_in_sync": 1, "model_kwargs": state.model_kwargs,
+            "config": state.config, "rng": [rng_state(state.generator)], "metrics": metrics,
+            "best_robust": state.best, "augment_policy": state.policy.state_dict()}
+
+
+def _assert_same(a, b, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for key in a:
+            _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_a_checkpoint_in_todays_format_resumes_exactly(tmp_path):
+    """A checkpoint with exactly the keys (and key order) rat.train has written so far, saved to disk and read back
+    the trainer's way: a fresh state (other initial weights) loads it, writes it back unchanged, and trains on exactly
+    as the state that wrote it."""
+    first = _state(init_seed=0)
+    _epoch(first, _batches(2))  # optimizer moments, EMA, attack calls, policy updates pending, RNG advanced
+    first.epoch, first.batches_done, first.best = 1, 0, 12.5
+    legacy = _todays_checkpoint(first, {"kind": "epoch", "epoch": 1, "top1": 40.0})
+    assert list(legacy) == CHECKPOINT_KEYS
+    (tmp_path / "checkpoints").mkdir()
+    save_atomic(legacy, tmp_path / "checkpoints" / "last.pt")
+    _epoch(first, _batches(2, seed=1))
+    _, loaded = load_resume_checkpoint("auto", tmp_path)
+    resumed = _state(init_seed=1)
+    resumed.load_state_dict(loaded)  # also restores this process's RNG to where `first` saved it
+    assert (resumed.epoch, resumed.step, resumed.batches_done, resumed.best) == (1, 2, 0, 12.5)
+    again = resumed.state_dict()
+    assert list(again) == CHECKPOINT_KEYS
+    _assert_same({k: v for k, v in again.items() if k != "metrics"},
+                 {k: v for k, v in loaded.items() if k != "metrics"})
+    assert again["metrics"] == {}  # a record of the epoch that wrote it, not state: a resumed run starts with none
+    _epoch(resumed, _batches(2, seed=1))
+    for name, value in first.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[name]), name
+    _assert_same(first.policy.state_dict(), resumed.policy.state_dict())
+    assert first.step == resumed.step == 4
+
+
+def test_a_checkpoint_of_an_older_rat_resumes_with_fresh_parts(caplog):
+    """Checkpoints of rat versions before batches_done, best_robust, the scaler, the policy and per-rank RNG states."""
+    old = _todays_checkpoint(_state(init_seed=0), {})
+    for key in ("batches_done", "best_robust", "scaler", "augment_policy", "rng"):
+        del old[key]
+    state = _state(init_seed=1)
+    state.load_state_dict(old)
+    assert (state.epoch, state.batches_done, state.best) == (0, 0, -1.0)
+    assert torch.equal(state.module[0].weight, old["model"]["0.weight"])
+    assert "no adversarial policy state" in caplog.text and "RNG states for 0 ranks" in caplog.text
+
+
+def test_adversarial_task_is_the_mixed_adversarial_loss():
+    """``(1 − w)·CE(f(x_adv), y) + w·CE(f(x), y)`` with x_adv from the same attack (same seed, same call), and the
+    model's training mode kept."""
+    from rat.attacks import create_attack
+
+    model = _classifier(0, batch_norm=False).train()
+    x, y = _batches(1)[0]
+    task = AdversarialTask(model, create_attack("apgd", model, norm="Linf", eps=8 / 255, n_iter=2, seed=4),
+                           nn.CrossEntropyLoss(), mixed_loss=0.25)
+    result = task(x, y)
+    x_adv = create_attack("apgd", model, norm="Linf", eps=8 / 255, n_iter=2, seed=4).perturb(x, y)
+    expected = 0.75 * nn.functional.cross_entropy(model(x_adv), y) + 0.25 * nn.functional.cross_entropy(model(x), y)
+    assert model.training
+    assert torch.equal(result.x_adv, x_adv) and (x_adv - x).abs().max() > 0
+    torch.testing.assert_close(result.loss, expected)
+    with pytest.raises(ValueError, match="mixed_loss"):
+        AdversarialTask(model, task.attack, nn.CrossEntropyLoss(), mixed_loss=1.5)
+
+
+class _StopAfter(EpochHooks):
+    def __init__(self, steps: int):
+        self.steps, self.records = steps, []
+
+    def stop_requested(self) -> bool:
+        return len(self.records) >= self.steps - 1 if self.steps else False
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+
+
+def test_train_one_epoch_steps_skips_and_stops():
+    """The per-step contract: lr of each step, ε warm-up, skipped batches of a mid-epoch checkpoint, a stop request
+    honoured after its step (and logged), a non-finite loss stopping before its update."""
+    from rat.attacks import create_attack, eps_warmup_factor
+
+    module = _classifier(0)
+    state = TrainState(module, build_optimizer(module, "sgd", 0.1, 0.0),
+                       create_attack("apgd", module, norm="Linf", eps=4 / 255, n_iter=1), batches_done=1, step=7)
+    hooks = _StopAfter(0)
+    task = AdversarialTask(module, state.attack, nn.CrossEntropyLoss())
+    options = StepOptions(lr=lambda step: 0.01 * step, steps_per_epoch=4, eps_warmup_epochs=3, log_every=1)
+    result = train_one_epoch(task, _batches(6), state, options, hooks=hooks, resolution=8)
+    assert (result.batches, result.stop_reason, state.step, state.batches_done) == (4, None, 10, 4)
+    assert [r["lr"] for r in hooks.records] == [0.07, 0.08, 0.09] and hooks.records[0]["resolution"] == 8
+    assert state.optimizer.param_groups[0]["lr"] == 0.09
+    assert state.attack.eps_scale == eps_warmup_factor(10 / 4, 3)
+
+    state.batches_done, hooks = 0, _StopAfter(2)
+    result = train_one_epoch(task, _batches(6), state, options, hooks=hooks)
+    assert (result.stop_reason, result.batches, state.step) == ("sigterm", 2, 12) and len(hooks.records) == 2
+
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    batches = _batches(3)
+    batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1])
+    state.batches_done = 0
+    task.attack = create_attack("none", module)
+    result = train_one_epoch(task, batches, state, options)
+    assert (result.stop_reason, result.batches, state.step, state.batches_done) == ("nonfinite", 1, 13, 1)
+    assert any(not torch.equal(p, before[k]) for k, p in module.named_parameters())  # the first batch's update
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # and not the NaN batch's
+
+
+def test_fgsm_takes_one_step_whatever_n_iter_says():
+    """adv.n_iter is recorded as given; the FGSM attack built from the spec takes one step."""
+    pytest.importorskip("ffcv")
+    from rat.config import TrainSpec, make_config
+    from rat.train.build import build_attack
+
+    spec = TrainSpec.from_config(make_config(["--adv.attack", "fgsm", "--adv.n_iter", "3"]))
+    assert spec.to_dict()["adv"]["n_iter"] == "3"
+    assert spec.adv.threat_models == [("Linf", 4 / 255, 1)]
+    assert build_attack(spec.adv, _classifier(0), seed=0).n_iter == 1
+    apgd = TrainSpec.from_config(make_config(["--adv.attack", "apgd", "--adv.n_iter", "3,2", "--adv.norm", "Linf,L2"]))
+    assert [a.n_iter for a in build_attack(apgd.adv, _classifier(0), seed=0).attacks] == [3, 2]

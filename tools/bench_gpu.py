@@ -37,8 +37,11 @@ from timm.loss import SoftTargetCrossEntropy
 import rat.models
 from rat.attacks import create_attack, per_sample_loss
 from rat.models.flops import count_flops
-from rat.train.engine import autocast, train_one_epoch
+from rat.precision import autocast
+from rat.train.engine import StepOptions, train_one_epoch
 from rat.train.optim import build_optimizer
+from rat.train.state import TrainState
+from rat.train.task import AdversarialTask
 
 
 def _sync(device: torch.device) -> None:
@@ -68,11 +71,12 @@ class _Batches:
 def _timed_epoch(model, attack, criterion, x, y, optimizer, mixup, args, steps: int) -> float:
     """Seconds per step of ``train_one_epoch`` over ``steps`` steps, after ``args.warmup`` warm-up steps."""
     device = x.device
-    kwargs = dict(device=device, epoch=0, step=0, lr_fn=lambda step: 1e-4, precision=args.precision, mixup=mixup)
-    train_one_epoch(model, attack, criterion, _Batches(x, y, args.warmup), optimizer, **kwargs)
+    task = AdversarialTask(model, attack, criterion)
+    options = StepOptions(lr=lambda step: 1e-4, precision=args.precision)
+    train_one_epoch(task, _Batches(x, y, args.warmup), TrainState(model, optimizer, attack), options, mixup=mixup)
     _sync(device)
     start = time.perf_counter()
-    train_one_epoch(model, attack, criterion, _Batches(x, y, steps), optimizer, **kwargs)
+    train_one_epoch(task, _Batches(x, y, steps), TrainState(model, optimizer, attack), options, mixup=mixup)
     _sync(device)
     return (time.perf_counter() - start) / steps
 

@@ -1,7 +1,11 @@
-"""``python -m rat.train``: config → data, model, EMA, DDP, optimizer, attack → epochs of adversarial training.
+"""``python -m rat.train``: config → run spec → build → (resume) → epochs of adversarial training → checkpoints.
 
-Launch through ``run_train.sh`` (torchrun) for one or many processes; ranks come from torchrun's environment. The config
-is read only by the ``build_*`` functions here; the engine below them takes plain arguments.
+Launch through ``run_train.sh`` (torchrun) for one or many processes; ranks come from torchrun's environment. ``main``
+reads the configuration once into a frozen :class:`rat.config.TrainSpec`; everything below takes the spec's Sections or
+plain arguments. A run is built (:func:`_build`: data, model, EMA, DDP, optimizer, augmentation, attack, loaders, held
+by one :class:`~rat.train.state.TrainState` and one :class:`~rat.train.task.AdversarialTask`), resumed from a
+checkpoint through ``TrainState.load_state_dict`` (:func:`_resume`), then trained epoch by epoch (:func:`_train`), with
+validation (:func:`_validate`) and checkpoints (:func:`_checkpoint`, ``TrainState.state_dict``).
 """
 from __future__ import annotations
 
@@ -9,49 +13,47 @@ import logging
 import random
 import signal
 import sys
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from fastargs import get_current_config
-from fastargs.decorators import param, section
-from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rat.attacks import create_attack, eps_warmup_factor
-from rat.config import ConfigError, config_to_dict, dump_config, make_config, threat_models
-from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info, read_classes
-from rat.data.augment import BatchRandomErasing
-from rat.data.demo import demo_root as default_demo_root
-from rat.data.demo import ensure_demo_betons
-from rat.data.policy import AdversarialAugment, PolicySpace
+from rat.attacks import Attack
+from rat.config import ConfigError, TrainSpec, dump_config, make_config
+from rat.data import read_beton_info, read_classes
 from rat.io import OutputError, check_writable
 from rat.logging import MetricsWriter, setup_logging
-from rat.models import CheckpointError, create_model, dynamic_size_kwargs
+from rat.models import CheckpointError
 from rat.models.preflight import InputSizeError, UnknownArchError, check_arch, check_input_size
+from rat.train.build import (
+    Augmentation,
+    Loaders,
+    build_attack,
+    build_augmentation,
+    build_eval_attack,
+    build_loaders,
+    build_model,
+    dataset_paths,
+    model_kwargs,
+)
 from rat.train.checkpoint import (
     CheckpointWriteError,
     config_changes,
     load_resume_checkpoint,
     remove_failed_writes,
-    rng_state,
     save_training_checkpoint,
-    set_rng_state,
 )
-from rat.train.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    check_replicas_in_sync,
-    cleanup_distributed,
-    gather_objects,
-    init_distributed,
-)
-from rat.train.engine import evaluate, robust_accuracy, train_one_epoch
+from rat.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from rat.train.engine import EpochHooks, StepOptions, evaluate, robust_accuracy, train_one_epoch
 from rat.train.optim import build_optimizer, lr_at, resolution_at
+from rat.train.state import TrainState
+from rat.train.task import AdversarialTask
 
 _logger = logging.getLogger("rat.train")
 
@@ -64,7 +66,7 @@ class RunFinished(Exception):
     """``training.resume`` points at a run that has already trained all its epochs; nothing to do."""
 
 
-def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | None:
+def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
     """Every check of the configuration that needs no process group and no compute, run before anything starts
     (``python -m rat.train --validate-only`` runs only these): the architecture exists, it takes the configured
     resolutions, the betons are readable rat betons, the run folder is writable, and a resumed checkpoint is readable
@@ -77,31 +79,30 @@ def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | N
         OutputError: the run folder cannot be written.
         RunFinished: the resumed run has trained all its epochs.
     """
-    arch = cfg["model"]["arch"]
+    arch = spec.model.arch
     try:
         check_arch(arch)
     except UnknownArchError as exc:
         raise ConfigError(f"model.arch: {exc}") from exc
-    data = cfg["data"]
-    if bool(data["train_dataset"]) != bool(data["val_dataset"]):
+    data = spec.data
+    if bool(data.train_dataset) != bool(data.val_dataset):
         raise ConfigError("give both data.train_dataset and data.val_dataset, or neither (= the demo dataset)")
-    for name in ("train_dataset", "val_dataset"):
-        if data[name]:
+    for name, beton in (("train_dataset", data.train_dataset), ("val_dataset", data.val_dataset)):
+        if beton:
             try:
-                read_beton_info(data[name])
+                read_beton_info(beton)
             except (ValueError, FileNotFoundError) as exc:
                 raise ConfigError(f"data.{name}: {exc}") from exc
-    resolution, validation = cfg["resolution"], cfg["validation"]
-    for key, value in (("resolution.min_res", resolution["min_res"]), ("resolution.max_res", resolution["max_res"]),
-                       ("validation.resolution", validation["resolution"])):
+    for key, value in (("resolution.min_res", spec.resolution.min_res), ("resolution.max_res", spec.resolution.max_res),
+                       ("validation.resolution", spec.validation.resolution)):
         if value:
             try:
-                check_input_size(arch, value, num_classes=cfg["data"]["num_classes"] or 1000)
+                check_input_size(arch, value, num_classes=data.num_classes or 1000)
             except InputSizeError as exc:
                 raise ConfigError(f"{key}={value}: {exc}") from exc
-    run_dir = Path(cfg["logging"]["folder"])
+    run_dir = Path(spec.logging.folder)
     check_writable(run_dir / "checkpoints", "run folder (logging.folder)")
-    resumed = load_resume_checkpoint(cfg["training"]["resume"], run_dir)
+    resumed = load_resume_checkpoint(spec.training.resume, run_dir)
     if resumed is None:
         return None
     path, state = resumed
@@ -109,197 +110,56 @@ def preflight(cfg: dict[str, dict[str, Any]]) -> tuple[Path, dict[str, Any]] | N
     if recorded is None or "arch" not in state:
         raise ConfigError(f"cannot resume {path}: it is not a rat.train checkpoint (no recorded config); use it as "
                           f"--model.init_checkpoint {path} to start a new run from its weights")
-    refused, allowed = config_changes(recorded, cfg)
+    refused, allowed = config_changes(recorded, spec.to_dict())
     if refused:
         raise ConfigError(f"cannot resume {path} with a different configuration: {'; '.join(refused)}. Resume with "
                           f"the recorded settings (-C {run_dir / 'params.json'}), or start a new run in another "
                           "--logging.folder")
     if allowed:
         _logger.warning("resuming %s with changed settings: %s", path, "; ".join(allowed))
-    epochs = cfg["training"]["epochs"]
+    epochs = spec.training.epochs
     if state.get("epoch", 0) >= epochs and not state.get("batches_done"):
         raise RunFinished(f"run {run_dir} has already finished: {path} is at epoch {state.get('epoch')} of "
                           f"training.epochs={epochs}; nothing to do (raise --training.epochs to train longer)")
     return resumed
 
 
-@section("data")
-@param("train_dataset")
-@param("val_dataset")
-@param("demo_root")
-def build_datasets(info: DistInfo, train_dataset: str, val_dataset: str, demo_root: str) -> tuple[Path, Path]:
-    """The train/val beton paths (checked by ``preflight``); the embedded demo dataset (written by rank 0 on first use)
-    when none is given."""
-    if not train_dataset:
-        root = default_demo_root(demo_root)
-        if info.is_primary:
-            ensure_demo_betons(root)
-        barrier()
-        return root / "train.beton", root / "val.beton"
-    return Path(train_dataset), Path(val_dataset)
+class _RunHooks(EpochHooks):
+    """SIGTERM (cluster pre-emption) sets a flag: the epoch stops after the step in flight, and the run saves a
+    checkpoint and exits. Step records go to metrics.jsonl (written by rank 0 only)."""
 
-
-@section("model")
-@param("arch")
-@param("normalize")
-@param("drop_path")
-def model_kwargs(num_classes: int, img_size: int, arch: str, normalize: int,
-                 drop_path: float) -> tuple[str, dict[str, Any]]:
-    """Architecture name and the ``create_model`` kwargs a checkpoint records (``img_size``: the final training
-    resolution, which sizes a ViT's position embedding; convolutional models ignore it). Models with a fixed input
-    size (ViTs) are built with ``dynamic_img_size``, so that progressive resizing and validation at another resolution
-    resample the position embedding on the fly, exactly as ``set_input_size`` does for rat.eval."""
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "normalize": bool(normalize), "img_size": img_size,
-                              **dynamic_size_kwargs(arch)}
-    if drop_path > 0:
-        kwargs["drop_path_rate"] = drop_path
-    return arch, kwargs
-
-
-@section("model")
-@param("init_checkpoint")
-@param("channels_last")
-@param("compile")
-def build_model(arch: str, kwargs: dict[str, Any], device: torch.device, init_checkpoint: str, channels_last: int,
-                compile: int) -> tuple[nn.Module, nn.Module]:
-    """(module to train, compiled or not) — created, initialised, moved, channels_last. Wrapping comes later."""
-    module = create_model(arch, checkpoint=init_checkpoint or None, **kwargs)
-    module = module.to(device)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module, (torch.compile(module) if compile else module)
-
-
-@section("ema")
-@param("enabled")
-@param("decay")
-@param("cpu")
-def build_ema(module: nn.Module, enabled: int, decay: float, cpu: int) -> ModelEmaV3 | None:
-    if not enabled:
-        return None
-    return ModelEmaV3(module, decay=decay, device="cpu" if cpu else None)
-
-
-@section("training")
-@param("optimizer")
-@param("weight_decay")
-@param("beta1")
-@param("beta2")
-@param("momentum")
-@param("nesterov")
-def build_optim(module: nn.Module, optimizer: str, weight_decay: float, beta1: float, beta2: float, momentum: float,
-                nesterov: int) -> torch.optim.Optimizer:
-    return build_optimizer(module, optimizer, lr=0.0, weight_decay=weight_decay, betas=(beta1, beta2),
-                           momentum=momentum, nesterov=bool(nesterov))
-
-
-@section("adv")
-@param("attack")
-@param("norm")
-@param("eps")
-@param("n_iter")
-@param("step_size")
-@param("random_start")
-def build_attack(module: nn.Module, seed: int, attack: str, norm: str, eps: str, n_iter: str, step_size: float,
-                 random_start: int):
-    """The training attack on the unwrapped module: one norm, or E-AT's alternation over several."""
-    options: dict[str, Any] = {}
-    if step_size > 0 and attack != "none":
-        options["step_size"] = step_size
-    if attack == "fgsm":
-        n_iter = "1"  # a single step by definition
-    if attack == "pgd":
-        options["random_start"] = bool(random_start)
-    norms, eps_values, iters = zip(*threat_models(norm, eps, n_iter))
-    return create_attack(attack, module, norm=list(norms), eps=list(eps_values), n_iter=list(iters), seed=seed,
-                         **options)
-
-
-@section("augment")
-@param("heavy")
-@param("randaugment")
-@param("reprob")
-@param("mixup")
-@param("cutmix")
-@param("mixup_prob")
-@param("mixup_switch_prob")
-@param("policy")
-def build_augmentation(num_classes: int, label_smoothing: float, seed: int, heavy: int,
-                       randaugment: str, reprob: float, mixup: float, cutmix: float, mixup_prob: float,
-                       mixup_switch_prob: float, policy: str):
-    """(augment, mixup, criterion, generator, erasing): per-sample heavy augmentation on the device (its random
-    parameters drawn from ``generator``, a seeded CPU generator saved in checkpoints), timm Mixup/CutMix with label
-    smoothing folded into the soft targets, the matching loss, and, for the adversarial policy (which then replaces
-    ``augment``), the random erasing that follows it."""
-    if policy == "adversarial":
-        erasing = BatchRandomErasing(reprob) if heavy and reprob > 0 else None
-        return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), torch.Generator().manual_seed(seed), \
-            erasing
-    if not heavy:
-        return None, None, nn.CrossEntropyLoss(label_smoothing=label_smoothing), None, None
-    generator = torch.Generator().manual_seed(seed)
-    batch_augment = build_augment(randaugment, re_prob=reprob)
-
-    def augment(x: torch.Tensor) -> torch.Tensor:
-        return batch_augment(x, generator)
-
-    mixup_fn = build_mixup(mixup, cutmix, mixup_switch_prob, label_smoothing, num_classes=num_classes,
-                           prob=mixup_prob)
-    criterion = SoftTargetCrossEntropy() if mixup_fn is not None else nn.CrossEntropyLoss(
-        label_smoothing=label_smoothing)
-    return augment, mixup_fn, criterion, generator, None
-
-
-@section("aaa")
-@param("num_policies")
-@param("batch_fraction")
-@param("ops")
-@param("magnitudes")
-@param("sub_policies")
-@param("ops_per_sub_policy")
-@param("lr")
-@param("entropy_weight")
-@param("baseline_decay")
-@param("update_every")
-@param("hidden_size")
-def build_policy(generator: torch.Generator, erasing: BatchRandomErasing | None, seed: int, world_size: int,
-                 num_policies: int, batch_fraction: float, ops: str, magnitudes: str, sub_policies: int,
-                 ops_per_sub_policy: int, lr: float, entropy_weight: float, baseline_decay: float,
-                 update_every: int, hidden_size: int) -> AdversarialAugment:
-    """The Adversarial AutoAugment policy; ``seed`` (the run's, not the rank's) makes every rank's controller the
-    same, and rewards are averaged over ranks so that they stay the same."""
-    space = PolicySpace(tuple(v.strip() for v in ops.split(",") if v.strip()),
-                        tuple(int(v) for v in magnitudes.split(",")), sub_policies, ops_per_sub_policy)
-    return AdversarialAugment(space, num_policies=num_policies, lr=lr, entropy_weight=entropy_weight,
-                              baseline_decay=baseline_decay, update_every=update_every,
-                              batch_fraction=batch_fraction, seed=seed, augment_generator=generator,
-                              random_erasing=erasing, reduce_mean=lambda t: all_reduce_sum(t) / world_size,
-                              hidden_size=hidden_size)
-
-
-def _eps_warmup(attack, warmup_epochs: float, steps_per_epoch: int):
-    """An ``on_step`` hook scaling the attack's ε linearly from 0 to its configured value over the warm-up."""
-    if warmup_epochs <= 0:
-        return None
-
-    def set_eps(step: int) -> None:
-        attack.set_eps_scale(eps_warmup_factor((step + 1) / steps_per_epoch, warmup_epochs))
-
-    return set_eps
-
-
-class _SigtermFlag:
-    """Set by SIGTERM (cluster pre-emption); the loop saves a checkpoint at the next step and exits."""
-
-    def __init__(self):
-        self.raised = False
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+        self.sigterm = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        self.sigterm = True
 
-    def __call__(self) -> bool:
-        return self.raised
+    def stop_requested(self) -> bool:
+        return self.sigterm
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.writer.write({"kind": "step", **record})
+
+
+@dataclass
+class _Run:
+    """One rank's run, as :func:`_build` assembles it."""
+
+    spec: TrainSpec
+    info: DistInfo
+    hooks: _RunHooks
+    state: TrainState
+    task: AdversarialTask
+    augmentation: Augmentation
+    loaders: Loaders
+    options: StepOptions
+    eval_models: list[tuple[str, nn.Module, Attack | None]]  # (metrics prefix, model, its robust-accuracy attack)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.spec.logging.folder) / "checkpoints"
 
 
 def _seed_everything(seed: int) -> None:
@@ -308,188 +168,152 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(config) -> dict[str, Any]:
-    """Train as configured; returns the final metrics (rank 0's view)."""
-    cfg = config_to_dict(config)
-    training, logging_cfg, validation = cfg["training"], cfg["logging"], cfg["validation"]
-    resumed = preflight(cfg)
-    info = init_distributed(training["device"], cfg["dist"]["backend"])
-    run_dir = Path(logging_cfg["folder"])
-    if info.is_primary:
-        remove_failed_writes(run_dir / "checkpoints")
-    barrier()
-    setup_logging(info.rank, run_dir / "train.log")
-    seed = training["seed"] + info.rank
-    _seed_everything(seed)
-    stop_flag = _SigtermFlag()
-
-    train_path, val_path = build_datasets(info)
+def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
+    """Data, model (created → device → channels_last → EMA → DDP), optimizer, scaler, augmentation, attack, loaders;
+    the state at step 0."""
+    training = spec.training
+    seed = training.seed + info.rank
+    train_path, val_path = dataset_paths(spec.data, info)
     classes = read_classes(train_path)
-    num_classes = cfg["data"]["num_classes"] or len(classes)
-    arch, kwargs = model_kwargs(num_classes, cfg["resolution"]["max_res"])
-    module, compiled = build_model(arch, kwargs, info.device)
-    ema = build_ema(module)
+    num_classes = spec.data.num_classes or len(classes)
+    kwargs = model_kwargs(spec.model, num_classes, spec.resolution.max_res)
+    module, compiled = build_model(spec.model, kwargs, info.device)
+    ema = ModelEmaV3(module, decay=spec.ema.decay, device="cpu" if spec.ema.cpu else None) if spec.ema.enabled \
+        else None
     model = DistributedDataParallel(compiled, device_ids=[info.local_rank] if info.device.type == "cuda" else None) \
         if info.distributed else compiled
-    optimizer = build_optim(module)
-    precision = training["precision"]
-    scaler = torch.amp.GradScaler(info.device.type) if precision == "fp16" else None
-    augment, mixup, criterion, generator, erasing = build_augmentation(num_classes, training["label_smoothing"], seed)
-    policy = build_policy(generator, erasing, training["seed"], info.world_size) \
-        if cfg["augment"]["policy"] == "adversarial" else None
-    attack = build_attack(module, seed)
+    optimizer = build_optimizer(module, training.optimizer, lr=0.0, weight_decay=training.weight_decay,
+                                betas=(training.beta1, training.beta2), momentum=training.momentum,
+                                nesterov=bool(training.nesterov))
+    scaler = torch.amp.GradScaler(info.device.type) if training.precision == "fp16" else None
+    augmentation = build_augmentation(spec.augment, spec.aaa, num_classes=num_classes,
+                                      label_smoothing=training.label_smoothing, seed=seed, run_seed=training.seed,
+                                      world_size=info.world_size)
+    attack = build_attack(spec.adv, module, seed)
+    loaders = build_loaders(spec, train_path, val_path, info)
+    state = TrainState(module, optimizer, attack, ema=ema, scaler=scaler, generator=augmentation.generator,
+                       policy=augmentation.policy, arch=spec.model.arch, model_kwargs=kwargs, config=spec.to_dict(),
+                       rank=info.rank, world_size=info.world_size)
+    options = StepOptions(
+        lr=partial(lr_at, steps_per_epoch=loaders.steps_per_epoch, epochs=training.epochs, **asdict(spec.lr)),
+        steps_per_epoch=loaders.steps_per_epoch, precision=training.precision, grad_clip=training.grad_clip,
+        eps_warmup_epochs=spec.adv.eps_warmup_epochs, log_every=spec.logging.log_every,
+        progress=bool(spec.logging.progress) and info.is_primary)
+    eval_models = [("", module, build_eval_attack(spec.adv, spec.validation, module, seed))]
+    if ema is not None:
+        eval_models.append(("ema_", ema.module, build_eval_attack(spec.adv, spec.validation, ema.module, seed)))
+    return _Run(spec, info, hooks, state, AdversarialTask(model, attack, augmentation.criterion, spec.adv.mixed_loss),
+                augmentation, loaders, options, eval_models)
 
-    data = cfg["data"]
-    train_loader = build_train_loader(train_path, batch_size=training["batch_size"],
-                                      resolution=cfg["resolution"]["min_res"], device=info.device,
-                                      num_workers=data["num_workers"], seed=training["seed"],
-                                      distributed=info.distributed, in_memory=bool(data["in_memory"]),
-                                      scale=(data["crop_scale_min"], 1.0), flip=bool(data["flip"]))
-    steps_per_epoch = len(train_loader) if not training["limit_batches"] else min(training["limit_batches"],
-                                                                                   len(train_loader))
-    res_kwargs = {k: cfg["resolution"][k] for k in ("min_res", "max_res", "start_ramp", "end_ramp", "step")}
-    val_res = validation["resolution"] or resolution_at(training["epochs"] - 1, **res_kwargs)
-    num_val = read_beton_info(val_path)["num_samples"]
-    shard = list(range(num_val))[info.rank::info.world_size]
-    val_loader = build_val_loader(val_path, batch_size=validation["batch_size"], resolution=val_res,
-                                  device=info.device, num_workers=data["num_workers"], indices=shard)
-    robust_shard = list(range(min(validation["robust_n_ex"], num_val)))[info.rank::info.world_size]
-    robust_loader = build_val_loader(val_path, batch_size=validation["batch_size"], resolution=val_res,
-                                     device=info.device, num_workers=data["num_workers"],
-                                     indices=robust_shard) if robust_shard else None
 
-    start_epoch, step, skip_batches, best = 0, 0, 0, -1.0
-    if resumed is not None:
-        resume_path, state = resumed
-        recorded_classes = (state.get("model_kwargs") or {}).get("num_classes")
-        if recorded_classes != num_classes:
-            raise ConfigError(f"cannot resume {resume_path}: it has {recorded_classes} classes but the data now has "
-                              f"{num_classes}; resume with the data it was trained on")
-        module.load_state_dict(state["model"])
-        if ema is not None and state.get("model_ema") is not None:
-            ema.module.load_state_dict(state["model_ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, skip_batches = state["epoch"], state["step"], state.get("batches_done", 0)
-        best = state.get("best_robust", -1.0)
-        attack.load_state_dict(state["attack"])
-        if policy is not None and state.get("augment_policy") is not None:
-            try:
-                policy.load_state_dict(state["augment_policy"])
-            except ValueError as err:
-                raise ConfigError(f"cannot resume {resume_path}: {err}") from err
-        elif policy is not None:
-            _logger.warning("checkpoint has no adversarial policy state: the controller starts fresh")
-        rngs = state.get("rng") or []
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank], generator)
-        else:
-            _logger.warning("checkpoint has RNG states for %d ranks, this run has %d: continuing with fresh seeds",
-                            len(rngs), info.world_size)
-        _logger.info("resumed %s: epoch %d, step %d%s", resume_path, start_epoch, step,
-                     f", skipping {skip_batches} finished batches" if skip_batches else "")
-    if info.is_primary:
-        dump_config(config, run_dir / "params.json")
-        _logger.info("training %s (%d classes) on %s x%d, %d steps/epoch", arch, num_classes, info.device,
-                     info.world_size, steps_per_epoch)
-    metrics_writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_primary)
-    eval_attack = build_eval_attack(module, seed)
-    ema_eval_attack = build_eval_attack(ema.module, seed) if ema is not None else None
+def _resume(run: _Run, path: Path, checkpoint: dict[str, Any]) -> None:
+    """Continue from ``checkpoint`` (read and checked against the configuration by :func:`preflight`).
 
-    def lr_fn(s: int) -> float:
-        return lr_at(s, steps_per_epoch, epochs=training["epochs"], **{k: cfg["lr"][k] for k in (
-            "lr", "schedule", "warmup_epochs", "min_lr", "step_ratio", "step_length")})
+    Raises:
+        ConfigError: the checkpoint was trained on another number of classes, or its policy does not fit this run's.
+    """
+    state = run.state
+    recorded_classes = (checkpoint.get("model_kwargs") or {}).get("num_classes")
+    num_classes = state.model_kwargs["num_classes"]
+    if recorded_classes != num_classes:
+        raise ConfigError(f"cannot resume {path}: it has {recorded_classes} classes but the data now has "
+                          f"{num_classes}; resume with the data it was trained on")
+    try:
+        state.load_state_dict(checkpoint)
+    except ValueError as err:
+        raise ConfigError(f"cannot resume {path}: {err}") from err
+    _logger.info("resumed %s: epoch %d, step %d%s", path, state.epoch, state.step,
+                 f", skipping {state.batches_done} finished batches" if state.batches_done else "")
 
-    def checkpoint(epoch_done: int, batches_done: int, metrics: dict, names: list[str]) -> None:
-        in_sync = check_replicas_in_sync(module)
-        if policy is not None:
-            check_replicas_in_sync(policy.controller)
-        rngs = gather_objects(rng_state(generator))
-        if not info.is_primary:
-            return
-        state = {"model": module.state_dict(), "model_ema": ema.module.state_dict() if ema is not None else None,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                 "epoch": epoch_done, "step": step, "batches_done": batches_done, "arch": arch,
-                 "attack": attack.state_dict(), "replicas_in_sync": in_sync,
-                 "model_kwargs": kwargs, "config": cfg, "rng": rngs, "metrics": metrics, "best_robust": best,
-                 "augment_policy": policy.state_dict() if policy is not None else None}
-        path = save_training_checkpoint(state, run_dir / "checkpoints", names)
+
+def _checkpoint(run: _Run, names: list[str]) -> None:
+    """Every rank: the state's checkpoint (a collective); rank 0 writes it under ``names`` and as last.pt."""
+    checkpoint = run.state.state_dict()
+    if run.info.is_primary:
+        path = save_training_checkpoint(checkpoint, run.checkpoint_dir, names)
         _logger.info("checkpoint written: %s", path)
 
-    on_step = _eps_warmup(attack, cfg["adv"]["eps_warmup_epochs"], steps_per_epoch)
+
+def _validate(run: _Run) -> dict[str, Any]:
+    """Clean accuracy on the val set and robust accuracy on its fixed subset, of the model and of its EMA."""
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, training["epochs"]):
-        res = resolution_at(epoch, **res_kwargs)
-        train_loader.set_resolution(res)
-        train_loader.set_epoch(epoch)
-        result = train_one_epoch(
-            model, attack, criterion, train_loader, optimizer, mixed_loss=cfg["adv"]["mixed_loss"],
-            device=info.device, epoch=epoch, step=step, lr_fn=lr_fn,
-            precision=precision, scaler=scaler, ema=ema, augment=augment, policy=policy, mixup=mixup, on_step=on_step,
-            grad_clip=training["grad_clip"], num_batches=steps_per_epoch, skip_batches=skip_batches,
-            world_size=info.world_size, log_every=logging_cfg["log_every"], stop_requested=stop_flag,
-            progress=bool(logging_cfg["progress"]) and info.is_primary, resolution=res,
-            on_log=lambda record: metrics_writer.write({"kind": "step", **record}))
-        skip_batches = 0
+    device, precision = run.info.device, run.spec.training.precision
+    for prefix, net, attack in run.eval_models:
+        metrics.update({f"{prefix}{k}": v for k, v in evaluate(net, run.loaders.val, device, precision).items()})
+        if attack is not None and run.loaders.robust is not None:
+            metrics.update({f"{prefix}{k}": v for k, v in robust_accuracy(attack, run.loaders.robust, device,
+                                                                           precision).items()})
+    return metrics
+
+
+def _train(run: _Run) -> dict[str, Any]:
+    """The epochs from ``state.epoch`` on; returns the last epoch's metrics (``stopped: sigterm`` on SIGTERM).
+
+    Raises:
+        TrainingStopped: a non-finite loss (no update applied, the last checkpoint intact).
+    """
+    spec, state = run.spec, run.state
+    epochs, every = spec.training.epochs, spec.validation.every
+    for epoch in range(state.epoch, epochs):
+        res = resolution_at(epoch, **asdict(spec.resolution))
+        run.loaders.train.set_resolution(res)
+        run.loaders.train.set_epoch(epoch)
+        result = train_one_epoch(run.task, run.loaders.train, state, run.options, augment=run.augmentation.augment,
+                                 mixup=run.augmentation.mixup, hooks=run.hooks, resolution=res)
         if result.stop_reason == "nonfinite":
             raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {result.step}: stopped without applying "
-                                  f"that update; the last good checkpoint in {run_dir / 'checkpoints'} is intact "
+                                  f"that update; the last good checkpoint in {run.checkpoint_dir} is intact "
                                   "(lower lr.lr, enable training.grad_clip, or use training.precision bf16/fp32)")
-        step = result.step
         if result.stop_reason == "sigterm":
-            checkpoint(epoch, result.batches, metrics, [])
+            _checkpoint(run, [])
             _logger.warning("SIGTERM: checkpoint saved at epoch %d, batch %d; resume with --training.resume auto",
                             epoch, result.batches)
-            return {"stopped": "sigterm", **metrics}
-        epoch_done = epoch + 1
-        metrics = {"kind": "epoch", "epoch": epoch_done, "step": step, "train_loss": result.loss,
-                   "img_per_s": result.img_per_s, "resolution": res, "lr": lr_fn(step - 1)}
+            return {"stopped": "sigterm", **state.metrics}
+        state.epoch, state.batches_done = epoch + 1, 0
+        metrics = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "train_loss": result.loss,
+                   "img_per_s": result.img_per_s, "resolution": res, "lr": run.options.lr(state.step - 1)}
+        policy = state.policy
         if policy is not None:
             metrics.update(policy.epoch_stats())
             _logger.info("controller's top sub-policies: %s", ", ".join(
                 f"{policy.space.describe(tokens)} {share:.1%}" for tokens, share in policy.top_sub_policies(3)))
-        last = epoch_done == training["epochs"]
-        every = validation["every"]
-        if last or (every and epoch_done % every == 0):
-            metrics.update(_validate(module, ema, val_loader, robust_loader, eval_attack, ema_eval_attack,
-                                     info.device, precision))
-        robust_key = "ema_robust_top1" if ema is not None else "robust_top1"
-        is_best = robust_key in metrics and metrics[robust_key] > best
+        last = state.epoch == epochs
+        if last or (every and state.epoch % every == 0):
+            metrics.update(_validate(run))
+        robust_key = "ema_robust_top1" if state.ema is not None else "robust_top1"
+        is_best = robust_key in metrics and metrics[robust_key] > state.best
         if is_best:
-            best = metrics[robust_key]
-        metrics_writer.write(metrics)
-        _logger.info("epoch %d: %s", epoch_done, " ".join(
+            state.best = metrics[robust_key]
+        state.metrics = metrics
+        run.hooks.writer.write(metrics)
+        _logger.info("epoch %d: %s", state.epoch, " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
             if k != "kind" and not isinstance(v, dict)))
-        if last or epoch_done % training["save_every"] == 0 or is_best:
-            checkpoint(epoch_done, 0, metrics, [f"epoch_{epoch_done:04d}.pt"] + (["best.pt"] if is_best else []))
-    return metrics
+        if last or state.epoch % spec.training.save_every == 0 or is_best:
+            _checkpoint(run, [f"epoch_{state.epoch:04d}.pt"] + (["best.pt"] if is_best else []))
+    return state.metrics
 
 
-@section("validation")
-@param("robust_n_ex")
-@param("robust_n_iter")
-def build_eval_attack(module: nn.Module, seed: int, robust_n_ex: int, robust_n_iter: int):
-    """APGD with ``validation.robust_n_iter`` steps in the first training threat model, for the per-epoch check."""
-    if robust_n_ex == 0:
-        return None
-    config = get_current_config()
-    norm, eps, _ = threat_models(config["adv.norm"], config["adv.eps"], config["adv.n_iter"])[0]
-    return create_attack("apgd", module, norm=norm, eps=eps, n_iter=robust_n_iter, seed=seed)
-
-
-def _validate(module, ema, val_loader, robust_loader, eval_attack, ema_eval_attack, device, precision) -> dict:
-    metrics: dict[str, Any] = {}
-    for prefix, net, attack in (("", module, eval_attack), ("ema_", ema.module if ema is not None else None,
-                                                           ema_eval_attack)):
-        if net is None:
-            continue
-        metrics.update({f"{prefix}{k}": v for k, v in evaluate(net, val_loader, device, precision).items()})
-        if attack is not None and robust_loader is not None:
-            metrics.update({f"{prefix}{k}": v for k, v in robust_accuracy(attack, robust_loader, device,
-                                                                           precision).items()})
-    return metrics
+def run(spec: TrainSpec) -> dict[str, Any]:
+    """Train as configured; returns the final metrics (rank 0's view)."""
+    resumed = preflight(spec)
+    info = init_distributed(spec.training.device, spec.dist.backend)
+    run_dir = Path(spec.logging.folder)
+    if info.is_primary:
+        remove_failed_writes(run_dir / "checkpoints")
+    barrier()
+    setup_logging(info.rank, run_dir / "train.log")
+    _seed_everything(spec.training.seed + info.rank)
+    hooks = _RunHooks(MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_primary))
+    trainer = _build(spec, info, hooks)
+    if resumed is not None:
+        _resume(trainer, *resumed)
+    if info.is_primary:
+        dump_config(spec.to_dict(), run_dir / "params.json")
+        _logger.info("training %s (%d classes) on %s x%d, %d steps/epoch", spec.model.arch,
+                     trainer.state.model_kwargs["num_classes"], info.device, info.world_size,
+                     trainer.loaders.steps_per_epoch)
+    return _train(trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     if validate_only:
         argv.remove("--validate-only")
     try:
-        config = make_config(argv, prog="python -m rat.train")
+        spec = TrainSpec.from_config(make_config(argv, prog="python -m rat.train"))
         if validate_only:
-            preflight(config_to_dict(config))
+            preflight(spec)
             return 0
-        metrics = run(config)
+        metrics = run(spec)
     except RunFinished as done:
         print(f"rat.train: {done}", file=sys.stderr)
         return 0
@@ -522,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = f"clean top-1 {metrics['top1']:.2f}%"
         if "robust_top1" in metrics:
             summary += f", robust top-1 {metrics['robust_top1']:.2f}% (APGD, first training threat model)"
-        _logger.info("done: %s; checkpoints in %s", summary,
-                     Path(get_current_config()["logging.folder"]) / "checkpoints")
+        _logger.info("done: %s; checkpoints in %s", summary, Path(spec.logging.folder) / "checkpoints")
     return 0
 
 

@@ -1,22 +1,25 @@
 """Engine functions of the trainer: one training epoch, clean evaluation, robust evaluation.
 
-They take plain typed arguments (no config), log nothing but return metrics, and keep every rank in step: all ranks
-leave an epoch at the same step, whether it ends, hits a non-finite loss or receives SIGTERM.
+They take the task, the state and plain typed options (no config), log nothing but return metrics (step records go to
+the caller's hooks), and keep every rank in step: all ranks leave an epoch at the same step, whether it ends, hits a
+non-finite loss or is asked to stop.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from rat.attacks import Attack, adversarial_loss
-from rat.data.policy import AdversarialAugment
+from rat.attacks import eps_warmup_factor
 from rat.precision import autocast
 from rat.train.distributed import all_reduce_sum
+from rat.train.state import TrainState
+from rat.train.task import AdversarialTask
 
 
 @dataclass
@@ -33,56 +36,70 @@ class EpochResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    attack: Attack,
-    criterion: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    *,
-    mixed_loss: float = 0.0,
-    device: torch.device,
-    epoch: int,
-    step: int,
-    lr_fn: Callable[[int], float],
-    precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-    ema=None,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    policy: AdversarialAugment | None = None,
-    mixup: Callable | None = None,
-    on_step: Callable[[int], None] | None = None,
-    grad_clip: float = 0.0,
-    num_batches: int | None = None,
-    skip_batches: int = 0,
-    world_size: int = 1,
-    log_every: int = 50,
-    stop_requested: Callable[[], bool] = lambda: False,
-    on_log: Callable[[dict], None] | None = None,
-    progress: bool = False,
-    resolution: int | None = None,
-) -> EpochResult:
-    """Train for one epoch (or ``num_batches`` batches), starting at global step ``step``.
+@dataclass(frozen=True)
+class StepOptions:
+    """How every step of a run is taken.
 
-    Each step: per-sample augmentation and mixup on the device, then ``rat.attacks.adversarial_loss`` — the attack
-    runs on the unwrapped module (in eval mode, restored after; DDP does not synchronise during it), the loss on the
-    adversarial inputs (mixed with the clean loss when ``mixed_loss`` > 0) goes through ``model`` (DDP-wrapped).
-
-    With an adversarial augmentation ``policy`` (instead of ``augment``), each batch becomes the M·K images of the
-    step's sampled policies (the attack, when there is one, runs on all of them), and each policy's share of the loss
-    is its reward (``policy.observe``, after the finite-loss check, every rank alike).
-
-    ``skip_batches`` batches at the start are read and discarded (resuming a checkpoint written mid-epoch).
-    ``on_log(record)`` receives the step metrics every ``log_every`` steps, as they happen.
-    ``on_step(step)`` runs before each update (e.g. the ε warm-up). ``ema`` is a timm ``ModelEmaV3``; it is updated
-    after every optimizer step. Stops early, on every rank at the same step, when the loss is not finite on some rank
-    (``stop_reason='nonfinite'``, without applying that update) or when ``stop_requested()`` is true on some rank
-    (``'sigterm'``, after completing the step).
+    Attributes:
+        lr: the learning rate of global step ``step`` (0-based), a pure function of the step (see
+            ``rat.train.optim.lr_at``), so that a resumed run needs no scheduler state.
+        steps_per_epoch: batches per epoch (at most the loader's length); ``None`` = the whole loader.
+        precision: autocast precision, ``fp32``, ``bf16`` or ``fp16`` (``fp16`` with the state's GradScaler).
+        grad_clip: clip the gradient norm to this (0 = off).
+        eps_warmup_epochs: grow the attack's ε linearly from 0 over this many (fractional) epochs (0 = off).
+        log_every: hand a step record to the hooks every this many steps (and at a requested stop).
+        progress: show a tqdm progress bar.
     """
+
+    lr: Callable[[int], float]
+    steps_per_epoch: int | None = None
+    precision: str = "fp32"
+    grad_clip: float = 0.0
+    eps_warmup_epochs: float = 0.0
+    log_every: int = 50
+    progress: bool = False
+
+
+class EpochHooks:
+    """The caller's side of an epoch: asked after every step whether to stop, handed the step records.
+
+    This base never stops and drops the records; the trainer's subclass stops on SIGTERM and writes metrics.jsonl.
+    """
+
+    def stop_requested(self) -> bool:
+        """True to stop after the step just taken (on one rank is enough: every rank stops at the same step)."""
+        return False
+
+    def log(self, record: dict[str, Any]) -> None:
+        """``{'epoch', 'step', 'loss', 'lr', 'img_per_s', 'resolution'}`` every ``log_every`` steps, as they happen."""
+
+
+def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, options: StepOptions, *,
+                    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                    mixup: Callable | None = None, hooks: EpochHooks | None = None,
+                    resolution: int | None = None) -> EpochResult:
+    """Train epoch ``state.epoch`` from global step ``state.step``, skipping the ``state.batches_done`` batches a
+    checkpoint written mid-epoch had already trained (they are read and discarded).
+
+    Each step: the lr of the step on every param group, the ε warm-up, then on the device either ``state.policy``
+    (adversarial augmentation: each batch becomes the M·K images of the step's sampled policies, and the attack, if
+    any, runs on all of them) or ``augment(x, state.generator)`` (per-sample heavy augmentation), then ``mixup``;
+    then ``task(x, target)`` under autocast, the backward pass (through ``state.scaler`` for fp16), gradient
+    clipping, the optimizer step and the EMA update (``state.ema``, a timm ``ModelEmaV3``). With a policy, each
+    policy's share of the loss is its reward (``policy.observe``, after the finite-loss check, every rank alike).
+    ``state.step`` and ``state.batches_done`` advance with every update.
+
+    Stops early, on every rank at the same step, when the loss is not finite on some rank (``stop_reason='nonfinite'``,
+    without applying that update) or when ``hooks.stop_requested()`` is true on some rank (``'sigterm'``, after
+    completing the step). ``resolution`` only labels the records.
+    """
+    hooks = hooks if hooks is not None else EpochHooks()
+    model, optimizer, scaler, policy = task.model, state.optimizer, state.scaler, state.policy
     model.train()
-    total = len(loader) if num_batches is None else min(num_batches, len(loader))
-    bar = tqdm(total=total, initial=skip_batches, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True,
-               leave=False)
+    total = len(loader) if options.steps_per_epoch is None else min(options.steps_per_epoch, len(loader))
+    skip_batches, epoch, world_size = state.batches_done, state.epoch, state.world_size
+    bar = tqdm(total=total, initial=skip_batches, desc=f"epoch {epoch}", disable=not options.progress,
+               dynamic_ncols=True, leave=False)
     loss_sum, images, batches = 0.0, 0, 0
     stop_reason = None
     start = time.perf_counter()
@@ -92,58 +109,58 @@ def train_one_epoch(
             break
         if index < skip_batches:
             continue
-        lr = lr_fn(step)
+        lr = options.lr(state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if on_step is not None:
-            on_step(step)
+        if options.eps_warmup_epochs > 0:
+            task.attack.set_eps_scale(eps_warmup_factor((state.step + 1) / total, options.eps_warmup_epochs))
         if policy is not None:
             x, y = policy.expand(x, y)
         elif augment is not None:
-            x = augment(x)
+            x = augment(x, state.generator)
         target = y
         if mixup is not None:
             x, target = mixup(x, y)
-        with autocast(device, precision):
-            result = adversarial_loss(model, attack, criterion, x, target, clean_weight=mixed_loss)
+        with autocast(x.device, options.precision):
+            result = task(x, target)
         loss = result.loss
         flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(float(stop_requested()), device=loss.device)])
+                             torch.tensor(float(hooks.stop_requested()), device=loss.device)])
         flags = all_reduce_sum(flags)
         if flags[1] > 0:
             stop_reason = "nonfinite"
             break
         if policy is not None:
-            policy.observe(policy.rewards(criterion, result.output, target, result.clean_output, mixed_loss))
+            policy.observe(policy.rewards(task.criterion, result.output, target, result.clean_output,
+                                          task.mixed_loss))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
-            if grad_clip > 0:
+            if options.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if options.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             optimizer.step()
-        step += 1
-        if ema is not None:
-            ema.update(model.module if hasattr(model, "module") else model, step=step)
+        state.step += 1
+        state.batches_done = index + 1
+        if state.ema is not None:
+            state.ema.update(state.module, step=state.step)
         mean_loss = flags[0].item() / world_size
         loss_sum += mean_loss
         batches += 1
         images += x.shape[0] * world_size
         window_images += x.shape[0] * world_size
         bar.update(1)
-        if batches % log_every == 0 or flags[2] > 0:
+        if batches % options.log_every == 0 or flags[2] > 0:
             now = time.perf_counter()
             rate = window_images / max(now - window_start, 1e-9)
-            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": rate,
-                      "resolution": resolution}
-            if on_log is not None:
-                on_log(record)
+            hooks.log({"epoch": epoch, "step": state.step, "loss": mean_loss, "lr": lr, "img_per_s": rate,
+                       "resolution": resolution})
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", res=resolution)
             window_start, window_images = now, 0
         if flags[2] > 0:
@@ -151,7 +168,7 @@ def train_one_epoch(
             break
     bar.close()
     return EpochResult(loss=loss_sum / max(batches, 1), batches=skip_batches + batches, images=images,
-                       seconds=time.perf_counter() - start, step=step, stop_reason=stop_reason)
+                       seconds=time.perf_counter() - start, step=state.step, stop_reason=stop_reason)
 
 
 @torch.no_grad()

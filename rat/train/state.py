@@ -1,0 +1,109 @@
+"""The training state: everything a run changes as it trains, and the checkpoint that is its ``state_dict``."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from rat.train.checkpoint import rng_state, set_rng_state
+from rat.train.distributed import check_replicas_in_sync, gather_objects
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
+    from rat.attacks import Attack
+    from rat.data.policy import AdversarialAugment
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Model, EMA, optimizer, scaler, attack, augmentation RNG, adversarial policy and progress of one rank's run.
+
+    ``epoch`` counts finished epochs (so it is also the 0-based index of the epoch in progress), ``batches_done`` the
+    batches of that epoch already trained (non-zero only in a checkpoint written mid-epoch, on SIGTERM), ``step`` the
+    optimizer updates of the whole run; :func:`rat.train.engine.train_one_epoch` advances ``step`` and
+    ``batches_done``. ``best`` is the best robust accuracy so far (-1 before any), ``metrics`` those of the last epoch
+    this process finished. ``arch``, ``model_kwargs`` and ``config`` describe the run; the checkpoint records them so
+    that it rebuilds the model (``rat.models.create_model_from_checkpoint``) and so that a resume can refuse a changed
+    configuration.
+    """
+
+    module: nn.Module  # the unwrapped model (no DDP, not compiled): what the checkpoint holds
+    optimizer: torch.optim.Optimizer
+    attack: Attack
+    ema: ModelEmaV3 | None = None
+    scaler: torch.amp.GradScaler | None = None
+    generator: torch.Generator | None = None  # the augmentation parameters' RNG (CPU), per rank
+    policy: AdversarialAugment | None = None
+    epoch: int = 0
+    step: int = 0
+    batches_done: int = 0
+    best: float = -1.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    arch: str = ""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: ``model, model_ema, optimizer, scaler, epoch, step, batches_done, arch, attack,
+        replicas_in_sync, model_kwargs, config, rng, metrics, best_robust, augment_policy``.
+
+        Collective under DDP: every rank calls it. It first checks that the model (and the policy's controller) are
+        the same on every rank (``replicas_in_sync``: the number of ranks compared) and gathers every rank's RNG
+        states (``rng``, in rank order); rank 0 then writes the result.
+
+        Raises:
+            RuntimeError: the replicas diverged (naming the first tensor that differs).
+        """
+        in_sync = check_replicas_in_sync(self.module)
+        if self.policy is not None:
+            check_replicas_in_sync(self.policy.controller)
+        rngs = gather_objects(rng_state(self.generator))
+        return {"model": self.module.state_dict(),
+                "model_ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done, "arch": self.arch,
+                "attack": self.attack.state_dict(), "replicas_in_sync": in_sync, "model_kwargs": self.model_kwargs,
+                "config": self.config, "rng": rngs, "metrics": self.metrics, "best_robust": self.best,
+                "augment_policy": self.policy.state_dict() if self.policy is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint of :meth:`state_dict` (also one that an earlier rat version wrote: a missing
+        ``batches_done``, ``best_robust``, ``scaler``, ``model_ema``, ``augment_policy`` or ``rng`` is a fresh start
+        of that part, with a warning where it changes the run).
+
+        ``arch``, ``model_kwargs`` and ``config`` describe the checkpoint and are checked before (the model is built
+        from the current configuration); ``metrics`` and ``replicas_in_sync`` are records, not state. This rank takes
+        its own RNG states when the checkpoint has one per rank of this run.
+
+        Raises:
+            ValueError: the checkpoint's policy does not fit this run's search space.
+            RuntimeError: weights that do not fit the model (strict loading).
+        """
+        self.module.load_state_dict(state["model"])
+        if self.ema is not None and state.get("model_ema") is not None:
+            self.ema.module.load_state_dict(state["model_ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state.get("batches_done", 0)
+        self.best = state.get("best_robust", -1.0)
+        self.attack.load_state_dict(state["attack"])
+        if self.policy is not None and state.get("augment_policy") is not None:
+            self.policy.load_state_dict(state["augment_policy"])
+        elif self.policy is not None:
+            _logger.warning("checkpoint has no adversarial policy state: the controller starts fresh")
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world_size:
+            set_rng_state(rngs[self.rank], self.generator)
+        else:
+            _logger.warning("checkpoint has RNG states for %d ranks, this run has %d: continuing with fresh seeds",
+                            len(rngs), self.world_size)
