@@ -125,7 +125,8 @@ def build_augmentation(augment: AugmentSpec, aaa: AAASpec, *, num_classes: int, 
 @dataclass(frozen=True)
 class Loaders:
     """The run's FFCV loaders: train (its resolution set per epoch), clean val over this rank's shard of the val set,
-    robust val over its shard of the first ``validation.robust_n_ex`` images (None when that shard is empty)."""
+    robust val over its shard of the first ``validation.robust_n_ex`` images (None when that is 0; a rank whose shard is
+    empty still takes part in the metrics' all-reduce with an empty loader)."""
 
     train: Any
     val: Any
@@ -144,10 +145,9 @@ def build_loaders(spec: TrainSpec, train_path: Path, val_path: Path, info: DistI
     steps_per_epoch = min(training.limit_batches, len(train)) if training.limit_batches else len(train)
     resolution = validation.resolution or resolution_at(training.epochs - 1, **asdict(spec.resolution))
     num_val = read_beton_info(val_path)["num_samples"]
-    shard = list(range(num_val))[info.rank::info.world_size]
-    val = build_val_loader(val_path, batch_size=validation.batch_size, resolution=resolution, device=info.device,
-                           num_workers=data.num_workers, indices=shard)
-    robust_shard = list(range(min(validation.robust_n_ex, num_val)))[info.rank::info.world_size]
-    robust = build_val_loader(val_path, batch_size=validation.batch_size, resolution=resolution, device=info.device,
-                              num_workers=data.num_workers, indices=robust_shard) if robust_shard else None
+    common = {"batch_size": validation.batch_size, "resolution": resolution, "device": info.device,
+              "num_workers": data.num_workers, "distributed": info.distributed}
+    val = build_val_loader(val_path, **common)
+    robust = build_val_loader(val_path, indices=range(min(validation.robust_n_ex, num_val)), **common) \
+        if validation.robust_n_ex else None
     return Loaders(train, val, robust, steps_per_epoch)
