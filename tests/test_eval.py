@@ -256,7 +256,7 @@ def test_killed_evaluation_resumes_without_redoing_batches(tmp_path: Path, demo_
     out = tmp_path / "r.json"
     state_file = state_path_for(out)
     cmd = [sys.executable, "-m", "rat.eval", "--checkpoint", str(convnext_ckpt), "--data", str(demo_betons[1]),
-           "--version", "fast", "--eps", "1/255", "--n-ex", "24", "--batch-size", "8", "--n-iter", "20",
+           "--version", "fast", "--eps", "1/255", "--n-ex", "24", "--batch-size", "8", "--n-iter", "10",
            "--num-workers", "1", "--threads", "1", "--device", "cpu", "--output", str(out)]
     n_batches, n_steps = 3, 3
 
@@ -292,7 +292,7 @@ def test_killed_evaluation_resumes_without_redoing_batches(tmp_path: Path, demo_
     torch.set_num_threads(1)  # as the subprocesses, for bit-identical float math
     try:
         reference = run_evaluation(_spec(demo_betons[1], convnext_ckpt, tmp_path / "ref.json", eps=1 / 255, n_ex=24,
-                                         n_iter=20))
+                                         n_iter=10))
     finally:
         torch.set_num_threads(threads)
     assert result["per_example"] == reference["per_example"]
