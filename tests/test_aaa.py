@@ -264,7 +264,6 @@ def straight_run(tmp_path_factory, demo_betons) -> Path:
     return run_dir
 
 
-@pytest.mark.xdist_group("straight_run")  # one worker builds the shared fixture
 @pytest.mark.ffcv
 def test_trainer_resume_with_the_policy_is_bit_exact(tmp_path, demo_betons, straight_run) -> None:
     """2 epochs straight == 1 epoch, resume, 1 more (APGD on the M·B augmented images; an update pending at the
@@ -286,7 +285,6 @@ def test_trainer_resume_with_the_policy_is_bit_exact(tmp_path, demo_betons, stra
     assert set(epoch["aaa_op_probs"]) == set(AAA_OPS) and abs(sum(epoch["aaa_op_probs"].values()) - 1) < 1e-3
 
 
-@pytest.mark.xdist_group("straight_run")  # one worker builds the shared fixture
 @pytest.mark.ffcv
 def test_show_policy_and_plot_run_read_the_run(tmp_path, straight_run, demo_betons) -> None:
     sys.path.insert(0, str(REPO / "tools"))

@@ -582,7 +582,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
         return model(x).argmax(1) == y
 
 
-@pytest.mark.xdist_group("demo_model")  # one worker builds the shared fixture
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_apgd_matches_autoattack_apgd_ce(demo_model, norm):
     """Same n_iter, one restart, random start, CE loss: rat's APGD and AutoAttack's APGD-CE agree within 2 points of

@@ -181,7 +181,6 @@ def rat_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the shared fixture
 def test_int8_keeps_accuracy_int2_and_pot2_do_not(trained, tmp_path):
     model, calib, x_val, y_val = trained
     records = run_sweep(model, name="cnn", formats=[parse_format(f) for f in ("int8", "int2", "pot2")], calib=calib,
@@ -196,7 +195,6 @@ def test_int8_keeps_accuracy_int2_and_pot2_do_not(trained, tmp_path):
     assert 0 < lines[1]["js_flops"] < lines[2]["js_flops"] and lines[1]["js_param"] < lines[2]["js_param"]
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the shared fixture
 def test_generator_images_are_classified_as_their_labels(trained):
     model, *_ = trained
     targets = stat_targets(model, None)
@@ -214,7 +212,6 @@ def test_solve_mix_by_hand():
     assert solve_mix((100.0, 30.0), (70.0, 35.0), 10.0) == 0.0 and solve_mix((100.0, 30.0), (70.0, 35.0), 40.0) == 1.0
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the shared fixture
 def test_adjusted_generator_tracks_the_target_robust_accuracy(trained):
     model, *_ = trained
     targets = stat_targets(model, None)

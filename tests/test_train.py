@@ -179,7 +179,6 @@ def short_run(tmp_path_factory, demo_root) -> Path:
     return run_dir
 
 
-@pytest.mark.xdist_group("short_run")  # one worker builds the shared fixture
 def test_ema_is_updated_and_differs_from_the_model(short_run):
     first, last = _load(short_run / "checkpoints" / "epoch_0001.pt"), _load(short_run / "checkpoints" / "last.pt")
     floats = [k for k, v in last["model"].items() if v.is_floating_point()]
@@ -188,7 +187,6 @@ def test_ema_is_updated_and_differs_from_the_model(short_run):
     assert "ema_top1" in _epochs(short_run)[-1]
 
 
-@pytest.mark.xdist_group("short_run")  # one worker builds the shared fixture
 def test_bf16_autocast_runs_on_cpu(short_run):
     state = _load(short_run / "checkpoints" / "last.pt")
     assert state["config"]["training"]["precision"] == "bf16"
@@ -201,7 +199,6 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.xdist_group("short_run")  # one worker builds the shared fixture
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, demo_root, short_run):
     run_dir = tmp_path / "nan"
     shutil.copytree(short_run, run_dir)
