@@ -1,6 +1,9 @@
-"""Helpers for tests that drive a real training process."""
+"""Helpers for tests that drive a real training run: ``python -m rat.train`` in this process, or SIGTERM to one."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import signal
 import subprocess
 import time
@@ -16,3 +19,32 @@ def sigterm_after_first_metrics(proc: subprocess.Popen, metrics: Path, timeout: 
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=timeout)
     return stderr
+
+
+@contextlib.contextmanager
+def _process_state_restored():
+    """Undo what ``rat.train`` sets up for its process (root log handlers, warnings capture, SIGTERM handler), so
+    that runs in this process leave pytest and the next run as they found them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def train_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python -m rat.train ARGV`` in this process: its exit status and what it wrote to stderr."""
+    from rat.train.__main__ import main
+
+    stderr = io.StringIO()
+    with _process_state_restored(), contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    return subprocess.CompletedProcess(["rat.train", *argv], status, "", stderr.getvalue())

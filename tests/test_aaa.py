@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from process_support import train_in_process
 from torch import nn
 
 from rat.config import ConfigError, make_config
@@ -247,9 +248,7 @@ def _env() -> dict[str, str]:
 
 
 def _train(run_dir: Path, demo_root: Path, *extra: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "rat.train", "--data.demo_root", str(demo_root), "--logging.folder",
-                           str(run_dir), *SMALL, *extra], capture_output=True, text=True, timeout=600, env=_env(),
-                          cwd=REPO)
+    proc = train_in_process(["--data.demo_root", str(demo_root), "--logging.folder", str(run_dir), *SMALL, *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

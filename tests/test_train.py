@@ -7,15 +7,11 @@ status of a bad config).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import json
-import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +20,7 @@ import pytest
 import timm
 import torch
 import yaml
-from process_support import sigterm_after_first_metrics
+from process_support import sigterm_after_first_metrics, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -44,37 +40,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _process_state_restored():
-    """Undo what ``rat.train`` sets up for its process (root log handlers, warnings capture, SIGTERM handler), so
-    that runs in this process leave pytest and the next run as they found them."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        logging.captureWarnings(False)
-        signal.signal(signal.SIGTERM, sigterm)
-
-
-def _main(argv: list[str]) -> subprocess.CompletedProcess:
-    """``python -m rat.train ARGV`` in this process: its exit status and what it wrote to stderr."""
-    from rat.train.__main__ import main
-
-    stderr = io.StringIO()
-    with _process_state_restored(), contextlib.redirect_stderr(stderr):
-        status = main(argv)
-    return subprocess.CompletedProcess(["rat.train", *argv], status, "", stderr.getvalue())
-
-
 def _train(run_dir: Path, demo_root: Path, *extra: str, check: bool = True):
-    proc = _main(["--data.demo_root", str(demo_root), "--logging.folder", str(run_dir), *SMALL, *extra])
+    proc = train_in_process(["--data.demo_root", str(demo_root), "--logging.folder", str(run_dir), *SMALL, *extra])
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -300,7 +267,7 @@ def test_shipped_configs_train(tmp_path, demo_betons, small_val, family):
         smallest.setdefault(kind, (_smallest_of_class(kind), path))
     for arch, path in smallest.values():
         run_dir = tmp_path / path.stem
-        proc = _main(["-C", str(path), "--model.arch", arch, "--data.train_dataset", str(demo_betons[0]),
+        proc = train_in_process(["-C", str(path), "--model.arch", arch, "--data.train_dataset", str(demo_betons[0]),
                       "--data.val_dataset", str(small_val), "--logging.folder", str(run_dir),
                       "--training.batch_size", "2", "--training.limit_batches", "1", "--training.epochs", "1",
                       "--resolution.min_res", "32", "--resolution.max_res", "32", "--validation.resolution", "32",
