@@ -523,12 +523,17 @@ def test_bad_input_is_rejected_with_a_clear_message():
 
 def test_bench_tool_prints_the_overhead_json(capsys):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_attack.py"
-    spec = importlib.util.spec_from_file_location("bench_attack", path)
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    spec = importlib.util.spec_from_file_location("bench_attack", tools / "bench_attack.py")
     bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(tools))  # as when run as a script: its folder's _timing module
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.pop(0)
     result = bench.main(["--batch-size", "2", "--img-size", "32", "--n-iter", "2", "--repeats", "2", "--warmup", "1",
                          "--clock", "cpu"])
     printed = json.loads(capsys.readouterr().out)

@@ -20,31 +20,15 @@ import argparse
 import json
 import platform
 import sys
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import seconds_per_call
 from torch import nn
 
 from rat.attacks import adversarial_loss, create_attack
 from rat.data import build_augment
 from rat.data.policy import AdversarialAugment, PolicySpace
 from rat.models import create_model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (kernels, allocator, grid caches)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"settings": {**vars(args), "torch": torch.__version__, "python": platform.python_version(),
                                  "cpu_threads": torch.get_num_threads(),
                                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}}
-    t_ra = _seconds(lambda: rand_augment(x, generator), device, args.repeats)
-    t_paper = _seconds(lambda: paper.expand(x, y), device, args.repeats)
+    t_ra = seconds_per_call(lambda: rand_augment(x, generator), device, args.repeats)
+    t_paper = seconds_per_call(lambda: paper.expand(x, y), device, args.repeats)
     result["augment"] = {"randaugment_img_s": b / t_ra, "adversarial_img_s": m * b / t_paper,
                          "adversarial_ms_per_step": 1000 * t_paper, "randaugment_ms_per_step": 1000 * t_ra}
 
@@ -91,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         paper.tokens = paper.sample()
         paper.observe(torch.rand(m, dtype=torch.float64))
 
-    result["controller_ms"] = 1000 * _seconds(update, torch.device("cpu"), args.repeats)
+    result["controller_ms"] = 1000 * seconds_per_call(update, torch.device("cpu"), args.repeats)
 
     model = create_model(args.model, num_classes=10).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -113,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             augment_policy.observe(augment_policy.rewards(criterion, out.output, ys))
 
     model.train()
-    t_step_ra = _seconds(lambda: step(None), device, args.repeats)
-    t_step_same = _seconds(lambda: step(same), device, args.repeats)
-    t_step_paper = _seconds(lambda: step(paper), device, max(1, args.repeats // 2))
+    t_step_ra = seconds_per_call(lambda: step(None), device, args.repeats)
+    t_step_same = seconds_per_call(lambda: step(same), device, args.repeats)
+    t_step_paper = seconds_per_call(lambda: step(paper), device, max(1, args.repeats // 2))
     result["step"] = {"randaugment_s": t_step_ra, "adversarial_same_images_s": t_step_same,
                       "adversarial_paper_s": t_step_paper, "overhead_same_images": t_step_same / t_step_ra,
                       "cost_paper": t_step_paper / t_step_ra}

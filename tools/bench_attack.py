@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from _timing import sync
 
 import rat.models
 from rat.attacks import APGDAttack, PGDAttack, create_attack, per_sample_loss
@@ -37,16 +38,11 @@ from rat.attacks import APGDAttack, PGDAttack, create_attack, per_sample_loss
 _logger = logging.getLogger(__name__)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
-    _sync(device)
+    sync(device)
     start = clock()
     fn()
-    _sync(device)
+    sync(device)
     return clock() - start
 
 

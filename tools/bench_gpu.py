@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import seconds_per_call, sync
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
@@ -42,11 +43,6 @@ from rat.train.engine import StepOptions, train_one_epoch
 from rat.train.optim import build_optimizer
 from rat.train.state import TrainState
 from rat.train.task import AdversarialTask
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _emit(record: dict, sink: list[dict]) -> None:
@@ -74,21 +70,11 @@ def _timed_epoch(model, attack, criterion, x, y, optimizer, mixup, args, steps: 
     task = AdversarialTask(model, attack, criterion)
     options = StepOptions(lr=lambda step: 1e-4, precision=args.precision)
     train_one_epoch(task, _Batches(x, y, args.warmup), TrainState(model, optimizer, attack), options, mixup=mixup)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     train_one_epoch(task, _Batches(x, y, steps), TrainState(model, optimizer, attack), options, mixup=mixup)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / steps
-
-
-def _cuda_time(fn, device, repeats: int) -> float:
-    fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 class _AutocastLogits(torch.nn.Module):
@@ -170,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             loss = per_sample_loss(model(xr).float(), y, "ce").sum()
         torch.autograd.grad(loss, xr)
 
-    t_attack = _cuda_time(attack_once, device, 10)
-    t_fb = _cuda_time(fwd_bwd, device, 10)
-    t_fwd = _cuda_time(lambda: _no_grad_forward(model, x, device, args.precision), device, 10)
+    t_attack = seconds_per_call(attack_once, device, 10)
+    t_fb = seconds_per_call(fwd_bwd, device, 10)
+    t_fwd = seconds_per_call(lambda: _no_grad_forward(model, x, device, args.precision), device, 10)
     _emit({"what": "attack_only", "n_iter": args.n_iter, "attack_ms": 1e3 * t_attack, "fwd_bwd_ms": 1e3 * t_fb,
            "forward_ms": 1e3 * t_fwd, "ratio": t_attack / (args.n_iter * t_fb),
            "ratio_vs_algorithm": t_attack / (args.n_iter * t_fb + t_fwd),
@@ -189,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             ya = torch.cat([wrapped(chunk).argmax(1) for chunk in xa.split(args.aa_batch_size)])
         adversary = AutoAttack(wrapped, norm="Linf", eps=4 / 255, version="standard", seed=0, device=device)
         adversary.attacks_to_run = ["apgd-ce", "apgd-t"]  # rat.eval's "fast" version
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         x_adv, _ = adversary.run_standard_evaluation(xa, ya, batch_size=args.aa_batch_size)
-        _sync(device)
+        sync(device)
         t_aa = time.perf_counter() - start
         with torch.no_grad():
             robust = torch.cat([wrapped(c).argmax(1) for c in x_adv.split(args.aa_batch_size)]).eq(ya).float().mean()
@@ -205,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         targeted = APGDAttack_targeted(wrapped, norm="Linf", eps=4 / 255, n_iter=100, n_restarts=1, seed=0,
                                        device=device)
         targeted.n_target_classes = 1
-        t_ce = _cuda_time(lambda: ce.perturb(xw, yw), device, 1)
-        t_t = _cuda_time(lambda: targeted.perturb(xw, yw), device, 1)
+        t_ce = seconds_per_call(lambda: ce.perturb(xw, yw), device, 1)
+        t_t = seconds_per_call(lambda: targeted.perturb(xw, yw), device, 1)
         _emit({"what": "fast_aa_worst", "n": args.aa_worst_n, "apgd_ce_s_per_img": t_ce / args.aa_worst_n,
                "apgd_t_one_target_s_per_img": t_t / args.aa_worst_n,
                "img_per_s": args.aa_worst_n / (t_ce + 9 * t_t)}, records)
