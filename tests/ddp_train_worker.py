@@ -1,7 +1,9 @@
-"""One rank of the 2-process DDP check in test_train_ddp.py (launched with torchrun; not a test module itself).
+"""One rank of the 2-process checks in test_train_ddp.py (launched with torchrun; not a test module itself).
 
-Trains a few steps of APGD adversarial training with rat's engine under real DDP (gloo) and writes, per rank, the
-sample ids it read and a checksum of every parameter after training.
+Reads a beton whose labels are the sample indices through the distributed train and val loaders (train over epochs 0,
+1 and 0 again; val over a subset and over everything), then trains a few steps of APGD adversarial training with rat's
+engine under real DDP (gloo). Writes, per rank, the indices each loader gave, the sample ids training read and a
+checksum of every parameter after training.
 """
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from ffcv.reader import Reader
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rat.attacks import create_attack
-from rat.data import build_train_loader
+from rat.data import build_train_loader, build_val_loader
 from rat.models import create_model
 from rat.train.distributed import cleanup_distributed, init_distributed
 from rat.train.engine import StepOptions, train_one_epoch
@@ -23,8 +27,25 @@ from rat.train.state import TrainState
 from rat.train.task import AdversarialTask
 
 
-def main(train_beton: str, out_dir: str) -> None:
+def read_shards(index_beton: str) -> dict:
+    """The indices each distributed loader of this rank yields (the beton's labels are its sample indices)."""
+    train = build_train_loader(index_beton, batch_size=8, resolution=16, device="cpu", num_workers=1, seed=11,
+                               distributed=True, drop_last=False)
+    epochs: dict[str, list] = {}
+    for epoch in (0, 1, 0):  # epoch 0 twice: the order is a function of (seed, epoch)
+        train.set_epoch(epoch)
+        epochs.setdefault(str(epoch), []).append([int(v) for _, y in train for v in y])
+    n = int(Reader(index_beton).num_samples)
+    val = build_val_loader(index_beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True,
+                           indices=np.arange(3, n))
+    every = build_val_loader(index_beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True)
+    return {"train": epochs, "train_len": len(train), "val": [int(v) for _, y in val for v in y],
+            "val_all": [int(v) for _, y in every for v in y], "val_len": [len(val), len(every)]}
+
+
+def main(train_beton: str, index_beton: str, out_dir: str) -> None:
     info = init_distributed("cpu", "gloo")
+    shards = read_shards(index_beton)
     torch.manual_seed(info.rank)  # different init on purpose: DDP must broadcast rank 0's weights
     module = create_model("convnext_micro_cvst", num_classes=10).to(memory_format=torch.channels_last)
     model = DistributedDataParallel(module)
@@ -39,7 +60,8 @@ def main(train_beton: str, out_dir: str) -> None:
     result = train_one_epoch(task, loader, state, StepOptions(lr=lambda step: 1e-3, steps_per_epoch=3))
     checksums = {name: p.detach().double().sum().item() for name, p in module.named_parameters()}
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(
-        {"order": order, "checksums": checksums, "steps": result.step, "batches_per_epoch": len(loader)}))
+        {"order": order, "checksums": checksums, "steps": result.step, "batches_per_epoch": len(loader),
+         "shards": shards}))
     cleanup_distributed()
 
 

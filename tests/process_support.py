@@ -14,8 +14,8 @@ def sigterm_after_first_metrics(proc: subprocess.Popen, metrics: Path, timeout: 
     """Wait until the run has written its first metrics line, send it SIGTERM (so the signal arrives mid-epoch), wait
     for it to exit and return its stderr."""
     deadline = time.time() + timeout
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.1)
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)  # a run that ends before its first metrics line is a failure: report it, do not wait
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=timeout)
     return stderr

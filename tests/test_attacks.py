@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -555,27 +556,33 @@ COMPARE_EPS = {"Linf": 0.75 / 255, "L2": 0.3, "L1": 8.0}
 
 
 @pytest.fixture(scope="session")
-def demo_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def demo_model(once) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     from rat.data.demo import load_demo_arrays
     from rat.models import create_model
 
     images, labels = load_demo_arrays("train")
     x = torch.from_numpy(images[:COMPARE_N]).permute(0, 3, 1, 2).float().div(255).contiguous()
     y = torch.from_numpy(labels[:COMPARE_N])
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = create_model("convnext_micro_cvst", num_classes=NUM_CLASSES)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        order = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(20):  # 100 % on the subset after 15 epochs
-            perm = torch.randperm(COMPARE_N, generator=order)
-            for i in range(0, COMPARE_N, 32):
-                idx = perm[i:i + 32]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+
+    def build(folder: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = create_model("convnext_micro_cvst", num_classes=NUM_CLASSES)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+            order = torch.Generator().manual_seed(0)
+            model.train()
+            for _ in range(20):  # 100 % on the subset after 15 epochs
+                perm = torch.randperm(COMPARE_N, generator=order)
+                for i in range(0, COMPARE_N, 32):
+                    idx = perm[i:i + 32]
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        torch.save(model.state_dict(), folder / "model.pt")
+
+    model = create_model("convnext_micro_cvst", num_classes=NUM_CLASSES)
+    model.load_state_dict(torch.load(once("apgd_compare_model", build) / "model.pt", weights_only=True))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

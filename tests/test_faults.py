@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from process_support import sigterm_after_first_metrics
+from process_support import sigterm_after_first_metrics, train_in_process
 
 from rat.config import config_to_dict, make_config
 from rat.io import FileLock, atomic_write, pid_alive
@@ -38,7 +38,9 @@ pytestmark = pytest.mark.ffcv
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # PYTHON: run_train.sh must use this interpreter, not whatever `python` is first on PATH
+    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -665,6 +667,8 @@ def test_run_train_sh_refuses_a_bad_config_before_torchrun(tmp_path):
 
 
 def test_run_train_sh_sigterm_saves_and_says_how_to_resume(tmp_path, demo_betons):
+    """A real signal to the user entry point: run_train.sh forwards it to the worker, which saves mid-epoch (the
+    first epoch of 280 batches is far longer than the wait for its first metrics line) and exits cleanly."""
     run = tmp_path / "run"
     cmd = ["bash", str(REPO / "run_train.sh"), "--data.demo_root", str(demo_betons[0].parent), "--logging.folder",
            str(run), "--resolution.min_res", "32", "--resolution.max_res", "32", "--training.batch_size", "16",
@@ -675,5 +679,11 @@ def test_run_train_sh_sigterm_saves_and_says_how_to_resume(tmp_path, demo_betons
     assert proc.returncode == 0, stderr[-3000:]
     assert "checkpoint saved" in stderr and "resume with --training.resume auto" in stderr
     assert "SignalException" not in stderr and "Traceback" not in stderr
-    assert load_checkpoint_file(run / "checkpoints" / "last.pt")["batches_done"] > 0
+    state = load_checkpoint_file(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and state["batches_done"] > 0  # saved mid-epoch
+    # the resumed run finishes that epoch after at most 20 batches in all
+    resumed = train_in_process([*cmd[2:], "--training.limit_batches", "20", "--training.epochs", "1",
+                                "--training.resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint_file(run / "checkpoints" / "last.pt")["epoch"] == 1
 

@@ -103,10 +103,10 @@ def _write_jobs(tmp_path: Path, data: Path, ckpt: Path) -> Path:
         "defaults": {"data": str(data), "versions": ["fast"], "n_ex": 8, "batch_size": 4, "num_workers": 1,
                      "n_iter": 2},
         "jobs": [
-            {"checkpoint": str(ckpt), "name": "convnext", "threats": ["Linf:1/255"], "resolutions": [32, 40]},
+            {"checkpoint": str(ckpt), "name": "convnext", "threats": ["Linf:1/255"], "resolutions": [32]},
             {"checkpoint": str(ckpt), "name": "broken", "arch": "vit_micro_patch16_cvst", "threats": ["Linf"],
              "resolutions": [32]},  # the checkpoint holds a ConvNeXt: this job fails
-            {"checkpoint": str(ckpt), "name": "convnext", "threats": ["L2:0.1"], "resolutions": [32], "shards": 2},
+            {"checkpoint": str(ckpt), "name": "convnext", "threats": ["L2:0.1"], "resolutions": [40], "shards": 2},
         ],
     }
     path = tmp_path / "jobs.yaml"
@@ -118,7 +118,7 @@ def test_dry_run_lists_without_running(tmp_path: Path, capsys: pytest.CaptureFix
     jobs = _write_jobs(tmp_path, tmp_path / "val.beton", tmp_path / "ckpt.pth")
     assert main(["--jobs", str(jobs), "--dry-run", "--cpu", "--cpu-slots", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("run  ") == 5 and "5 of 5 tasks would run on 2 CPU slot(s)" in out
+    assert out.count("run  ") == 4 and "4 of 4 tasks would run on 2 CPU slot(s)" in out
     assert "--shard 1/2" in out and "--device cpu" in out
     assert not (tmp_path / "aa").exists()
 
@@ -135,29 +135,29 @@ def test_runner_on_cpu_slots(tmp_path: Path, demo_betons, tmp_path_factory: pyte
     assert first.returncode == 1, log  # one job failed ...
     starts = [m.start() for m in re.finditer(r"start on CPU slot", log)]
     ends = [m.start() for m in re.finditer(r"done in |FAILED", log)]
-    assert len(starts) == 5 and len(ends) == 5
+    assert len(starts) == 4 and len(ends) == 4
     assert starts[1] < ends[0]  # two jobs ran at the same time
     assert "CPU slot 0" in log and "CPU slot 1" in log
     out = tmp_path / "aa"
     broken_log = out / "broken" / "Linf-4_255_r32_fast_n8.log"
     assert f"log: {broken_log}" in log and "holds a convnext_micro_cvst" in broken_log.read_text()
-    assert "4 done, 0 skipped (already finished), 1 failed" in log  # ... the others did not
-    for name in ("Linf-1_255_r32_fast_n8", "Linf-1_255_r40_fast_n8", "L2-0.1_r32_fast_n8"):
+    assert "3 done, 0 skipped (already finished), 1 failed" in log  # ... the others did not
+    for name in ("Linf-1_255_r32_fast_n8", "L2-0.1_r40_fast_n8"):
         result = load_result(out / "convnext" / f"{name}.json")
         assert result["n_ex"] == 8 and len(result["per_example"]["indices"]) == 8
-    merged = load_result(out / "convnext" / "L2-0.1_r32_fast_n8.json")
+    merged = load_result(out / "convnext" / "L2-0.1_r40_fast_n8.json")
     assert merged["shard"] is None and len(merged["merged_from"]) == 2
     with (out / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted((r["norm"], r["resolution"]) for r in rows) == [("L2", "32"), ("Linf", "32"), ("Linf", "40")]
-    assert "| convnext | Linf ε=1/255 | 40 |" in (out / "summary.md").read_text()
+    assert sorted((r["norm"], r["resolution"]) for r in rows) == [("L2", "40"), ("Linf", "32")]
+    assert "| convnext | L2 ε=0.1 | 40 |" in (out / "summary.md").read_text()
     assert (out / "robust_vs_resolution.png").stat().st_size > 1000
 
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert second.returncode == 1
-    assert second.stderr.count("skip (finished)") == 4  # two jobs and the two shards of the third
+    assert second.stderr.count("skip (finished)") == 3  # one job and the two shards of another
     assert len(re.findall(r"start on CPU slot", second.stderr)) == 1  # only the failing job runs again
-    assert "0 done, 4 skipped (already finished), 1 failed" in second.stderr
+    assert "0 done, 3 skipped (already finished), 1 failed" in second.stderr
 
 
 def test_finished_task_detection(tmp_path: Path):

@@ -1,4 +1,5 @@
-"""Real 2-process DDP (torchrun, gloo on CPU): replicas stay identical and each rank reads its own shard."""
+"""Real 2-process runs (torchrun, gloo on CPU): the loaders shard, DDP replicas stay identical, and run_train.sh trains
+with 2 processes. Each torchrun start costs ~15 s of imports here, so each run serves several checks."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,20 +23,59 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_two_ranks_stay_in_sync_on_disjoint_shards(tmp_path, demo_betons):
-    train_beton = demo_betons[0]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests" / "ddp_train_worker.py"), str(train_beton), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+N_INDEX = 50  # samples of the index beton; even: DistributedSampler pads nothing, so the train shards are disjoint
+
+
+@pytest.fixture(scope="module")
+def two_ranks(once, demo_betons) -> list[dict]:
+    """One torchrun run of tests/ddp_train_worker.py with 2 ranks: the distributed loaders on a beton whose labels are
+    the sample indices, then 3 DDP training steps; each rank's JSON report."""
+    from rat.data import write_arrays_beton
+    from rat.data.demo import load_demo_arrays
+
+    def build(out: Path) -> None:
+        images, _ = load_demo_arrays("val")
+        index_beton = write_arrays_beton(images[:N_INDEX], np.arange(N_INDEX), out / "idx.beton",
+                                         classes=[str(i) for i in range(N_INDEX)], write_mode="raw", num_workers=1)
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(REPO / "tests" / "ddp_train_worker.py"), str(demo_betons[0]), str(index_beton), str(out)],
+            capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = once("two_ranks", build)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_rank_sharding(two_ranks):
+    """Train shards are disjoint, cover the data and reshuffle per epoch; each rank validates its own contiguous run
+    of the given indices (or of all samples), in order, disjoint, complete (no padding), sizes within one."""
+    ranks = [r["shards"] for r in two_ranks]
+    for epoch in ("0", "1"):
+        shards = [r["train"][epoch][0] for r in ranks]
+        assert len(shards[0]) == len(shards[1]) == N_INDEX // 2
+        assert not set(shards[0]) & set(shards[1]), f"epoch {epoch}: ranks share samples"
+        assert sorted(shards[0] + shards[1]) == list(range(N_INDEX)), f"epoch {epoch}: shards do not cover the data"
+    for r in ranks:
+        assert r["train"]["0"][0] == r["train"]["0"][1]  # set_epoch(0) again: same order
+        assert r["train"]["0"][0] != r["train"]["1"][0]  # a new epoch reshuffles
+        assert sorted(r["train"]["0"][0]) != sorted(r["train"]["1"][0])  # ... across ranks, not just within
+        assert r["train_len"] == -(-(N_INDEX // 2) // 8)
+    assert ranks[0]["val"] + ranks[1]["val"] == list(range(3, N_INDEX))
+    assert abs(len(ranks[0]["val"]) - len(ranks[1]["val"])) <= 1
+    assert ranks[0]["val_all"] + ranks[1]["val_all"] == list(range(N_INDEX))
+    assert len(ranks[0]["val_all"]) == len(ranks[1]["val_all"]) == N_INDEX // 2
+    assert [r["val_len"] for r in ranks] == [[3, 4], [3, 4]]  # ceil(24 / 8), ceil(23 / 8); ceil(25 / 8) each
+
+
+def test_two_ranks_stay_in_sync_on_disjoint_shards(two_ranks, demo_betons):
+    ranks = two_ranks
     assert ranks[0]["steps"] == ranks[1]["steps"] == 3
     assert ranks[0]["checksums"] == ranks[1]["checksums"]  # identical weights after 3 DDP steps (different inits)
     from ffcv.reader import Reader
 
     # DistributedSampler semantics: each rank reads ceil(N / 2) samples, of which full batches of 16 are kept.
-    n_train = int(Reader(str(train_beton)).num_samples)
+    n_train = int(Reader(str(demo_betons[0])).num_samples)
     per_rank = -(-n_train // 2)
     kept = per_rank // 16 * 16
     assert n_train == 4491 and all(len(r["order"]) == kept for r in ranks)
@@ -45,48 +86,57 @@ def test_two_ranks_stay_in_sync_on_disjoint_shards(tmp_path, demo_betons):
     assert len(first | second) == 2 * kept and n_train - 2 * kept <= 2 * (per_rank - kept)
 
 
-def test_run_train_sh_two_processes(tmp_path, demo_betons):
-    """The user entry point: run_train.sh with NPROC=2 on CPU, one epoch of 2 steps; rank 0 writes one checkpoint."""
-    env = _env()
-    env["NPROC"] = "2"
-    env["PYTHON"] = sys.executable
-    proc = subprocess.run(
-        ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
-         "--logging.folder", str(tmp_path / "run"), "--training.epochs", "1", "--training.limit_batches", "2",
-         "--training.batch_size", "16", "--resolution.min_res", "32", "--resolution.max_res", "32",
-         "--validation.robust_n_ex", "20", "--data.num_workers", "1", "--logging.progress", "0"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["replicas_in_sync"] == 2 and state["step"] == 2
+@pytest.fixture(scope="module")
+def two_process_run(once, demo_betons) -> Path:
+    """One run of the user entry point, run_train.sh with NPROC=2 on CPU, serves every check below (a torchrun start
+    costs ~15 s of imports on this machine): a ViT trains 3 epochs of 2 steps through progressive resizing (32, 48,
+    64 px), validates at 48 px, and augments with the adversarial policy, its controller updated every step from
+    rewards averaged over both ranks."""
+    def build(out: Path) -> None:
+        env = _env()
+        env["NPROC"] = "2"
+        env["PYTHON"] = sys.executable
+        proc = subprocess.run(
+            ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
+             "--logging.folder", str(out / "run"), "--model.arch", "vit_micro_patch16_cvst", "--resolution.min_res",
+             "32", "--resolution.max_res", "64", "--resolution.end_ramp", "2", "--training.epochs", "3",
+             "--training.limit_batches", "2", "--training.batch_size", "16", "--validation.resolution", "48",
+             "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0",
+             "--augment.policy", "adversarial", "--aaa.num_policies", "2", "--aaa.batch_fraction", "0.5",
+             "--aaa.update_every", "1"],
+            capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return once("two_process_run", build) / "run"
+
+
+def test_run_train_sh_two_processes_write_one_checkpoint(two_process_run):
+    """Rank 0 writes one checkpoint holding both ranks' RNG states, after checking the replicas (model and policy
+    controller) are identical; validation shards are reduced across ranks exactly."""
+    state = torch.load(two_process_run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["replicas_in_sync"] == 2 and state["step"] == 6
     assert len(state["rng"]) == 2  # one RNG state per rank
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    epoch = [r for r in records if r["kind"] == "epoch"][-1]
-    assert epoch["n"] == 300 and epoch["robust_n"] == 20  # val shards reduced across ranks exactly
+    records = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "epoch"][-1]
+    assert last["n"] == 300 and last["robust_n"] == 10
 
 
-def test_vit_progressive_resizing_and_validation_at_another_resolution(tmp_path, demo_betons):
-    """A ViT trains through progressive resizing (32, 48, 64 px) and validates at 48 px every epoch, under run_train.sh
-    with 2 processes. The position embedding (kept at the final 64 px grid) is resampled on the fly with the same
-    timm call as set_input_size, so the checkpoint evaluated at 48 px computes exactly what the training-time
-    validation computed."""
+def test_two_ranks_keep_one_policy_controller(two_process_run):
+    """Rewards are averaged over ranks, so both controllers take the same updates (the replica check above covers the
+    controller too, and would have stopped the run otherwise)."""
+    state = torch.load(two_process_run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["augment_policy"]["updates"] == 6
+
+
+def test_vit_progressive_resizing_and_validation_at_another_resolution(two_process_run):
+    """The position embedding (kept at the final 64 px grid) is resampled on the fly with the same timm call as
+    set_input_size, so the checkpoint evaluated at 48 px computes exactly what the training-time validation computed."""
     from rat.models import create_model, create_model_from_checkpoint
 
-    env = _env()
-    env["NPROC"] = "2"
-    env["PYTHON"] = sys.executable
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
-         "--logging.folder", str(run), "--model.arch", "vit_micro_patch16_cvst", "--resolution.min_res", "32",
-         "--resolution.max_res", "64", "--resolution.end_ramp", "2", "--training.epochs", "3",
-         "--training.limit_batches", "2", "--training.batch_size", "16", "--validation.resolution", "48",
-         "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = two_process_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [r["resolution"] for r in epochs] == [32, 48, 64] and epochs[-1]["n"] == 300  # validated at 48 px
+    assert [r["resolution"] for r in epochs] == [32, 48, 64]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["model_kwargs"]["dynamic_img_size"] and state["model_kwargs"]["img_size"] == 64
     x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
