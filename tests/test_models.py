@@ -10,6 +10,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -19,6 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import rat.models as rm
+from rat.data import VAL_CROP_RATIO
 from rat.models import CheckpointError, create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +129,26 @@ def test_registry_lists_all_cvst_models() -> None:
         cfg = timm.models.get_pretrained_cfg(name)  # the default tag
         assert cfg.tag == "rat_in1k_linf4" and not cfg.has_weights  # local files only, nothing to download
         assert cfg.mean == IMAGENET_MEAN and cfg.std == IMAGENET_STD
+
+
+def test_timm_data_config_is_the_evaluation_protocol() -> None:
+    """A timm user who evaluates a rat model with timm's own transform (``resolve_data_config`` ->
+    ``create_transform``) gets the paper's preprocessing: the same tensors as rat.eval's RobustBench transform."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from rat.eval.data import _eval_transform
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 370, 3), dtype=np.uint8))
+    for name in sorted(CVST_MODELS):
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.crop_pct == VAL_CROP_RATIO and cfg.interpolation == "bicubic", name
+        for resolution in (224, 160):
+            timm_cfg = resolve_data_config({"input_size": (3, resolution, resolution)}, pretrained_cfg=cfg.to_dict())
+            timm_cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # the normalization is inside rat's models
+            expected = _eval_transform(resolution)(image)
+            torch.testing.assert_close(create_transform(**timm_cfg)(image), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))

@@ -21,6 +21,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 
+from rat.data.ffcv import VAL_CROP_RATIO
+
 from .checkpoint import filter_state_dict, remap_reference_stem
 from .layers import ConvStem
 
@@ -33,6 +35,9 @@ PAPER = {
     "paper_name": "Revisiting Adversarial Training for ImageNet: Architectures, Training and Generalization across "
                   "Threat Models",
     "origin_url": "https://github.com/nmndeep/revisiting-at",
+    # What timm's resolve_data_config hands a user: the evaluation protocol's centre crop (RobustBench's ImageNet
+    # preprocessing, Resize(floor(r / 0.875), bicubic) + CenterCrop(r)), whose one owner is rat.data.VAL_CROP_RATIO.
+    "crop_pct": VAL_CROP_RATIO, "interpolation": "bicubic",
 }
 
 
@@ -96,7 +101,6 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0.conv", "classifier": "head.fc",
         **PAPER, **kwargs,
@@ -111,7 +115,7 @@ default_cfgs = generate_default_cfgs({
     "convnext_small_cvst.rat_in1k_linf4": _cfg(description=LINF4_DESCRIPTION),
     "convnext_base_cvst.rat_in1k_linf4": _cfg(description=LINF4_DESCRIPTION),
     "convnext_large_cvst.rat_in1k_linf4": _cfg(description=LINF4_DESCRIPTION),
-    "convnext_micro_cvst": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0,
+    "convnext_micro_cvst": _cfg(input_size=(3, 64, 64), pool_size=(2, 2),
                                 description="tiny CPU demo/test variant, no weights"),
 })
 

@@ -162,7 +162,6 @@ default_cfgs = generate_default_cfgs({
     "convnext_iso_small_cvst.rat_in1k_linf4": {
         "url": "",
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
-        "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0.conv", "classifier": "head.fc",
         "description": LINF4_DESCRIPTION,

@@ -115,7 +115,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj.0.conv", "classifier": "head",
         **PAPER, **kwargs,
@@ -126,7 +126,7 @@ default_cfgs = generate_default_cfgs({
     "vit_small_patch16_cvst.rat_in1k_linf4": _cfg(description=LINF4_DESCRIPTION),
     "vit_medium_patch16_cvst.rat_in1k_linf4": _cfg(description=LINF4_DESCRIPTION),
     "vit_base_patch16_cvst.rat_in1k_linf4": _cfg(description=LINF4_DESCRIPTION),
-    "vit_micro_patch16_cvst": _cfg(input_size=(3, 64, 64), crop_pct=1.0,
+    "vit_micro_patch16_cvst": _cfg(input_size=(3, 64, 64),
                                    description="tiny CPU demo/test variant, no weights"),
 })
 
