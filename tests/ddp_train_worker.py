@@ -3,7 +3,8 @@
 Reads a beton whose labels are the sample indices through the distributed train and val loaders (train over epochs 0,
 1 and 0 again; val over a subset and over everything), then trains a few steps of APGD adversarial training with rat's
 engine under real DDP (gloo). Writes, per rank, the indices each loader gave, the sample ids training read and a
-checksum of every parameter after training.
+checksum of every parameter after training. Last, a checkpoint write that fails on rank 0 (its folder lies under a
+file): what each rank saw.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rat.attacks import create_attack
 from rat.data import build_train_loader, build_val_loader
 from rat.models import create_model
+from rat.train.checkpoint import CheckpointWriteError, save_on_primary
 from rat.train.distributed import cleanup_distributed, init_distributed
 from rat.train.engine import StepOptions, train_one_epoch
 from rat.train.optim import build_optimizer
@@ -59,9 +61,14 @@ def main(train_beton: str, index_beton: str, out_dir: str) -> None:
     task = AdversarialTask(model, attack, nn.CrossEntropyLoss())
     result = train_one_epoch(task, loader, state, StepOptions(lr=lambda step: 1e-3, steps_per_epoch=3))
     checksums = {name: p.detach().double().sum().item() for name, p in module.named_parameters()}
+    try:
+        save_on_primary(state.state_dict(), Path(out_dir, "blocked", "checkpoints"), [], primary=info.is_primary)
+        write_error = None
+    except CheckpointWriteError as err:
+        write_error = str(err)
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(
         {"order": order, "checksums": checksums, "steps": result.step, "batches_per_epoch": len(loader),
-         "shards": shards}))
+         "shards": shards, "write_error": write_error}))
     cleanup_distributed()
 
 

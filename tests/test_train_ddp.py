@@ -29,11 +29,13 @@ N_INDEX = 50  # samples of the index beton; even: DistributedSampler pads nothin
 @pytest.fixture(scope="module")
 def two_ranks(once, demo_betons) -> list[dict]:
     """One torchrun run of tests/ddp_train_worker.py with 2 ranks: the distributed loaders on a beton whose labels are
-    the sample indices, then 3 DDP training steps; each rank's JSON report."""
+    the sample indices, then 3 DDP training steps, then a checkpoint write that fails on rank 0; each rank's JSON
+    report."""
     from rat.data import write_arrays_beton
     from rat.data.demo import load_demo_arrays
 
     def build(out: Path) -> None:
+        (out / "blocked").write_text("a file where the checkpoint folder's parent should be")
         images, _ = load_demo_arrays("val")
         index_beton = write_arrays_beton(images[:N_INDEX], np.arange(N_INDEX), out / "idx.beton",
                                          classes=[str(i) for i in range(N_INDEX)], write_mode="raw", num_workers=1)
@@ -66,6 +68,14 @@ def test_two_rank_sharding(two_ranks):
     assert ranks[0]["val_all"] + ranks[1]["val_all"] == list(range(N_INDEX))
     assert len(ranks[0]["val_all"]) == len(ranks[1]["val_all"]) == N_INDEX // 2
     assert [r["val_len"] for r in ranks] == [[3, 4], [3, 4]]  # ceil(24 / 8), ceil(23 / 8); ceil(25 / 8) each
+
+
+def test_a_failed_checkpoint_write_stops_every_rank(two_ranks):
+    """Rank 0 alone writes; when it cannot, every rank raises the same CheckpointWriteError (and so exits with status
+    1 and that message) instead of waiting in its next collective for a rank that has gone."""
+    errors = [r["write_error"] for r in two_ranks]
+    assert errors[0] is not None and errors[0] == errors[1]
+    assert "could not write checkpoint" in errors[0] and "resume with --training.resume auto" in errors[0]
 
 
 def test_two_ranks_stay_in_sync_on_disjoint_shards(two_ranks, demo_betons):

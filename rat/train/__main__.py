@@ -47,7 +47,7 @@ from rat.train.checkpoint import (
     config_changes,
     load_resume_checkpoint,
     remove_failed_writes,
-    save_training_checkpoint,
+    save_on_primary,
 )
 from rat.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from rat.train.engine import EpochHooks, StepOptions, evaluate, robust_accuracy, train_one_epoch
@@ -227,10 +227,10 @@ def _resume(run: _Run, path: Path, checkpoint: dict[str, Any]) -> None:
 
 
 def _checkpoint(run: _Run, names: list[str]) -> None:
-    """Every rank: the state's checkpoint (a collective); rank 0 writes it under ``names`` and as last.pt."""
-    checkpoint = run.state.state_dict()
-    if run.info.is_primary:
-        path = save_training_checkpoint(checkpoint, run.checkpoint_dir, names)
+    """Every rank: the state's checkpoint (a collective); rank 0 writes it under ``names`` and as last.pt, and a
+    failed write stops every rank (``save_on_primary``)."""
+    path = save_on_primary(run.state.state_dict(), run.checkpoint_dir, names, primary=run.info.is_primary)
+    if path is not None:
         _logger.info("checkpoint written: %s", path)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from rat.io import atomic_write, remove_stale_temps
 from rat.models import CheckpointError, load_checkpoint_file
+from rat.train.distributed import broadcast_object
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +59,30 @@ def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, 
         reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
         raise CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {intact}: free disk space (or fix "
                                    "the folder's permissions) and resume with --training.resume auto") from exc
+
+
+def save_on_primary(state: dict[str, Any], checkpoint_dir: str | Path, names: list[str], *,
+                    primary: bool) -> Path | None:
+    """Rank 0 writes ``state`` (:func:`save_training_checkpoint`), and every rank learns whether it did (a collective).
+
+    Returns the path written on rank 0, None on the others.
+
+    Raises:
+        CheckpointWriteError: on every rank when rank 0's write failed, so that the other ranks stop with the same
+            message instead of waiting, in their next collective, for a rank that has gone.
+    """
+    path, error = None, None
+    if primary:
+        try:
+            path = save_training_checkpoint(state, checkpoint_dir, names)
+        except CheckpointWriteError as err:
+            error = err
+    message = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise CheckpointWriteError(message)
+    return path
 
 
 def remove_failed_writes(checkpoint_dir: str | Path) -> list[Path]:
