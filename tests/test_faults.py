@@ -364,8 +364,11 @@ RUNNER_FILE_CASES = [
     ("not-yaml", "jobs: [unclosed\n", r"cannot read jobs file"),
     ("no-data", "output_dir: OUT\njobs: [{checkpoint: a.pt}]\n", r"needs data"),
     ("binary-file", None, r"cannot read jobs file"),
-    ("output-dir-is-a-file", "output_dir: OUT/jobs.yaml\njobs: [{checkpoint: a.pt, data: v}]\n",
+    ("output-dir-is-a-file",  # inputs that exist (the jobs file itself), so that the output folder is the problem
+     "output_dir: OUT/jobs.yaml\njobs: [{checkpoint: OUT/jobs.yaml, data: OUT/jobs.yaml}]\n",
      r"output_dir .*jobs\.yaml is not writable"),
+    ("inputs-missing", "output_dir: OUT\njobs: [{name: m, checkpoint: nope.pt, data: nope.beton}]\n",
+     r"job 'm': checkpoint nope\.pt does not exist \(and 1 more missing input\(s\)\): fix the path in the jobs"),
 ]
 
 

@@ -73,6 +73,8 @@ def load_result(path: str | Path) -> dict[str, Any]:
         result = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ResultError(f"no result file {path}") from exc
+    except OSError as exc:  # a folder on the way is a file, no permission, an I/O error
+        raise ResultError(f"cannot read result file {path} ({exc.strerror or exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ResultError(f"{path} is not valid JSON ({exc})") from exc
     if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT:

@@ -24,7 +24,7 @@ from pathlib import Path
 from rat.cli import EXIT_BAD_INPUT, ArgumentParser
 from rat.eval.aggregate import choose_axis, plot_rows, result_row, write_csv, write_markdown
 from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS
-from rat.eval.jobs import Job, JobsError, expand_jobs, load_jobs_file, task_command, tasks_for
+from rat.eval.jobs import Job, JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
 from rat.eval.scheduler import Slots, cpu_count, has_gpus, is_finished, run_tasks, valid_result
 from rat.io import OutputError, check_writable
 
@@ -102,6 +102,19 @@ def _jobs_from_args(args: argparse.Namespace) -> tuple[list[Job], Path]:
     return expand_jobs([entry], args.output_dir), Path(args.output_dir)
 
 
+def missing_inputs(tasks: Sequence[Task]) -> list[str]:
+    """``job NAME: checkpoint|data PATH does not exist`` for each input of a task still to run that is not there
+    (paths as the evaluations will see them: relative to the current folder), each once, in task order."""
+    missing: dict[str, None] = {}
+    for task in tasks:
+        if is_finished(task):
+            continue
+        for kind, path in (("checkpoint", task.job.checkpoint), ("data", task.job.data)):
+            if path and not Path(path).exists():
+                missing[f"job {task.job.name!r}: {kind} {path} does not exist"] = None
+    return list(missing)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep; returns 0 when every job finished, 1 when some failed, 2 on bad input."""
     from rat.logging import setup_logging
@@ -118,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu_slots < 1:
         _logger.error("--cpu-slots must be at least 1")
         return EXIT_BAD_INPUT
+    missing = missing_inputs(tasks)
     if args.dry_run:
         slots_threads = None if use_gpus else max(1, cpu_count() // args.cpu_slots)
         for task in tasks:
@@ -126,7 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{mark} {task.label}\n     {shlex.join(cmd)}")
         print(f"{sum(not is_finished(t) for t in tasks)} of {len(tasks)} tasks would run on "
               f"{'GPUs' if use_gpus else f'{args.cpu_slots} CPU slot(s)'}")
+        for line in missing:
+            print(f"warning: {line}: a run would refuse to start")
         return 0
+    if missing:  # before anything starts: a mistyped path is one line now, not a failed task per resolution later
+        more = f" (and {len(missing) - 1} more missing input(s))" if len(missing) > 1 else ""
+        _logger.error("%s%s: fix the path in the jobs file, or remove the job", missing[0], more)
+        return EXIT_BAD_INPUT
     try:
         check_writable(output_dir, "output_dir")
     except OutputError as exc:
