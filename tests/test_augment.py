@@ -156,6 +156,22 @@ def test_batch_augment_is_deterministic_under_a_seed(photo: np.ndarray) -> None:
     torch.testing.assert_close(cl, first, atol=1e-5, rtol=0)
 
 
+def test_cpu_result_does_not_depend_on_the_thread_count(photo: np.ndarray) -> None:
+    """On the CPU the batch ops run on one intra-op thread, whatever the caller's setting, which is restored."""
+    x = _to_tensor(photo).repeat(16, 1, 1, 1)
+    augment = build_augment(interpolation="random")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(augment(x, torch.Generator().manual_seed(5)))
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
 def test_each_layer_applies_ops_with_probability_p(photo: np.ndarray) -> None:
     """Statistics of the op choice: with p=0.5 and 2 layers about 1/4 of the images get no op at all."""
     x = _to_tensor(photo).repeat(400, 1, 1, 1)[..., :16, :16]
