@@ -167,6 +167,8 @@ TRAIN_CASES = [
     ("truncated-beton", lambda b: _betons(b["val"], b["root"] / "truncated.beton"), r"truncated\.beton.*write_ffcv"),
     ("header-only-beton", lambda b: _betons(b["val"], b["root"] / "header.beton"), r"header\.beton.*write_ffcv"),
     ("foreign-fields-beton", lambda b: _betons(b["root"] / "fields.beton", b["val"]), r"holds the fields a, b"),
+    ("train-not-a-beton", lambda b: _betons(b["root"] / "binary.yaml", b["val"]),
+     r"classes file .*binary\.yaml\.classes\.json is missing"),
     ("classes-disagree", lambda b: _betons(b["root"] / "mismatch.beton", b["val"]), r"describes 5 samples.*300"),
     ("run-folder-under-file", lambda b: ["--logging.folder", str(b["root"] / "not_a_folder" / "run")],
      r"run folder.*is not writable"),
@@ -277,6 +279,8 @@ EVAL_CASES = [
      r"truncated\.beton.*write_ffcv"),
     ("foreign-fields-beton", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "fields.beton")),
      r"holds the fields a, b"),
+    ("data-not-a-beton", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "binary.yaml")),
+     r"binary\.yaml is empty, truncated or not a beton.*write_ffcv"),
 ]
 
 
@@ -628,18 +632,27 @@ def _runner(jobs: Path, cwd: Path) -> subprocess.Popen:
 
 
 def test_two_runners_on_one_jobs_file_run_every_job_once(tmp_path, demo_betons):
+    """Every job runs once, by one of the two runners, a failing one included: the other runner does not retry a job
+    that failed during its own sweep (the next sweep does)."""
     resolutions = [32, 40]
     jobs = _tiny_jobs(tmp_path, demo_betons[1], resolutions)
+    spec = yaml.safe_load(jobs.read_text())
+    spec["jobs"].append({"name": "broken", "data": str(jobs), "threats": ["Linf:1/255"], "resolutions": [32]})
+    jobs.write_text(yaml.safe_dump(spec))  # the jobs file is no dataset: that evaluation exits 2 at once
     first, second = _runner(jobs, tmp_path), _runner(jobs, tmp_path)
     (_, err1), (_, err2) = first.communicate(timeout=600), second.communicate(timeout=600)
-    assert first.returncode == 0 and second.returncode == 0, err1[-2000:] + err2[-2000:]
+    assert first.returncode == 1 and second.returncode == 1, err1[-2000:] + err2[-2000:]  # both count the failure
     starts = len(re.findall(r"start on CPU slot", err1)), len(re.findall(r"start on CPU slot", err2))
-    assert sum(starts) == len(resolutions), (starts, err1, err2)  # each job ran once, by one of the two runners
+    assert sum(starts) == len(resolutions) + 1, (starts, err1, err2)  # each job ran once, by one of the two runners
     for resolution in resolutions:
         log = tmp_path / "aa" / "micro" / f"Linf-1_255_r{resolution}_custom_n4.log"
         assert log.read_text().count("# ") == 1  # one process ever wrote this job's log
         result = json.loads(log.with_suffix(".json").read_text())
         assert len(result["runs"]) == 1 and result["resolution"] == resolution
+    broken_log = tmp_path / "aa" / "broken" / "Linf-1_255_r32_custom_n4.log"
+    assert broken_log.read_text().count("# ") == 1
+    assert (err1 + err2).count("failed in another runner of this sweep") == 1
+    assert all("1 failed" in err for err in (err1, err2))
     assert not list((tmp_path / "aa").rglob("*.lock"))
     assert "finished by another runner" in err1 + err2
 

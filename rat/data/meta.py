@@ -75,7 +75,8 @@ def check_beton(beton_path: str | Path) -> int:
     try:
         reader = Reader(str(beton_path))
         ends = reader.alloc_table["ptr"].astype(np.int64) + reader.alloc_table["size"].astype(np.int64)
-    except (IndexError, ValueError, KeyError, OSError, TypeError) as exc:  # what ffcv's header parsing raises
+    # What ffcv's header parsing raises; its format check (Reader.read_header) raises AssertionError on any other file.
+    except (AssertionError, IndexError, ValueError, KeyError, OSError, TypeError) as exc:
         raise ValueError(f"beton {beton_path} is empty, truncated or not a beton ({type(exc).__name__}: {exc}): "
                          f"{fix}") from exc
     if list(reader.field_names) != [IMAGE_FIELD, LABEL_FIELD]:

@@ -217,6 +217,11 @@ class Task:
         return self.output.with_suffix(".log")
 
     @property
+    def failed_mark(self) -> Path:
+        """Written when the task's evaluation fails (its exit status and time), removed when it starts again."""
+        return self.output.with_name(f".{self.output.name}.failed")
+
+    @property
     def lock(self) -> Path:
         """The file a runner holds (flock) while the task is its own."""
         return self.output.with_name(f".{self.output.name}.lock")

@@ -7,6 +7,9 @@ several runners on one jobs file safe, and signal forwarding.
   (even by SIGKILL) loses its claims with its process, so its tasks are taken over and resume from their state files.
 * SIGTERM or SIGINT (Ctrl-C) to the runner is forwarded to its running evaluations (which run in their own sessions,
   so a terminal's Ctrl-C reaches only the runner); it waits for them, releases its claims and returns.
+* A task that failed is not started again by another runner of the same sweep: a runner skips a task whose failure
+  mark (written by whoever ran it) is newer than the runner's own start, and counts it failed. The next run of the
+  sweep retries it.
 * A result file that exists but does not count (stale settings, a changed checkpoint, unreadable) is moved aside to
   ``<name>.stale-<time>.json`` before its job runs again, never overwritten.
 """
@@ -226,7 +229,8 @@ def run_tasks(tasks: Sequence[Task], slots: Slots, *,
         if valid_result(job.output, job) is None:
             merge_job(job)
     running: list[_Running] = []
-    last_wait_note = time.time()
+    started = time.time()
+    last_wait_note = started
     with _StopRequest() as stop:
         while (pending or running) and stop.signum is None:
             for run in list(running):
@@ -251,6 +255,13 @@ def run_tasks(tasks: Sequence[Task], slots: Slots, *,
                     pending.remove(task)
                     status[task] = "skipped"
                     _logger.info("skip (finished by another runner): %s", task.label)
+                    continue
+                if _failed_since(task, started):
+                    claim.release()
+                    pending.remove(task)
+                    status[task] = "failed"
+                    _logger.error("not retried: %s failed in another runner of this sweep; log: %s", task.label,
+                                  task.log)
                     continue
                 pending.remove(task)
                 running.append(_launch(task, free.pop(0), slots, claim))
@@ -277,9 +288,18 @@ def _finish(run: _Running, code: int) -> str:
                 merge_job(run.task.job)
             return "done"
         _logger.error("FAILED (exit %s) after %.0fs: %s; log: %s", code, took, run.task.label, run.task.log)
+        atomic_write_json(run.task.failed_mark, {"exit": code, "time": time.time()})
         return "failed"
     finally:
         run.claim.release()
+
+
+def _failed_since(task: Task, since: float) -> bool:
+    """Whether the task's evaluation failed (in any runner) after ``since``."""
+    try:
+        return task.failed_mark.stat().st_mtime > since
+    except FileNotFoundError:
+        return False
 
 
 def _stop(running: list[_Running], status: dict[Task, str], signum: int) -> None:
@@ -304,6 +324,7 @@ def _launch(task: Task, slot: int, slots: Slots, claim: FileLock) -> _Running:
     device = "cuda" if slots.gpus else "cpu"
     cmd = task_command(task, device, None if slots.gpus else slots.threads())
     _move_aside(task.output)
+    task.failed_mark.unlink(missing_ok=True)
     task.log.parent.mkdir(parents=True, exist_ok=True)
     log = task.log.open("a")
     log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {slots.describe(slot)}: {shlex.join(cmd)}\n")
