@@ -160,6 +160,33 @@ def test_runner_on_cpu_slots(tmp_path: Path, demo_betons, tmp_path_factory: pyte
     assert "0 done, 3 skipped (already finished), 1 failed" in second.stderr
 
 
+def test_summary_tables_and_plots_from_rows(tmp_path: Path):
+    """The runner's aggregation: rows sorted by model, threat model and resolution; the plot's x axis is resolution
+    when a threat model was evaluated at several resolutions, eps when a norm was evaluated at several radii."""
+    from PIL import Image
+
+    from rat.eval.aggregate import choose_axis, plot_rows, write_csv, write_markdown
+
+    def row(norm: str, eps: float, resolution: int, robust: float) -> dict:
+        return {"model": "m", "arch": "convnext_micro_cvst", "norm": norm, "eps": eps,
+                "eps_text": "4/255" if norm == "Linf" else str(eps), "resolution": resolution, "version": "standard",
+                "n_ex": 100, "clean_acc": 0.8, "robust_acc": robust, "standard_settings": True, "result": "r.json"}
+
+    by_resolution = [row("Linf", 4 / 255, 224, 0.4), row("Linf", 4 / 255, 160, 0.3), row("L2", 2.0, 224, 0.5)]
+    by_eps = [row("L2", 2.0, 224, 0.5), row("L2", 1.0, 224, 0.6), row("Linf", 4 / 255, 224, 0.4)]
+    assert choose_axis(by_resolution) == "resolution" and choose_axis(by_eps) == "eps"
+    for rows, axis in ((by_resolution, "resolution"), (by_eps, "eps")):
+        png = plot_rows(rows, tmp_path / f"robust_vs_{axis}.png")
+        assert Image.open(png).size[0] > 500
+    with write_csv(by_resolution, tmp_path / "summary.csv").open() as handle:
+        ordered = [(r["norm"], r["resolution"]) for r in csv.DictReader(handle)]
+    assert ordered == [("L2", "224"), ("Linf", "160"), ("Linf", "224")]
+    table = write_markdown(by_resolution, tmp_path / "summary.md").read_text().splitlines()
+    assert table[3] == "| m | Linf ε=4/255 | 160 | standard | 100 | 80.0 | 30.0 |"
+    with pytest.raises(ValueError, match="plot axis must be"):
+        plot_rows(by_eps, tmp_path / "x.png", x="n_ex")
+
+
 def test_finished_task_detection(tmp_path: Path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     ckpt.parent.mkdir(parents=True)
