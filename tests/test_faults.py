@@ -281,6 +281,10 @@ EVAL_CASES = [
      r"holds the fields a, b"),
     ("data-not-a-beton", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "binary.yaml")),
      r"binary\.yaml is empty, truncated or not a beton.*write_ffcv"),
+    ("model-kwargs-unknown", lambda b, o: _ev(b, o, "--arch", ARCH, "--model-kwargs", '{"bogus": 1}'),
+     r"model 'convnext_micro_cvst' takes no argument 'bogus'"),
+    ("checkpoint-is-a-folder", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"])),
+     r"is a folder, not a checkpoint file"),
 ]
 
 

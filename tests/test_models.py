@@ -554,7 +554,7 @@ def test_malicious_pickle_is_refused_not_executed(fmt: str, tmp_path: Path) -> N
 
 
 def test_missing_and_corrupt_files(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         rm.load_checkpoint_file(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

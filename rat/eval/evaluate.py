@@ -166,8 +166,6 @@ def _resolve_source(spec: EvalSpec) -> _ModelSource:
         kwargs["normalize"], why = resolve_normalization(spec.arch, None, _requested_normalize(spec))
         return _ModelSource(spec.arch, kwargs, None, None, why)
     path = Path(spec.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = load_checkpoint_file(path)
     except UnreadableCheckpoint as exc:

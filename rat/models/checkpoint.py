@@ -76,12 +76,13 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         The stored dict (a state dict, or a checkpoint dict that holds one).
 
     Raises:
-        FileNotFoundError: The path does not exist.
+        FileNotFoundError: The path does not exist (or is a folder).
         CheckpointError: The file is not a plain weights file (e.g. a pickle carrying code) or is corrupt.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {path} {what}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -35,6 +35,7 @@ Design:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,15 @@ def create_model(
     cfg = get_pretrained_cfg(name)
     if img_size is not None and cfg is not None and cfg.fixed_input_size:
         build_kwargs["img_size"] = img_size  # built at the target size; a checkpoint's pos_embed is resampled to it
-    model = add_input_normalization(timm.create_model(name, **build_kwargs), normalize=normalize)
+    try:
+        net = timm.create_model(name, **build_kwargs)
+    except TypeError as exc:  # a keyword the model's class does not take (from --model-kwargs or a jobs file)
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown is None:
+            raise
+        raise ValueError(f"model '{name}' takes no argument '{unknown.group(1)}' (given {sorted(build_kwargs)}): "
+                         "fix the model kwargs (see the model class's signature)") from exc
+    model = add_input_normalization(net, normalize=normalize)
     model.register_load_state_dict_pre_hook(_filter_on_load)
     if img_size is None and state is not None:
         trained = _checkpoint_img_size(model, state)

@@ -55,8 +55,13 @@ def check_input_size(arch: str, resolution: int, **kwargs: Any) -> None:
     the meta device, which checks every shape but allocates and computes nothing.
 
     Raises:
+        ValueError: the model does not take one of ``kwargs``.
         InputSizeError: it does not; the message gives the model's complaint and the smallest resolution that works.
     """
+    from rat.models import create_model
+
+    with torch.device("meta"):
+        create_model(arch, **kwargs)  # the kwargs themselves first: a bad one is its own error, not a size problem
     problem = _fits(arch, resolution, kwargs)
     if problem is None:
         return
