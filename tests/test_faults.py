@@ -65,6 +65,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
     with open(root / "evil.pt", "wb") as handle:
         pickle.dump({"model": {}, "x": _Exec()}, handle, protocol=2)
     (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (root / "no_classes").mkdir()
     classes = Path(str(val) + ".classes.json")
     data = val.read_bytes()
     for name, content in (("empty", b""), ("truncated", data[: len(data) // 2]), ("header", data[:100])):
@@ -285,6 +286,8 @@ EVAL_CASES = [
      r"model 'convnext_micro_cvst' takes no argument 'bogus'"),
     ("checkpoint-is-a-folder", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"])),
      r"is a folder, not a checkpoint file"),
+    ("data-folder-without-classes", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "no_classes")),
+     r"Couldn't find any class folder .*one subfolder of images per class"),
 ]
 
 

@@ -211,7 +211,11 @@ def _eval_transform(resolution: int):
 def _image_folder(path: Path, resolution: int | None):
     from torchvision import datasets
 
-    return datasets.ImageFolder(str(path), transform=None if resolution is None else _eval_transform(resolution))
+    try:
+        return datasets.ImageFolder(str(path), transform=None if resolution is None else _eval_transform(resolution))
+    except FileNotFoundError as exc:  # torchvision: no class folder, or no image file in any of them
+        raise FileNotFoundError(f"{exc} (an ImageNet-style val folder holds one subfolder of images per class): pass "
+                                "--data such a folder or a val .beton") from exc
 
 
 class _BetonDataset(torch.utils.data.Dataset):
