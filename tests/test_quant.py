@@ -273,11 +273,24 @@ def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_
         assert torch.equal(load_quantized_model(legacy).model.eval()(x_val), full(x_val))
 
 
+def test_estimate_names_a_missing_generated_set(rat_checkpoint, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    code = quant_main(["estimate", "--qmodel.checkpoint", str(rat_checkpoint), "--qmodel.device", "cpu",
+                       "--estimate.generated", str(tmp_path / "gen.pt"), "--estimate.formats", "int8",
+                       "--estimate.output", str(out)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("rat.quant: error: estimate.generated: ") and "rat.quant generate" in last
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ptq.format", "int1"], "2 to 16 bits"),
     (["--ptq.format", "float8_e3m3"], "e + m must be 7"),
     (["--ptq.format", "bf16"], "unknown format"),
     (["--ptq.format", "int8", "--qdata.calib_n", "4"], "calibration set too small"),
+    (["--ptq.format", "int8", "--qdata.calib_data", "/nonexistent/calib.beton"],
+     "qdata.calib_data=/nonexistent/calib.beton does not exist"),
+    (["--ptq.format", "int8", "--qmodel.checkpoint", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt does not exist"),
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_written(rat_checkpoint, demo_betons, tmp_path, capsys, args, message):
     path = rat_checkpoint

@@ -109,6 +109,10 @@ def _data_paths(cfg: dict[str, Any]) -> tuple[str, str]:
     """(calibration, evaluation) image sources; the demo train/val betons for those left empty."""
     data = cfg["qdata"]
     calib, val = data.get("calib_data", ""), data.get("data", "")
+    for key, path in (("calib_data", calib), ("data", val)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"qdata.{key}={path} does not exist: pass a .beton or an ImageNet-style folder (one "
+                              "subfolder of images per class), or leave it empty for the demo data")
     if ("calib_data" in data and not calib) or ("data" in data and not val):
         train_beton, val_beton = _demo_paths(data["demo_root"])
         calib, val = calib or str(train_beton), val or str(val_beton)
@@ -257,7 +261,10 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     if not formats:
         raise ConfigError("estimate.formats is required, e.g. int8,int4,pot4")
     output = _fresh_output(est["output"], "estimate.output")
-    generated = load_checkpoint_file(est["generated"])
+    try:
+        generated = load_checkpoint_file(est["generated"])
+    except (FileNotFoundError, CheckpointError) as exc:  # its messages say "checkpoint": name the setting instead
+        raise ConfigError(f"estimate.generated: {exc} (write the set with python -m rat.quant generate)") from exc
     if "images" not in generated or "labels" not in generated:
         raise ConfigError(f"estimate.generated={est['generated']} is not a generated set (write one with generate)")
     device = _device(cfg["qmodel"]["device"])
