@@ -131,7 +131,7 @@ class DataSpec:
     train_dataset: str = _param(str, "train .beton; empty = the embedded demo dataset (built on first use)", default="")
     val_dataset: str = _param(str, "val .beton; empty = the embedded demo dataset's val split", default="")
     demo_root: str = _param(str, "where the demo betons are built and cached; empty = ~/.cache/rat/demo", default="")
-    num_workers: int = _param(_int(0), "FFCV decoding threads per process", default=2)
+    num_workers: int = _param(_int(1), "FFCV decoding threads per process", default=2)
     in_memory: int = _param(Flag(), "1: load the whole beton in RAM; 0: read through the OS page cache", default=1)
     num_classes: int = _param(_int(0), "number of classes; 0 = read from the beton's classes file", default=0)
     crop_scale_min: float = _param(_float(0.01, 1), "smallest area fraction of the training RandomResizedCrop",
@@ -567,6 +567,12 @@ def _check_consistency(config: Config) -> None:
         if len(values) not in (0, 1, len(norms)) or (key == "adv.n_iter" and not values):
             raise ConfigError(f"{key} has {len(values)} values for {len(norms)} norms ({config['adv.norm']}): "
                               "give one value, or one per norm")
+        if key == "adv.eps" and len(values) == 1 and len(set(norms)) > 1:
+            # One radius for different norms (say Linf 4/255 and L1 4/255) is never what E-AT means: the units differ
+            # by orders of magnitude, so it is refused rather than silently shared.
+            raise ConfigError(f"adv.eps gives one radius for the norms {config['adv.norm']}, whose radii are not "
+                              "comparable: give one per norm (e.g. 0.0157,75), or leave adv.eps empty for the "
+                              "defaults (Linf 4/255, L2 2, L1 75)")
     _check_augment_policy(config)
     if config["resolution.min_res"] > config["resolution.max_res"]:
         raise ConfigError("resolution.min_res must not exceed resolution.max_res")

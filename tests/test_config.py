@@ -66,6 +66,7 @@ def test_unknown_flag_is_rejected():
     (["--adv.n_iter", "0"], "adv.n_iter='0' is not comma-separated ints >= 1"),
     (["--training.precision", "fp8"], "training.precision"),
     (["--adv.norm", "Linf,L1", "--adv.n_iter", "1,2,3"], "adv.n_iter has 3 values for 2 norms"),
+    (["--adv.norm", "Linf,L1", "--adv.eps", "0.0157"], "adv.eps gives one radius for the norms Linf,L1"),
     (["--resolution.min_res", "256", "--resolution.max_res", "224"], "min_res must not exceed"),
 ])
 def test_bad_values_name_the_parameter(argv, message):

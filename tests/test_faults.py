@@ -157,6 +157,9 @@ TRAIN_CASES = [
     ("fractional-epochs", lambda b: ["--training.epochs", "1.5"], r"training\.epochs='1\.5' is not an int"),
     ("flag-true", lambda b: ["--ema.enabled", "true"], r"ema\.enabled='true' is not 0 or 1"),
     ("negative-eps", lambda b: ["--adv.eps", "-0.1"], r"adv\.eps='-0\.1' is not comma-separated numbers > 0"),
+    ("one-eps-for-two-norms", lambda b: ["--adv.norm", "Linf,L1", "--adv.eps", "0.0157"],
+     r"adv\.eps gives one radius for the norms Linf,L1.*give one per norm"),
+    ("no-decoding-thread", lambda b: ["--data.num_workers", "0"], r"data\.num_workers='0'"),
     ("zero-n-iter", lambda b: ["--adv.n_iter", "0"], r"adv\.n_iter='0' is not comma-separated ints >= 1"),
     ("unknown-arch", lambda b: ["--model.arch", "convnext_micro_cvs"], r"closest registered: convnext_micro_cvst"),
     ("resolution-16", lambda b: ["--resolution.min_res", "16", "--resolution.max_res", "16"],
@@ -209,6 +212,19 @@ def test_train_bad_input_is_one_line(case, bad, capsys, tmp_path):
     code, stderr = _call(main, argv, capsys)
     _assert_one_clear_line(code, stderr, expected, before, _snapshot(bad["root"]) | _snapshot(tmp_path))
     assert not Path("/tmp/rat-pwned").exists()
+
+
+def test_a_batch_larger_than_the_data_is_one_line(bad, capsys, tmp_path):
+    """Found only once the data is known (each process reads its share): one line, exit 2, no checkpoint."""
+    from rat.train.__main__ import main
+
+    run = tmp_path / "run"
+    code, stderr = _call(main, ["--logging.folder", str(run), "--data.demo_root", str(bad["demo_root"]),
+                                "--training.batch_size", "5000"], capsys)
+    lines = _error_lines(stderr)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "training.batch_size=5000 exceeds the 4491 images each of the 1 process(es) reads" in lines[0]
+    assert not list(run.rglob("*.pt"))
 
 
 def test_resuming_a_finished_run_says_so(bad, capsys):

@@ -14,7 +14,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from rat.attacks import Attack, create_attack
-from rat.config import AAASpec, AdvSpec, AugmentSpec, DataSpec, ModelSpec, TrainSpec, ValidationSpec
+from rat.config import AAASpec, AdvSpec, AugmentSpec, ConfigError, DataSpec, ModelSpec, TrainSpec, ValidationSpec
 from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info
 from rat.data.augment import BatchRandomErasing
 from rat.data.demo import demo_root as default_demo_root
@@ -138,6 +138,10 @@ def build_loaders(spec: TrainSpec, train_path: Path, val_path: Path, info: DistI
     """The loaders of ``data.*``, ``training.batch_size``/``seed``/``limit_batches`` and ``validation.*`` (at
     ``validation.resolution``, or the final training resolution when 0)."""
     data, training, validation = spec.data, spec.training, spec.validation
+    per_rank = -(-read_beton_info(train_path)["num_samples"] // info.world_size)  # DistributedSampler's share
+    if per_rank < training.batch_size:  # every batch is full (drop_last): not even one would be
+        raise ConfigError(f"training.batch_size={training.batch_size} exceeds the {per_rank} images each of the "
+                          f"{info.world_size} process(es) reads from {train_path}: lower training.batch_size")
     train = build_train_loader(train_path, batch_size=training.batch_size, resolution=spec.resolution.min_res,
                                device=info.device, num_workers=data.num_workers, seed=training.seed,
                                distributed=info.distributed, in_memory=bool(data.in_memory),
