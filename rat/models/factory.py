@@ -65,7 +65,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "RELEASE_NORMALIZATION", "add_input_normalization", "checkpoint_filter", "checkpoint_model_kwargs",
     "checkpoint_normalization", "create_model", "create_model_from_checkpoint", "dynamic_size_kwargs",
-    "resolve_normalization",
+    "ModelKwargsError", "resolve_normalization",
 ]
 
 # Input normalization of the paper's released checkpoints (Singh, Croce & Hein 2023, github.com/nmndeep/revisiting-at),
@@ -242,6 +242,10 @@ def dynamic_size_kwargs(name: str) -> dict[str, Any]:
     return {"dynamic_img_size": True} if hasattr(probe, "dynamic_img_size") else {}
 
 
+class ModelKwargsError(ValueError):
+    """A keyword argument the model's class does not take (``--model-kwargs``, a jobs file's ``model_kwargs``)."""
+
+
 def create_model(
         name: str,
         checkpoint: str | Path | Mapping[str, Any] | None = None,
@@ -317,8 +321,9 @@ def create_model(
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
         if unknown is None:
             raise
-        raise ValueError(f"model '{name}' takes no argument '{unknown.group(1)}' (given {sorted(build_kwargs)}): "
-                         "fix the model kwargs (see the model class's signature)") from exc
+        raise ModelKwargsError(f"model '{name}' takes no argument '{unknown.group(1)}' (given "
+                               f"{sorted(build_kwargs)}): fix the model kwargs (see the model class's signature)") \
+            from exc
     model = add_input_normalization(net, normalize=normalize)
     model.register_load_state_dict_pre_hook(_filter_on_load)
     if img_size is None and state is not None:

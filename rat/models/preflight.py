@@ -40,11 +40,14 @@ def check_arch(arch: str) -> None:
 def _fits(arch: str, resolution: int, kwargs: dict[str, Any]) -> str | None:
     """None if ``arch`` runs on ``resolution``² inputs, else the model's complaint."""
     from rat.models import create_model
+    from rat.models.factory import ModelKwargsError
 
     try:
         with torch.device("meta"), torch.no_grad():
             model = create_model(arch, img_size=resolution, **kwargs).eval()
             model(torch.zeros(1, 3, resolution, resolution))
+    except ModelKwargsError:
+        raise  # a bad keyword is its own error, whatever the resolution
     except (RuntimeError, AssertionError, ValueError) as exc:  # what torch and timm raise for a too-small input
         return " ".join(str(exc).split())[:160]
     return None
@@ -55,13 +58,9 @@ def check_input_size(arch: str, resolution: int, **kwargs: Any) -> None:
     the meta device, which checks every shape but allocates and computes nothing.
 
     Raises:
-        ValueError: the model does not take one of ``kwargs``.
+        ModelKwargsError: the model does not take one of ``kwargs`` (a ``ValueError``).
         InputSizeError: it does not; the message gives the model's complaint and the smallest resolution that works.
     """
-    from rat.models import create_model
-
-    with torch.device("meta"):
-        create_model(arch, **kwargs)  # the kwargs themselves first: a bad one is its own error, not a size problem
     problem = _fits(arch, resolution, kwargs)
     if problem is None:
         return
