@@ -1,13 +1,24 @@
-"""Helpers for tests that drive a real training run: ``python -m rat.train`` in this process, or SIGTERM to one."""
+"""Helpers for tests that drive real runs: the environment of a subprocess, ``python -m rat.train`` in this process,
+or SIGTERM to a run."""
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: rat importable, one OpenMP thread (the cores are shared with the other
+    xdist worker), and this interpreter for the shell scripts (``run_train.sh`` reads ``PYTHON``), plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **extra}
 
 
 def sigterm_after_first_metrics(proc: subprocess.Popen, metrics: Path, timeout: float = 300) -> str:

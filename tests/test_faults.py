@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from process_support import sigterm_after_first_metrics, train_in_process
+from process_support import sigterm_after_first_metrics, subprocess_env, train_in_process
 
 from rat.config import config_to_dict, make_config
 from rat.io import FileLock, atomic_write, pid_alive
@@ -38,9 +38,7 @@ pytestmark = pytest.mark.ffcv
 
 
 def _env() -> dict[str, str]:
-    # PYTHON: run_train.sh must use this interpreter, not whatever `python` is first on PATH
-    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-            "PYTHON": sys.executable}
+    return subprocess_env(CUDA_VISIBLE_DEVICES="")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 import timm
 import torch
 import yaml
-from process_support import train_in_process
+from process_support import subprocess_env, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -31,13 +30,6 @@ SMALL = ["--model.arch", "convnext_micro_cvst", "--resolution.min_res", "32", "-
          "--training.batch_size", "16", "--training.limit_batches", "4", "--training.precision", "fp32",
          "--adv.attack", "apgd", "--adv.n_iter", "2", "--validation.robust_n_ex", "0", "--validation.batch_size", "100",
          "--logging.progress", "0", "--logging.log_every", "1", "--data.num_workers", "1", "--lr.lr", "0.002"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 def _train(run_dir: Path, demo_root: Path, *extra: str, check: bool = True):
@@ -83,7 +75,7 @@ def test_demo_recipe_learns(tmp_path, demo_subset):
                            "--logging.progress", "0", "--training.epochs", "8", "--resolution.min_res", "32",
                            "--resolution.max_res", "32", "--adv.eps_warmup_epochs", "4", "--lr.warmup_epochs", "1",
                            "--validation.every", "4", "--validation.robust_n_ex", "64", "--data.num_workers", "1"],
-                          capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+                          capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     epochs = _epochs(run_dir)
     first, final = epochs[0], epochs[-1]
@@ -103,7 +95,7 @@ def test_demo_as_shipped_learns(tmp_path, demo_root):
     run_dir = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "rat.train", "-C", "configs/demo.yaml", "--data.demo_root",
                            str(demo_root), "--logging.folder", str(run_dir), "--logging.progress", "0"],
-                          capture_output=True, text=True, timeout=1200, env=_env(), cwd=REPO)
+                          capture_output=True, text=True, timeout=1200, env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = _epochs(run_dir)[-1]
     assert final["top1"] > 40.0, final
@@ -184,7 +176,7 @@ def test_bad_config_exits_with_one_clear_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  epoch: 3\n")
     proc = subprocess.run([sys.executable, "-m", "rat.train", "-C", str(bad)], capture_output=True, text=True,
-                          timeout=120, env=_env(), cwd=REPO)
+                          timeout=120, env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("rat.train: error: unknown key 'training.epoch'")
 

@@ -3,7 +3,6 @@ with 2 processes. Each torchrun start costs ~15 s of imports here, so each run s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from process_support import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ffcv]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 N_INDEX = 50  # samples of the index beton; even: DistributedSampler pads nothing, so the train shards are disjoint
@@ -42,7 +35,7 @@ def two_ranks(once, demo_betons) -> list[dict]:
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              str(REPO / "tests" / "ddp_train_worker.py"), str(demo_betons[0]), str(index_beton), str(out)],
-            capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+            capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = once("two_ranks", build)
@@ -103,9 +96,6 @@ def two_process_run(once, demo_betons) -> Path:
     64 px), validates at 48 px, and augments with the adversarial policy, its controller updated every step from
     rewards averaged over both ranks."""
     def build(out: Path) -> None:
-        env = _env()
-        env["NPROC"] = "2"
-        env["PYTHON"] = sys.executable
         proc = subprocess.run(
             ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
              "--logging.folder", str(out / "run"), "--model.arch", "vit_micro_patch16_cvst", "--resolution.min_res",
@@ -114,7 +104,7 @@ def two_process_run(once, demo_betons) -> Path:
              "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0",
              "--augment.policy", "adversarial", "--aaa.num_policies", "2", "--aaa.batch_fraction", "0.5",
              "--aaa.update_every", "1"],
-            capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+            capture_output=True, text=True, timeout=600, env=subprocess_env(NPROC="2"), cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     return once("two_process_run", build) / "run"
