@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ffcv.reader import Reader
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rat.attacks import create_attack
-from rat.data import build_train_loader, build_val_loader
+from rat.data import build_train_loader, build_val_loader, read_beton_info
 from rat.models import create_model
 from rat.train.checkpoint import CheckpointWriteError, save_on_primary
 from rat.train.distributed import cleanup_distributed, init_distributed
@@ -37,7 +36,7 @@ def read_shards(index_beton: str) -> dict:
     for epoch in (0, 1, 0):  # epoch 0 twice: the order is a function of (seed, epoch)
         train.set_epoch(epoch)
         epochs.setdefault(str(epoch), []).append([int(v) for _, y in train for v in y])
-    n = int(Reader(index_beton).num_samples)
+    n = read_beton_info(index_beton)["num_samples"]
     val = build_val_loader(index_beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True,
                            indices=np.arange(3, n))
     every = build_val_loader(index_beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True)
