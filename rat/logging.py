@@ -1,34 +1,90 @@
-"""Logging for rat: module loggers everywhere, console output on the primary rank only, metrics as JSON lines."""
+"""Logging for rat: module loggers everywhere, console output on the primary rank only, metrics as JSON lines.
+
+rat's command-line entry points own the ``rat`` logger (and the ``py.warnings`` logger of captured warnings) for the
+duration of their ``main`` only: :func:`logging_scope` decorates each ``main`` and restores both loggers as it found
+them, and :func:`setup_logging` installs rat's handlers inside it, replacing any it installed before. The root logger
+and third-party loggers are never touched, so calling several entry points in one process (tests, notebooks, a sweep
+script) prints each line once and leaves no handler behind on a stream that has since been closed.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The loggers an entry point owns while it runs: rat's own, and the one captured warnings are logged to.
+_OWNED = ("rat", "py.warnings")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A console handler that writes to ``sys.stderr`` as it is when a record is emitted, not as it was when the
+    handler was made (a redirected or captured stream may have been closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the live sys.stderr is always used
+        pass
 
 
 def setup_logging(rank: int = 0, log_file: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Configure the root logger once per process.
+    """Install rat's handlers on the ``rat`` logger (and on captured warnings), replacing those of an earlier call.
 
     Rank 0 logs to stderr (and to ``log_file`` when given); other ranks only log warnings and errors, so a DDP run
-    prints each message once.
+    prints each message once. Call it inside :func:`logging_scope` (every entry point's ``main`` is decorated with
+    it), which removes the handlers again when ``main`` returns.
     """
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(level if rank == 0 else logging.WARNING)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
-    root.addHandler(console)
+    handlers: list[logging.Handler] = [_StderrHandler()]
+    handlers[0].setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     if log_file is not None and rank == 0:
-        file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
-        root.addHandler(file_handler)
+        handlers.append(logging.FileHandler(log_file))
+        handlers[1].setFormatter(logging.Formatter(_FORMAT))
+    for name in _OWNED:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if getattr(h, "rat_owned", False)]:
+            logger.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            handler.rat_owned = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(level if rank == 0 else logging.WARNING)
+        logger.propagate = False  # a host application's root handlers would print every line a second time
     logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def logging_scope() -> Iterator[None]:
+    """Restore the loggers :func:`setup_logging` configures, and the capture of warnings, on exit. Used as a
+    decorator on every entry point's ``main``."""
+    saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in _OWNED}
+    showwarning = warnings.showwarning
+    try:
+        yield
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+        if warnings.showwarning is not showwarning:  # captured in this scope: hand warnings back
+            logging.captureWarnings(False)
 
 
 def _jsonable(value: Any) -> Any:
@@ -77,3 +133,116 @@ def read_metrics(path: str | Path, torn: list[str] | None = None) -> list[dict[s
             raise MetricsError(f"{path} line {number} is not a metrics record")
         records.append(record)
     return records
+
+
+# --- Progress: tqdm bars on a terminal, plain log lines everywhere else (a SLURM job's stdout is a file). ------------
+# The one rule every entry point follows (``--logging.progress``, ``rat.eval --progress``, the runner, write_ffcv's
+# ``--cfg.progress``, rat.quant's ``progress`` settings).
+PROGRESS_SETTINGS = ("auto", "1", "0")
+PROGRESS_HELP = "progress bars: auto = only when stderr is a terminal, 1 = always, 0 = never (plain log lines instead)"
+_PROGRESS_LINES = 20  # plain lines per loop when the caller gives no interval
+
+
+def progress_setting(value: Any) -> str:
+    """``auto``, ``1`` or ``0`` from a flag, a YAML value (0/1 as numbers) or a library caller's bool.
+
+    Raises:
+        ValueError: anything else.
+    """
+    text = str(int(value)) if isinstance(value, (bool, int)) else str(value).strip()
+    if text not in PROGRESS_SETTINGS:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS_SETTINGS)}, got {value!r}")
+    return text
+
+
+def bars_enabled(setting: Any) -> bool:
+    """Whether progress is drawn as tqdm bars: ``1`` always, ``0`` never, ``auto`` when stderr (where tqdm draws)
+    is a terminal."""
+    text = progress_setting(setting)
+    return text == "1" or (text == "auto" and sys.stderr.isatty())
+
+
+class LineProgress:
+    """tqdm's interface (``update``, ``set_postfix``, ``close``, iteration) as plain log lines: one line every
+    ``every`` units and one at the end, ``DESC: n/total (pct%) key=value ... elapsed H:MM:SS, ETA H:MM:SS``, through
+    ``logger`` (so that a file log gets them too). No carriage returns, and the number of lines is bounded by
+    ``total / every + 1``."""
+
+    def __init__(self, iterable: Any = None, *, total: int | None = None, desc: str = "", every: int | None = None,
+                 initial: int = 0, logger: logging.Logger | None = None):
+        self.iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total = total
+        self.desc = desc
+        self.n = self.initial = initial
+        self.every = max(1, every if every is not None else -(-(total or 0) // _PROGRESS_LINES) or 1)
+        self.logger = logger if logger is not None else logging.getLogger("rat.progress")
+        self.postfix: dict[str, Any] = {}
+        self._start = time.perf_counter()
+        self._next = initial + self.every
+        self._shown = initial
+        self.closed = False
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def set_postfix(self, **fields: Any) -> None:
+        """Fields shown on the next line."""
+        self.postfix = fields
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self._next or (self.total is not None and self.n >= self.total):
+            self._line()
+            while self._next <= self.n:
+                self._next += self.every
+
+    def close(self) -> None:
+        if not self.closed and self.n != self._shown:
+            self._line()
+        self.closed = True
+
+    def _line(self) -> None:
+        from tqdm import tqdm
+
+        self._shown = self.n
+        elapsed = time.perf_counter() - self._start
+        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "")]
+        if self.total:
+            parts.append(f"({100 * self.n / self.total:.0f}%)")
+        parts += [f"{key}={value}" for key, value in self.postfix.items()]
+        done = self.n - self.initial
+        eta = ""
+        if self.total and done > 0:
+            eta = f", ETA {tqdm.format_interval((self.total - self.n) * elapsed / done)}"
+        parts.append(f"elapsed {tqdm.format_interval(elapsed)}{eta}")
+        self.logger.info("%s", " ".join(parts))
+
+
+def progress(iterable: Any = None, *, total: int | None = None, desc: str = "", setting: Any = "auto",
+             every: int | None = None, initial: int = 0, logger: logging.Logger | None = None, **tqdm_kwargs: Any):
+    """A progress reporter by the one rule of :func:`bars_enabled`: a tqdm bar (``tqdm_kwargs`` go to it), or a
+    :class:`LineProgress` writing a plain line every ``every`` units (default: about 20 lines per loop)."""
+    if bars_enabled(setting):
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, **tqdm_kwargs)
+    return LineProgress(iterable, total=total, desc=desc, every=every, initial=initial, logger=logger)
+
+
+def lines_around_bar(bar: Any) -> contextlib.AbstractContextManager:
+    """While ``bar`` is a tqdm bar, route rat's console log lines through ``tqdm.write`` so they do not tear it."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm([logging.getLogger("rat")]) if isinstance(bar, tqdm) else contextlib.nullcontext()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import signal
 import subprocess
@@ -34,20 +33,12 @@ def sigterm_after_first_metrics(proc: subprocess.Popen, metrics: Path, timeout: 
 
 @contextlib.contextmanager
 def _process_state_restored():
-    """Undo what ``rat.train`` sets up for its process (root log handlers, warnings capture, SIGTERM handler), so
+    """Undo the SIGTERM handler ``rat.train`` installs for its process (its ``main`` restores logging itself), so
     that runs in this process leave pytest and the next run as they found them."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         yield
     finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        logging.captureWarnings(False)
         signal.signal(signal.SIGTERM, sigterm)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pickle
 import re
@@ -115,7 +114,6 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def _call(main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    logging.getLogger().handlers.clear()  # each CLI sets up logging on this test's (captured) stderr
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse

@@ -34,8 +34,9 @@ from _timing import sync
 
 import rat.models
 from rat.attacks import APGDAttack, PGDAttack, create_attack, per_sample_loss
+from rat.logging import logging_scope, setup_logging
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("rat.tools.bench_attack")
 
 
 def _timed(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
@@ -80,7 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> dict:
+    setup_logging()
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -167,5 +170,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     main()

@@ -49,6 +49,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rat.logging import logging_scope, setup_logging  # noqa: E402
+
 _logger = logging.getLogger("rat.tools.bench_loader")
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
@@ -203,8 +205,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging()
     args = parse_args(argv)
     from rat.data import list_image_folder, write_folder_beton
 

@@ -36,9 +36,9 @@ from typing import Any
 from rat.cli import EXIT_BAD_INPUT, ArgumentParser
 from rat.eval.results import ResultError, format_eps, load_result
 from rat.io import atomic_write
-from rat.logging import setup_logging
+from rat.logging import logging_scope, setup_logging
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("rat.tools.export_robustbench")
 
 ROBUSTBENCH_N_EX = 5000
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -118,6 +118,7 @@ def robustbench_entry(result: dict[str, Any], *, link: str | None = None, name: 
     }
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the entry to ``<out-dir>/<dataset>/<norm>/<model-name>.json`` (or stdout); 0 on success, 2 on error."""
     parser = ArgumentParser(prog="export_robustbench.py",

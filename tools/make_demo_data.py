@@ -9,9 +9,10 @@ import logging
 import sys
 
 from rat.data.demo import ensure_demo_betons
-from rat.logging import setup_logging
+from rat.logging import logging_scope, setup_logging
 
 
+@logging_scope()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"make_demo_data: error: cannot write to {args.out}: {err}", file=sys.stderr)
         return 1
-    logging.getLogger("make_demo_data").info("demo dataset ready: %s %s", train, val)
+    logging.getLogger("rat.tools.make_demo_data").info("demo dataset ready: %s %s", train, val)
     return 0
 
 

@@ -14,8 +14,9 @@ import timm
 import torch
 
 import rat.models as rat_models
+from rat.logging import logging_scope, setup_logging
 
-_logger = logging.getLogger("model_info")
+_logger = logging.getLogger("rat.tools.model_info")
 
 
 def model_info(name: str, res: int, num_classes: int | None = None, normalize: bool = True) -> dict:
@@ -34,6 +35,7 @@ def model_info(name: str, res: int, num_classes: int | None = None, normalize: b
     }
 
 
+@logging_scope()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="model names; default: every rat *_cvst model")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the cfg's)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a text summary")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     names = args.names or timm.list_models("*_cvst")
     for name in names:
         if not timm.is_model(name):

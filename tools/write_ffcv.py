@@ -34,6 +34,9 @@ from fastargs import Config, Param, Section, set_current_config
 from fastargs.decorators import param, section
 from fastargs.validation import And, InRange, OneOf
 
+from rat.config import FiniteFloat
+from rat.logging import logging_scope, setup_logging
+
 _logger = logging.getLogger("rat.tools.write_ffcv")
 
 AUTO_MAX_RESOLUTION = {"train": 256, "val": None, "": 256}  # val: full size (original pixels)
@@ -57,7 +60,7 @@ def declare(config: Config) -> None:
         max_resolution=Param(And(int, InRange(min=-1, max=65535)), "longest side after resizing; -1 = auto (256 train, "
                              "full size for val, CIFAR unchanged), 0 = keep full size", default=-1),
         jpeg_quality=Param(And(int, InRange(min=1, max=100)), "JPEG quality of compressed images", default=90),
-        compress_probability=Param(And(float, InRange(min=0.0, max=1.0)), "share stored as JPEG with write_mode "
+        compress_probability=Param(FiniteFloat(0, 1), "share stored as JPEG with write_mode "
                                    "proportion (the rest raw)", default=0.5),
         num_workers=Param(And(int, InRange(min=1)), "writer processes", default=os.cpu_count() or 1),
         strict=Param(And(int, OneOf([0, 1])), "1: fail on any unreadable image instead of leaving it out",
@@ -146,8 +149,9 @@ def write(dataset: str, data_dir: str, split: str, write_path: str, classes_from
                               **options)
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = make_config(argv)
     set_current_config(config)
     from rat.data import BetonWriteError

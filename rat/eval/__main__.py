@@ -25,10 +25,10 @@ from rat.eval.data import SUBSETS, select_subset
 from rat.eval.evaluate import SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
-from rat.logging import setup_logging
+from rat.logging import logging_scope, setup_logging
 from rat.precision import PRECISIONS
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("rat.eval")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -152,6 +152,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
                     name=args.name)
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one evaluation; returns the exit status (0 done, 1 failed, 2 bad input), each error one line on stderr."""
     from rat.models import CheckpointError as UnreadableCheckpoint

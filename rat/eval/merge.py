@@ -13,11 +13,12 @@ from pathlib import Path
 
 from rat.eval.results import ResultError, load_result, merge_results, summary_line
 from rat.eval.state import atomic_write_json
-from rat.logging import setup_logging
+from rat.logging import logging_scope, setup_logging
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("rat.eval.merge")
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
     """Merge shard results; returns 0 on success, 2 when the shards do not form one evaluation."""
     parser = argparse.ArgumentParser(prog="python -m rat.eval.merge",

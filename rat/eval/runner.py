@@ -27,6 +27,7 @@ from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS
 from rat.eval.jobs import Job, JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
 from rat.eval.scheduler import Slots, cpu_count, has_gpus, is_finished, run_tasks, valid_result
 from rat.io import OutputError, check_writable
+from rat.logging import logging_scope, setup_logging
 
 __all__ = ["aggregate", "build_parser", "main"]
 
@@ -115,10 +116,9 @@ def missing_inputs(tasks: Sequence[Task]) -> list[str]:
     return list(missing)
 
 
+@logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep; returns 0 when every job finished, 1 when some failed, 2 on bad input."""
-    from rat.logging import setup_logging
-
     args = build_parser().parse_args(argv)
     setup_logging(0)
     try:

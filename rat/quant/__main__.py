@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
-from rat.logging import setup_logging
+from rat.logging import logging_scope, setup_logging
 from rat.models import CheckpointError
 from rat.quant.formats import FORMATS, FormatError, parse_format, sweep_grid
 from rat.quant.generator import GeneratorError
@@ -317,6 +317,7 @@ _COMMANDS = {"ptq": run_ptq, "sweep": run_sweep_cmd, "fit": run_fit, "generate":
              "estimate": run_estimate}
 
 
+@logging_scope()
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in QUANT_SUBCOMMANDS:

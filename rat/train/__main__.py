@@ -28,7 +28,7 @@ from rat.attacks import Attack
 from rat.config import ConfigError, TrainSpec, dump_config, make_config
 from rat.data import read_beton_info, read_classes
 from rat.io import OutputError, check_writable
-from rat.logging import MetricsWriter, setup_logging
+from rat.logging import MetricsWriter, logging_scope, setup_logging
 from rat.models import CheckpointError
 from rat.models.preflight import InputSizeError, UnknownArchError, check_arch, check_input_size
 from rat.train.build import (
@@ -316,6 +316,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     return _train(trainer)
 
 
+@logging_scope()
 def main(argv: list[str] | None = None) -> int:
     """Train; returns 0 when done (or already done), 1 when the run failed, 2 on bad input (one line on stderr).
 
