@@ -173,9 +173,20 @@ class AAASpec:
                        default=0.00035)
     entropy_weight: float = _param(_float(0), "weight of the controller's entropy bonus (keeps it from collapsing)",
                                    default=1e-5)
-    baseline_decay: float = _param(_float(0, 0.9999), "decay of the moving-average reward baseline", default=0.95)
-    update_every: int = _param(_int(1), "update the controller every this many steps (their samples form one batch)",
-                               default=1)
+    schedule: str = _param(OneOf(["epoch", "step"]), "epoch: sample the M policies and update the controller once "
+                           "per epoch, rewards the epoch's mean losses normalized across the policies (the paper, the "
+                           "seed); step: new policies every step, reward minus a moving baseline", default="epoch")
+    lstm_state: str = _param(OneOf(["sub_policy", "policy"]), "sub_policy: the controller's LSTM state starts afresh "
+                             "for each sub-policy (the seed); policy: one state through a policy's ops",
+                             default="sub_policy")
+    magnitude_map: str = _param(OneOf(["seed", "autoaugment"]), "seed: a level spans the op's range low + level*(high "
+                                "- low), so signed ops go -max..max (level 5 = identity); autoaugment: their size is "
+                                "level*max (AutoAugment, timm)", default="seed")
+    cutout_fill: str = _param(OneOf(["seed", "black"]), "Cutout's colour: seed (125,123,114) or black", default="seed")
+    baseline_decay: float = _param(_float(0, 0.9999), "decay of the moving-average reward baseline (schedule step)",
+                                   default=0.95)
+    update_every: int = _param(_int(1), "schedule step: update the controller every this many steps (their samples "
+                               "form one batch)", default=1)
     hidden_size: int = _param(_int(1), "controller LSTM width", default=100)
 
     def policy_space(self) -> PolicySpace:
@@ -588,9 +599,16 @@ def _check_augment_policy(config: Config) -> None:
         AAASpec(**config_to_dict(config)["aaa"]).policy_space()
     except ValueError as err:
         raise ConfigError(f"aaa.ops/aaa.magnitudes: {err}") from err
-    if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0):
-        raise ConfigError("augment.policy=adversarial needs each policy's own loss, which mixup/cutmix would mix "
-                          "across policies: add --augment.mixup 0 --augment.cutmix 0")
+    if config["aaa.schedule"] == "epoch" and config["aaa.update_every"] != 1:
+        raise ConfigError(f"aaa.update_every={config['aaa.update_every']} applies to --aaa.schedule step; the epoch "
+                          "schedule updates the controller once per epoch")
+    from rat.data.policy import images_per_policy
+
+    group = images_per_policy(config["training.batch_size"], config["aaa.batch_fraction"])
+    if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0) and group % 2:
+        raise ConfigError(f"mixup/cutmix pair the images within each policy's group of {group} (training.batch_size "
+                          "x aaa.batch_fraction), which must be even: change either, or add --augment.mixup 0 "
+                          "--augment.cutmix 0")
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:

@@ -93,8 +93,8 @@ def test_two_ranks_stay_in_sync_on_disjoint_shards(two_ranks, demo_betons):
 def two_process_run(once, demo_betons) -> Path:
     """One run of the user entry point, run_train.sh with NPROC=2 on CPU, serves every check below (a torchrun start
     costs ~15 s of imports on this machine): a ViT trains 3 epochs of 2 steps through progressive resizing (32, 48,
-    64 px), validates at 48 px, and augments with the adversarial policy, its controller updated every step from
-    rewards averaged over both ranks."""
+    64 px), validates at 48 px, and augments with the adversarial policy, its controller updated once per epoch from
+    per-policy epoch losses averaged over both ranks (the default schedule)."""
     def build(out: Path) -> None:
         proc = subprocess.run(
             ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
@@ -102,8 +102,7 @@ def two_process_run(once, demo_betons) -> Path:
              "32", "--resolution.max_res", "64", "--resolution.end_ramp", "2", "--training.epochs", "3",
              "--training.limit_batches", "2", "--training.batch_size", "16", "--validation.resolution", "48",
              "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0",
-             "--augment.policy", "adversarial", "--aaa.num_policies", "2", "--aaa.batch_fraction", "0.5",
-             "--aaa.update_every", "1"],
+             "--augment.policy", "adversarial", "--aaa.num_policies", "2", "--aaa.batch_fraction", "0.5"],
             capture_output=True, text=True, timeout=600, env=subprocess_env(NPROC="2"), cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -122,10 +121,11 @@ def test_run_train_sh_two_processes_write_one_checkpoint(two_process_run):
 
 
 def test_two_ranks_keep_one_policy_controller(two_process_run):
-    """Rewards are averaged over ranks, so both controllers take the same updates (the replica check above covers the
-    controller too, and would have stopped the run otherwise)."""
+    """Each step's per-policy losses are averaged over ranks into the epoch's sums, so both controllers take the same
+    update at each epoch's end (the replica check above covers the controller too, and would have stopped the run
+    otherwise)."""
     state = torch.load(two_process_run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["augment_policy"]["updates"] == 6
+    assert state["augment_policy"]["updates"] == 3 and state["augment_policy"]["loss_steps"] == 0
 
 
 def test_vit_progressive_resizing_and_validation_at_another_resolution(two_process_run):

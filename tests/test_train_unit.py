@@ -174,8 +174,8 @@ def _state(init_seed: int) -> TrainState:
 
     module = _classifier(init_seed)
     generator = torch.Generator().manual_seed(5)
-    policy = AdversarialAugment(PolicySpace(("Rotate", "Invert"), (0, 5), 2, 1), num_policies=2, lr=0.01,
-                                update_every=3, seed=7, augment_generator=generator, hidden_size=8)
+    policy = AdversarialAugment(PolicySpace(("Rotate", "Invert"), (0, 5), 2, 1), num_policies=2, schedule="step",
+                                lr=0.01, update_every=3, seed=7, augment_generator=generator, hidden_size=8)
     attack = create_attack("apgd", module, norm=["Linf", "L1"], eps=[4 / 255, 5.0], n_iter=[1, 1], seed=3)
     return TrainState(module, build_optimizer(module, "adamw", 1e-3, 0.05), attack, ema=ModelEmaV3(module, decay=0.5),
                       scaler=torch.amp.GradScaler("cpu"), generator=generator, policy=policy, arch="tiny",

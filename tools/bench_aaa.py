@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     result["augment"] = {"randaugment_img_s": b / t_ra, "adversarial_img_s": m * b / t_paper,
                          "adversarial_ms_per_step": 1000 * t_paper, "randaugment_ms_per_step": 1000 * t_ra}
 
-    def update() -> None:
-        paper.tokens = paper.sample()
-        paper.observe(torch.rand(m, dtype=torch.float64))
+    stepwise = AdversarialAugment(PolicySpace(), num_policies=m, schedule="step", seed=0)
+
+    def update() -> None:  # one sample and one REINFORCE update (every step under aaa.schedule step, once per epoch)
+        stepwise.tokens = stepwise.sample()
+        stepwise.observe(torch.rand(m, dtype=torch.float64))
 
     result["controller_ms"] = 1000 * seconds_per_call(update, torch.device("cpu"), args.repeats)
 

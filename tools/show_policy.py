@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from rat.data.policy import AdversarialAugment, space_from_state  # noqa: E402
+from rat.data.policy import AdversarialAugment, policy_from_state  # noqa: E402
 
 
 def _images(beton: Path | None, count: int, size: int) -> torch.Tensor:
@@ -52,11 +52,7 @@ def load_policy(checkpoint: Path) -> tuple[AdversarialAugment, dict]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not state.get("augment_policy"):
         raise ValueError(f"{checkpoint} holds no adversarial policy: train with --augment.policy adversarial")
-    config = state.get("config", {})
-    hidden = config.get("aaa", {}).get("hidden_size", 100)
-    policy = AdversarialAugment(space_from_state(state["augment_policy"]), hidden_size=hidden)
-    policy.load_state_dict(state["augment_policy"])
-    return policy, config
+    return policy_from_state(state["augment_policy"]), state.get("config", {})
 
 
 def show_policy(checkpoint: Path, out: Path, top: int = 10, num_images: int = 6, beton: Path | None = None,

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "RAND_INCREASING_OPS", "RAND_OPS", "BatchAugment", "BatchRandAugment", "BatchRandomErasing", "RandAugmentSpec",
-    "build_augment", "build_mixup", "parse_rand_augment",
+    "RAND_INCREASING_OPS", "RAND_OPS", "BatchAugment", "BatchRandAugment", "BatchRandomErasing", "GroupMixup",
+    "RandAugmentSpec", "build_augment", "build_mixup", "parse_rand_augment",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -418,9 +418,11 @@ def cutout(x: torch.Tensor, boxes: torch.Tensor, fill: torch.Tensor) -> torch.Te
 
 
 def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magnitude: torch.Tensor,
-               gen: torch.Generator, *, fill: torch.Tensor, interpolation: str) -> None:
+               gen: torch.Generator, *, fill: torch.Tensor, interpolation: str,
+               cutout_fill: torch.Tensor | None = None) -> None:
     """One layer of per-image ops on ``out`` (float NCHW, in place): image ``i`` gets ``ops[choice[i]]`` at
-    ``magnitude[i]`` (0..10, timm's scale), or nothing where ``choice[i] < 0``.
+    ``magnitude[i]`` (0..10, timm's scale), or nothing where ``choice[i] < 0``. Geometric ops fill with ``fill``,
+    Cutout paints ``cutout_fill`` (default ``fill``).
 
     The shared batched base of RandAugment and the adversarial policy. Draws from the CPU generator ``gen``, in this
     order: a sign per image (for the ops timm negates at random), an interpolation per image (used when
@@ -447,7 +449,8 @@ def apply_ops_(out: torch.Tensor, ops: Sequence[str], choice: torch.Tensor, magn
             continue
         idx = rows.to(out.device)
         if name == "Cutout":
-            result = cutout(_gather(out, idx), cutout_boxes(arg, centres[rows], height, width), fill)
+            result = cutout(_gather(out, idx), cutout_boxes(arg, centres[rows], height, width),
+                            fill if cutout_fill is None else cutout_fill)
         else:
             result = _COLOR_OPS[name](_gather(out, idx), arg.to(device=out.device, dtype=out.dtype))
         _scatter(out, rows, result)
@@ -753,3 +756,38 @@ def build_mixup(
 
     return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob, mode=mode,
                  label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+class GroupMixup:
+    """timm ``Mixup``/CutMix inside groups: a batch of ``groups`` equal groups (group-major, ``(G·K, C, H, W)``) is
+    viewed as ``(G, K, ...)`` and mixed along ``K`` only, image ``k`` of a group with image ``K − 1 − k`` of the same
+    group, with one λ (and one CutMix box) for the whole step, drawn by timm exactly as for a plain batch; so no
+    image takes pixels from another group (the adversarial policy's groups: each policy's loss stays its own).
+
+    ``mixup`` is a timm ``Mixup`` in ``'batch'`` mode (:func:`build_mixup`); ``K`` must be even. Each group's soft
+    targets are timm's ``mixup_target`` of its labels at that λ. Returns ``(mixed images, soft targets (G·K,
+    num_classes))``; ``x`` keeps its memory format.
+    """
+
+    def __init__(self, mixup, groups: int):
+        if mixup.mode != "batch":
+            raise ValueError(f"GroupMixup mixes with one lambda per batch: build the Mixup with mode='batch', not "
+                             f"{mixup.mode!r}")
+        self.mixup, self.groups = mixup, groups
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from timm.data.mixup import mixup_target
+
+        n, c, h, w = x.shape
+        k = n // self.groups
+        if k * self.groups != n or k % 2:
+            raise ValueError(f"GroupMixup: {n} images do not form {self.groups} groups of an even size")
+        # Policies into channels: flipping dim 0 of (K, G·C, H, W) pairs images k and K - 1 - k of every group.
+        by_position = x.view(self.groups, k, c, h, w).transpose(0, 1).reshape(k, self.groups * c, h, w)
+        lam = self.mixup._mix_batch(by_position)  # timm's λ and box draw and in-place mix (the body of __call__)
+        mixed = by_position.view(k, self.groups, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            mixed = mixed.contiguous(memory_format=torch.channels_last)
+        soft = torch.cat([mixup_target(t, self.mixup.num_classes, lam, self.mixup.label_smoothing)
+                          for t in target.view(self.groups, k)])
+        return mixed, soft

@@ -86,8 +86,9 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
     any, runs on all of them) or ``augment(x, state.generator)`` (per-sample heavy augmentation), then ``mixup``;
     then ``task(x, target)`` under autocast, the backward pass (through ``state.scaler`` for fp16), gradient
     clipping, the optimizer step and the EMA update (``state.ema``, a timm ``ModelEmaV3``). With a policy, each
-    policy's share of the loss is its reward (``policy.observe``, after the finite-loss check, every rank alike).
-    ``state.step`` and ``state.batches_done`` advance with every update.
+    policy's share of the loss is its reward (``policy.observe``, after the finite-loss check, every rank alike), and
+    an epoch that ends (not stopped) ends the policy's epoch (``policy.end_epoch``: the epoch schedule's controller
+    update). ``state.step`` and ``state.batches_done`` advance with every update.
 
     Stops early, on every rank at the same step, when the loss is not finite on some rank (``stop_reason='nonfinite'``,
     without applying that update) or when ``hooks.stop_requested()`` is true on some rank (``'sigterm'``, after
@@ -167,6 +168,8 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
             stop_reason = "sigterm"
             break
     bar.close()
+    if policy is not None and stop_reason is None:
+        policy.end_epoch()  # the epoch schedule's controller update, on every rank alike
     return EpochResult(loss=loss_sum / max(batches, 1), batches=skip_batches + batches, images=images,
                        seconds=time.perf_counter() - start, step=state.step, stop_reason=stop_reason)
 
