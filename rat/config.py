@@ -268,6 +268,10 @@ class TrainingSpec:
     save_every: int = _param(_int(1), "write a checkpoint every this many epochs (and always at the end)", default=1)
     limit_batches: int = _param(_int(0), "stop each epoch after this many batches (0 = whole epoch); for smoke runs",
                                 default=0)
+    fused: int = _param(Flag(), "1: AdamW's fused kernels (torch.optim.AdamW(fused=True)) instead of torch's "
+                        "multi-tensor ones: the same update up to rounding, fewer kernel launches", default=0)
+    cudnn_benchmark: int = _param(Flag(), "1: torch.backends.cudnn.benchmark (cuDNN times its convolution "
+                                  "algorithms once per input shape and keeps the fastest)", default=0)
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,28 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: in
         fn()
     sync(device)
     return (time.perf_counter() - start) / repeats
+
+
+class OnDeviceBatches:
+    """The same on-device batch ``n`` times: a loader for ``rat.train.engine.train_one_epoch`` with no data cost."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int):
+        self.x, self.y, self.n = x, y, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.x, self.y
+
+
+def seconds_per_train_step(epoch: Callable[[int], object], device: torch.device, steps: int, warmup: int) -> float:
+    """Wall seconds per step of ``epoch(n)`` (which takes ``n`` training steps), over ``steps`` steps after an untimed
+    ``epoch(warmup)`` (compilation, cudnn autotuning, allocator)."""
+    epoch(warmup)
+    sync(device)
+    start = time.perf_counter()
+    epoch(steps)
+    sync(device)
+    return (time.perf_counter() - start) / steps

@@ -177,6 +177,7 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
     classes = read_classes(train_path)
     num_classes = spec.data.num_classes or len(classes)
     kwargs = model_kwargs(spec.model, num_classes, spec.resolution.max_res)
+    torch.backends.cudnn.benchmark = bool(training.cudnn_benchmark)
     module, compiled = build_model(spec.model, kwargs, info.device)
     ema = ModelEmaV3(module, decay=spec.ema.decay, device="cpu" if spec.ema.cpu else None) if spec.ema.enabled \
         else None
@@ -184,12 +185,13 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
         if info.distributed else compiled
     optimizer = build_optimizer(module, training.optimizer, lr=0.0, weight_decay=training.weight_decay,
                                 betas=(training.beta1, training.beta2), momentum=training.momentum,
-                                nesterov=bool(training.nesterov))
+                                nesterov=bool(training.nesterov), fused=bool(training.fused))
     scaler = torch.amp.GradScaler(info.device.type) if training.precision == "fp16" else None
     augmentation = build_augmentation(spec.augment, spec.aaa, num_classes=num_classes,
                                       label_smoothing=training.label_smoothing, seed=seed, run_seed=training.seed,
                                       world_size=info.world_size)
-    attack = build_attack(spec.adv, module, seed)
+    # through the compiled module (with model.compile 1), so the attack's forward/backward passes are compiled too
+    attack = build_attack(spec.adv, compiled, seed)
     loaders = build_loaders(spec, train_path, val_path, info)
     state = TrainState(module, optimizer, attack, ema=ema, scaler=scaler, generator=augmentation.generator,
                        policy=augmentation.policy, arch=spec.model.arch, model_kwargs=kwargs, config=spec.to_dict(),

@@ -26,7 +26,8 @@ RESUME_MAY_CHANGE = ("training.epochs", "lr.*", "training.grad_clip", "training.
                      "training.limit_batches",
                      "training.device", "logging.*", "validation.*", "dist.*", "data.num_workers", "data.in_memory",
                      "data.train_dataset", "data.val_dataset", "data.demo_root", "model.init_checkpoint",
-                     "model.compile", "model.channels_last", "ema.cpu")
+                     "model.compile", "model.channels_last", "ema.cpu", "training.fused",
+                     "training.cudnn_benchmark")
 
 
 class CheckpointWriteError(RuntimeError):

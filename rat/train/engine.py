@@ -127,7 +127,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
         loss = result.loss
         flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
                              torch.tensor(float(hooks.stop_requested()), device=loss.device)])
-        flags = all_reduce_sum(flags)
+        flags = all_reduce_sum(flags).tolist()  # the step's one host synchronisation (the non-finite stop)
         if flags[1] > 0:
             stop_reason = "nonfinite"
             break
@@ -151,7 +151,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
         state.batches_done = index + 1
         if state.ema is not None:
             state.ema.update(state.module, step=state.step)
-        mean_loss = flags[0].item() / world_size
+        mean_loss = flags[0] / world_size
         loss_sum += mean_loss
         batches += 1
         images += x.shape[0] * world_size

@@ -27,11 +27,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *,
                     betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.9,
-                    nesterov: bool = False) -> torch.optim.Optimizer:
-    """AdamW (betas as given) or SGD (momentum, optional Nesterov), both with the two parameter groups above."""
+                    nesterov: bool = False, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (betas as given) or SGD (momentum, optional Nesterov), both with the two parameter groups above.
+
+    ``fused``: AdamW's fused kernels (one launch for all parameters: ``torch.optim.AdamW(fused=True)``) instead of
+    torch's default multi-tensor (foreach) ones; the same update up to rounding."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if fused else None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'sgd'")
