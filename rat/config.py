@@ -408,11 +408,20 @@ def _declare_quant_attack() -> None:
     )
 
 
+def _declare_quant_scheme() -> None:
+    Section("qscheme", "How layers are quantized (the seed's scheme by default)").params(
+        fold_bn=Param(Flag(), "1: fold each BatchNorm into the convolution before it, then quantize", default=1),
+        quant_bias=Param(Flag(), "1: quantize biases at the accumulator scale (INT32 for INT, bfloat16 for FLOAT/POT); "
+                         "0: keep them in float", default=1),
+    )
+
+
 def declare_quant_sections(subcommand: str) -> Callable[[], None]:
     """The ``declare`` function (for :func:`make_config`) of one ``python -m rat.quant`` subcommand."""
     def ptq() -> None:
         _declare_quant_model()
         _declare_quant_data(eval_data=False, calib=True)
+        _declare_quant_scheme()
         Section("ptq", "Post-training quantization to one format").params(
             format=Param(str, "INT<b> (2-16), POT<b> (2-8) or FLOAT<b>_E<e>M<m> (3-8), e.g. int8, float8_e4m3",
                          default=""),
@@ -423,6 +432,7 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
         _declare_quant_model()
         _declare_quant_data(eval_data=True, calib=True)
         _declare_quant_attack()
+        _declare_quant_scheme()
         Section("sweep", "Every format and bit width for one model").params(
             kinds=Param(CommaList(OneOf(["INT", "POT", "FLOAT", "int", "pot", "float"]), "formats"),
                         "format families of the grid (INT 2-16, POT 2-8, FLOAT 3-8 with every e)",
@@ -432,12 +442,19 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
             output=Param(str, "results folder: sweep.jsonl and sweep.csv (must not hold a sweep.jsonl)",
                          default=""),
             progress=Param(Flag(), "1: tqdm progress bar", default=1),
+            same_grid=Param(Flag(), "1: also evaluate formats whose grid equals an earlier one's (FLOAT E1 = INT, "
+                            "FLOAT M0 = POT; recorded with same_grid_as, left out of fits); 0: skip them", default=1),
+            bins=Param(_int(2), "bins of the histogram similarity (recorded as hist_js_*)", default=256),
         )
 
     def fit() -> None:
         Section("fit", "Fit accuracy loss against weight similarity across sweeps").params(
             sweeps=Param(str, "comma-separated sweep.jsonl files (one or more models)", default=""),
-            similarity=Param(OneOf(["js_flops", "js_param"]), "x axis", default="js_flops"),
+            similarity=Param(OneOf(["js_flops", "js_param", "js_flops_wt_log", "js_flops_wt_cbrt", "hist_js_flops",
+                                    "hist_js_param", "hist_js_flops_wt_log", "hist_js_flops_wt_cbrt"]),
+                             "x axis of the plot: the seed's softmax JS (js_*) or the histogram JS (hist_js_*), "
+                             "weighted by FLOPs, parameters, FLOPs x log10(MACs) or FLOPs x MACs^(1/3)",
+                             default="js_flops"),
             output=Param(str, "plot (.png); the fit summary goes next to it as .json", default=""),
         )
 
@@ -474,6 +491,7 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
         _declare_quant_model()
         _declare_quant_data(eval_data=True, calib=False)
         _declare_quant_attack()
+        _declare_quant_scheme()
         Section("estimate", "Clean/robust accuracy of FP and quantized models on a generated set").params(
             generated=Param(str, "generated set from `generate`", default=""),
             formats=Param(str, "comma-separated formats to estimate, e.g. int8,int4,pot4,float6_e3m2", default=""),

@@ -17,7 +17,7 @@ from torch import nn
 
 from rat.config import ConfigError, make_config
 from rat.data import augment as aug
-from rat.data.policy import AAA_OPS, AdversarialAugment, PolicyController, PolicySpace
+from rat.data.policy import AAA_OPS, AdversarialAugment, PolicyController, PolicySpace, policy_from_state
 from rat.train.engine import EpochHooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,6 +300,24 @@ def test_lstm_state_starts_afresh_for_each_sub_policy() -> None:
     carried = AdversarialAugment(PolicySpace(), num_policies=6, lstm_state="policy", seed=0)
     carried.controller.load_state_dict(policy.controller.state_dict())
     assert not torch.allclose(carried.controller(tokens=tokens)["log_prob"], parts)
+
+
+def test_a_policy_checkpoint_is_resumed_only_with_the_rules_it_was_trained_with() -> None:
+    """A policy state written by a rat before the rules were options (per-step schedule, one LSTM state, AutoAugment's
+    magnitudes, black Cutout) is refused by today's defaults with the flags that resume it, and restored with its
+    own rules by policy_from_state (tools/show_policy.py's reader); another M is refused too."""
+    old = AdversarialAugment(PolicySpace(), schedule="step", lstm_state="policy", magnitude_map="autoaugment",
+                             cutout_fill="black", seed=0)
+    state = old.state_dict()
+    for key in ("rules", "tokens", "loss_sum", "loss_steps"):
+        del state[key]
+    with pytest.raises(ValueError, match="--aaa.schedule step --aaa.lstm_state policy --aaa.magnitude_map "
+                                         "autoaugment --aaa.cutout_fill black: resume with those settings"):
+        AdversarialAugment(PolicySpace()).load_state_dict(state)
+    assert policy_from_state(state).rules == old.rules
+    eight = AdversarialAugment(PolicySpace()).state_dict()
+    with pytest.raises(ValueError, match="--aaa.num_policies 8"):
+        AdversarialAugment(PolicySpace(), num_policies=4).load_state_dict(eight)
 
 
 class _StopAfter(EpochHooks):

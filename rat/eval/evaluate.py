@@ -412,6 +412,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
 
     model = build_eval_model(source.arch, source.checkpoint, resolution=resolution, model_kwargs=source.model_kwargs,
                              use_ema=spec.use_ema, device=device, precision=spec.precision)
+    quantization = ((source.checkpoint or {}).get("quant") or {}).get("name")  # rat.quant format, or None
     source.checkpoint = None  # free the loaded checkpoint (optimizer state and all)
     adversary = build_autoattack(model, norm=spec.norm, eps=eps, attacks=attacks, device=device, seed=spec.seed,
                                  n_iter=spec.n_iter, n_queries=spec.n_queries)
@@ -458,7 +459,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint is not None else None,
         "checkpoint_sha256": source.checkpoint_sha256,
         "use_ema": spec.use_ema,
-        "quantization": ((source.checkpoint or {}).get("quant") or {}).get("name"),  # rat.quant format, or None
+        "quantization": quantization,
         "normalize": bool(source.model_kwargs["normalize"]),
         "normalize_source": source.normalization,
         "norm": spec.norm,

@@ -27,15 +27,23 @@ import torch
 from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
 from rat.logging import logging_scope, setup_logging
 from rat.models import CheckpointError
-from rat.quant.formats import FORMATS, FormatError, parse_format, sweep_grid
+from rat.quant.fit import FitError
+from rat.quant.formats import FORMATS, FormatError, parse_format, same_grid_as, sweep_grid
 from rat.quant.generator import GeneratorError
 from rat.quant.ptq import QuantizationError
 
 _logger = logging.getLogger("rat.quant")
 
 _USAGE = f"usage: python -m rat.quant {{{','.join(QUANT_SUBCOMMANDS)}}} [--config-file F] [--section.param V ...]"
-_BAD_INPUT = (ConfigError, FormatError, QuantizationError, GeneratorError, CheckpointError, FileNotFoundError,
-              FileExistsError)
+_BAD_INPUT = (ConfigError, FormatError, QuantizationError, GeneratorError, CheckpointError, FitError,
+              FileNotFoundError, FileExistsError)
+_SUBCOMMAND_HELP = {
+    "ptq": "quantize one checkpoint to one format",
+    "sweep": "clean/robust accuracy and similarity of one model at every format",
+    "fit": "fit accuracy loss against similarity across sweeps (R² per model and overall, plot)",
+    "generate": "train and adjust a label-conditioned generator (data-free evaluation set)",
+    "estimate": "clean/robust accuracy of FP and quantized models on a generated set",
+}
 
 
 def _device(name: str) -> torch.device:
@@ -120,7 +128,7 @@ def _data_paths(cfg: dict[str, Any]) -> tuple[str, str]:
 
 
 def run_ptq(cfg: dict[str, Any]) -> int:
-    from rat.quant.ptq import calibrate, quantize_model, save_quantized_checkpoint
+    from rat.quant.ptq import calibrate, fold_batchnorm, quantize_model, save_quantized_checkpoint
     from rat.quant.sweep import batches
 
     if not cfg["ptq"]["format"]:
@@ -132,7 +140,9 @@ def run_ptq(cfg: dict[str, Any]) -> int:
     calib_path, _ = _data_paths(cfg)
     x, _ = _images(calib_path, cfg["qdata"]["calib_n"], resolution, device, cfg["qdata"]["num_workers"],
                    "qdata.calib_n")
-    quantized = quantize_model(model, fmt, calibrate(model, batches(x, cfg["qmodel"]["batch_size"])))
+    amax = calibrate(model, batches(x, cfg["qmodel"]["batch_size"]))
+    folded = fold_batchnorm(model, x[:cfg["qmodel"]["batch_size"]]) if cfg["qscheme"]["fold_bn"] else {}
+    quantized = quantize_model(model, fmt, amax, folded=folded, bias=bool(cfg["qscheme"]["quant_bias"]))
     save_quantized_checkpoint(output, quantized, meta["arch"], meta["model_kwargs"],
                               source={"checkpoint": meta["checkpoint"], "calib_data": calib_path, "calib_n": len(x)})
     print(f"rat.quant ptq: {meta['arch']} quantized to {fmt.name} ({len(quantized.act_scales)} layers, calibrated on "
@@ -153,6 +163,8 @@ def run_sweep_cmd(cfg: dict[str, Any]) -> int:
         formats = [parse_format(f) for f in sweep["formats"].split(",") if f.strip()]
     else:
         formats = sweep_grid(tuple(k.upper() for k in sweep["kinds"].split(",") if k.upper() in FORMATS))
+    if not sweep["same_grid"]:
+        formats = [f for i, f in enumerate(formats) if same_grid_as(f, formats[:i]) is None]
     device = _device(cfg["qmodel"]["device"])
     model, meta, resolution = _load_model(cfg["qmodel"], device)
     calib_path, data_path = _data_paths(cfg)
@@ -162,8 +174,9 @@ def run_sweep_cmd(cfg: dict[str, Any]) -> int:
     name = sweep["name"] or default_model_name(meta["checkpoint"], meta["arch"])
     records = run_sweep(model, name=name, formats=formats, calib=calib, x=x, y=y, spec=_attack_spec(cfg),
                         img_size=resolution, batch_size=cfg["qmodel"]["batch_size"], jsonl=folder / "sweep.jsonl",
-                        progress=bool(sweep["progress"]), extra={"arch": meta["arch"],
-                                                                 "checkpoint": meta["checkpoint"]})
+                        progress=bool(sweep["progress"]), fold_bn=bool(cfg["qscheme"]["fold_bn"]),
+                        quant_bias=bool(cfg["qscheme"]["quant_bias"]), bins=sweep["bins"],
+                        extra={"arch": meta["arch"], "checkpoint": meta["checkpoint"]})
     write_csv(records, folder / "sweep.csv")
     fp = records[0]
     print(f"rat.quant sweep: {name}: FP clean {fp['clean_acc']:.2f}% robust {fp['robust_acc']:.2f}%, "
@@ -172,7 +185,7 @@ def run_sweep_cmd(cfg: dict[str, Any]) -> int:
 
 
 def run_fit(cfg: dict[str, Any]) -> int:
-    from rat.quant.fit import TARGETS, fit_sweeps, load_records, plot_fits
+    from rat.quant.fit import FIT_SIMILARITIES, TARGETS, fit_sweeps, fit_table, load_records, plot_fits
 
     fit = cfg["fit"]
     paths = [Path(p) for p in fit["sweeps"].split(",") if p.strip()]
@@ -181,18 +194,28 @@ def run_fit(cfg: dict[str, Any]) -> int:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"fit.sweeps: {path} does not exist (write it with python -m rat.quant sweep)")
+        if path.suffix != ".jsonl":
+            raise FitError(f"fit.sweeps: {path} is not a sweep JSONL: give the sweep.jsonl that python -m rat.quant "
+                           "sweep writes beside it")
     output = _fresh_output(fit["output"], "fit.output")
+    if output.suffix.lower() != ".png":
+        raise ConfigError(f"fit.output={output} must be a .png file (the summary goes next to it as .json)")
+    _fresh_output(str(output.with_suffix(".json")), "fit.output's .json summary")
     records = load_records(paths)
     if not records:
-        raise ConfigError("fit.sweeps hold no quantized points")
-    summary = fit_sweeps(records, fit["similarity"])
+        raise FitError("fit.sweeps hold no quantized points: sweep some formats first")
+    summary = fit_sweeps(records, fit["similarity"])  # refuses too few points before anything is written
+    recorded = [s for s in FIT_SIMILARITIES if all(s in r for r in records)]
+    summary["all_similarities"] = {s: {t: fit_sweeps(records, s)[t] for t in TARGETS} for s in recorded}
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     plot_fits(records, summary, output)
-    output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    output.with_suffix(".json").write_text(text)
     for target in TARGETS:
-        per_model = ", ".join(f"{m} {f['r2']:.3f}" for m, f in summary[target]["models"].items())
-        print(f"rat.quant fit: {target} loss vs {fit['similarity']}: R² overall "
-              f"{summary[target]['overall']['r2']:.3f}; per model: {per_model}")
-    print(f"rat.quant fit: plot {output}, summary {output.with_suffix('.json')}")
+        print(f"rat.quant fit: R² of {target} accuracy loss, per model and all (the seed's table; {len(records)} "
+              f"distinct quantized points):")
+        print(fit_table([{"similarity": s, "models": summary["models"], **summary["all_similarities"][s]}
+                         for s in recorded], target))
+    print(f"rat.quant fit: plot ({fit['similarity']}) {output}, summary {output.with_suffix('.json')}")
     return 0
 
 
@@ -251,7 +274,7 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     from scipy.stats import spearmanr
 
     from rat.models import load_checkpoint_file
-    from rat.quant.ptq import calibrate, quantize_model
+    from rat.quant.ptq import calibrate, fold_batchnorm, quantize_model
     from rat.quant.sweep import FP_NAME, batches, evaluate_point
 
     est = cfg["estimate"]
@@ -281,9 +304,12 @@ def run_estimate(cfg: dict[str, Any]) -> int:
                        "qdata.n_ex")
     spec, bs = _attack_spec(cfg), cfg["qmodel"]["batch_size"]
     amax = calibrate(model, batches(xg, bs))  # data-free: ranges from the generated images
+    reference = copy.deepcopy(model)
+    folded = fold_batchnorm(reference, xg[:bs]) if cfg["qscheme"]["fold_bn"] else {}
     rows = []
     for fmt in [None, *formats]:
-        net = model if fmt is None else quantize_model(copy.deepcopy(model), fmt, amax).model
+        net = model if fmt is None else quantize_model(copy.deepcopy(reference), fmt, amax, folded=folded,
+                                                       bias=bool(cfg["qscheme"]["quant_bias"])).model
         row: dict[str, Any] = {"format": FP_NAME if fmt is None else fmt.name}
         row.update({f"est_{k}": v for k, v in evaluate_point(net, xg, yg, spec, bs).items()})
         if real is not None:
@@ -320,6 +346,12 @@ _COMMANDS = {"ptq": run_ptq, "sweep": run_sweep_cmd, "fit": run_fit, "generate":
 @logging_scope()
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{_USAGE}\n\nsubcommands:")
+        for sub in QUANT_SUBCOMMANDS:
+            print(f"  {sub:<9} {_SUBCOMMAND_HELP[sub]}")
+        print("\n`python -m rat.quant SUBCOMMAND --help` lists a subcommand's parameters; see docs/quant.md.")
+        return 0
     if not argv or argv[0] not in QUANT_SUBCOMMANDS:
         given = f" (got {argv[0]!r})" if argv else ""
         print(f"rat.quant: error: give a subcommand first{given}\n{_USAGE}", file=sys.stderr)

@@ -14,6 +14,12 @@ magnitude ``max_value`` (the scale of a tensor whose calibrated absolute maximum
   formats, i.e. torch's ``float8_e4m3fn`` (max 448, no infinities) and ``float8_e5m2`` (max 57344, IEEE-style);
   every other e/m split uses all its codes for finite numbers (brevitas' default for minifloats).
 
+Biases (:func:`quantize_bias`) are quantized at the scale of the layer's accumulator, ``s_in * s_w`` (input scale
+times weight scale), as the seed does: on an INT32 grid for INT (the seed's), as bfloat16 (16 bits, 8 exponent bits,
+the seed's bias format for FLOAT) for FLOAT and POT. For POT the seed clamps the bias at ``±1 * s_in * s_w`` (its
+POT ``qmax``), i.e. at the largest single product of the layer, which cuts every bias larger than that; rat uses
+bfloat16 instead, the format a power-of-two accumulator needs for its dynamic range (a deviation, docs/quant.md).
+
 Rounding passes gradients straight through (brevitas' ``RoundSte``; the same for POT), so attacks on a quantized
 model get BPDA gradients, the usual choice for quantized networks.
 """
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
+from fractions import Fraction
 from functools import cache, lru_cache
 
 import torch
@@ -33,7 +41,8 @@ from brevitas.core.utils import StatelessBuffer
 from brevitas.utils.float_quant_utils import get_max_available_float
 from torch import nn
 
-__all__ = ["BIT_RANGES", "FORMATS", "QuantFormat", "fake_quantize", "parse_format", "sweep_grid"]
+__all__ = ["BIAS_FORMATS", "BIT_RANGES", "FORMATS", "QuantFormat", "fake_quantize", "grid_levels", "parse_format",
+           "quantize_bias", "same_grid_as", "sweep_grid"]
 
 FORMATS = ("INT", "POT", "FLOAT")
 BIT_RANGES = {"INT": (2, 16), "POT": (2, 8), "FLOAT": (3, 8)}
@@ -135,6 +144,31 @@ def sweep_grid(kinds: tuple[str, ...] = FORMATS) -> list[QuantFormat]:
     return grid
 
 
+@cache
+def grid_levels(fmt: QuantFormat) -> frozenset[Fraction]:
+    """The format's non-negative grid values divided by ``max_value``, exactly (two formats with the same levels
+    quantize every tensor identically)."""
+    if fmt.kind == "INT":
+        top = 2 ** (fmt.bits - 1) - 1
+        return frozenset(Fraction(k, top) for k in range(top + 1))
+    if fmt.kind == "POT":
+        return frozenset([Fraction(0)] + [Fraction(1, 2 ** j) for j in range(2 ** (fmt.bits - 1) - 1)])
+    exp, man = fmt.exp_bits, fmt.man_bits
+    bias = 2 ** (exp - 1) - 1
+    values = [Fraction(k, 2 ** man) * Fraction(2) ** (1 - bias) for k in range(2 ** man)]  # zero and subnormals
+    values += [(1 + Fraction(k, 2 ** man)) * Fraction(2) ** (e - bias) for e in range(1, 2 ** exp) for k in
+               range(2 ** man)]
+    top = Fraction(fmt.max_value)
+    return frozenset(v / top for v in values if v <= top)
+
+
+def same_grid_as(fmt: QuantFormat, earlier: Sequence[QuantFormat]) -> QuantFormat | None:
+    """The first format of ``earlier`` with ``fmt``'s grid (e.g. FLOAT<b>_E1 = INT<b>, FLOAT<b>_E<b-1>M0 = POT<b>),
+    or None."""
+    levels = grid_levels(fmt)
+    return next((other for other in earlier if other != fmt and grid_levels(other) == levels), None)
+
+
 def _float_max(exp_bits: int, man_bits: int) -> float:
     nan, inf = _OCP_SPECIALS.get((exp_bits, man_bits), (None, None))
     return float(get_max_available_float(exp_bits, man_bits, 2 ** (exp_bits - 1) - 1, nan, inf, True))
@@ -168,6 +202,26 @@ def _pot_round(x: torch.Tensor, bits: int) -> torch.Tensor:
     q = torch.where(mag < 2.0 ** (min_exp - 1), torch.zeros_like(q), q)
     q = torch.sign(x.detach()) * q
     return x + (q - x).detach()
+
+
+BIAS_FORMATS = {"INT": "INT32", "POT": "BF16", "FLOAT": "BF16"}
+
+
+def quantize_bias(bias: torch.Tensor, scale: torch.Tensor | float, kind: str) -> torch.Tensor:
+    """``scale * q(bias / scale)`` with ``q`` the bias format of ``kind`` (:data:`BIAS_FORMATS`): INT32 (narrow
+    range, brevitas' ``IntQuant``) or bfloat16 (torch's cast: 8 exponent bits, 7 mantissa bits, round half to even).
+
+    Args:
+        bias: A layer's bias.
+        scale: The layer's accumulator scale, input scale times weight scale.
+        kind: The layer's format family (``QuantFormat.kind``).
+    """
+    scale = torch.as_tensor(scale, dtype=bias.dtype, device=bias.device)
+    if BIAS_FORMATS[kind] == "INT32":
+        zero = torch.zeros((), dtype=bias.dtype, device=bias.device)
+        return _int_quant()(scale, zero, torch.tensor(32.0, dtype=bias.dtype, device=bias.device), bias)
+    scaled = bias / scale
+    return (scaled + (scaled.to(torch.bfloat16).to(bias.dtype) - scaled).detach()) * scale
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, fmt: QuantFormat) -> torch.Tensor:

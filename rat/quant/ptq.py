@@ -1,11 +1,18 @@
 """Simulated post-training quantization of any rat model: weights and input activations of every Conv/Linear layer.
 
-Per quantizable layer (every ``nn.Conv1d/2d/3d`` and ``nn.Linear``, timm's subclasses included):
+First (``fold``, the seed's order), every BatchNorm that consumes a convolution's output directly is folded into it
+(:func:`fold_batchnorm`): ``W <- W * g/s``, ``b <- beta + (b - mean) * g/s`` with ``g`` the BN weight and
+``s = sqrt(running_var + eps)``. The folded bias is kept *in the BatchNorm module*, which becomes ``y -> y + b``
+(weight 1, mean 0, ``running_var = 1 - eps``), so the model keeps its architecture and state-dict keys and a quantized
+checkpoint loads into ``create_model_from_checkpoint`` unchanged. Then, per quantizable layer (every
+``nn.Conv1d/2d/3d`` and ``nn.Linear``, timm's subclasses included):
 
-* the weight is replaced by its fake-quantized value, per-tensor scale ``max|W| / fmt.max_value``;
-* the layer's input is fake-quantized by a forward pre-hook, per-tensor scale ``max|x| / fmt.max_value`` where
-  ``max|x|`` is the largest absolute input seen on the calibration images by the full-precision model;
-* the bias stays in float (in hardware it is a wide accumulator, 32 bits).
+* the weight is replaced by its fake-quantized value, per-tensor scale ``s_w = max|W| / fmt.max_value``;
+* the layer's input is fake-quantized by a forward pre-hook, per-tensor scale ``s_in = max|x| / fmt.max_value``
+  where ``max|x|`` is the largest absolute input seen on the calibration images by the full-precision model;
+* the bias (the layer's own, or the folded one in its BatchNorm) is quantized at the accumulator scale
+  ``s_in * s_w`` (``bias``, the seed's scheme; :func:`rat.quant.formats.quantize_bias`: INT32 for INT, bfloat16 for
+  FLOAT and POT), or stays in float.
 
 Everything else (input normalization, LayerNorm/BatchNorm, softmax, GELU, the attention matmuls, residual additions)
 stays in float: these layers have no weights to quantize in this scheme, and the formats here do not serve them.
@@ -26,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rat.quant.formats import QuantFormat, fake_quantize
+from rat.quant.formats import BIAS_FORMATS, QuantFormat, fake_quantize, quantize_bias
 
 __all__ = [
-    "MIN_CALIB_IMAGES", "QUANT_RECORD_VERSION", "QuantizationError", "QuantizedModel", "calibrate",
-    "load_quantized_model", "quantizable_layers", "quantize_model", "save_quantized_checkpoint",
+    "MIN_CALIB_IMAGES", "QUANT_RECORD_VERSION", "QuantizationError", "QuantizedModel", "calibrate", "fold_batchnorm",
+    "layer_bias", "layer_tensors", "load_quantized_model", "quantizable_layers", "quantize_model",
+    "save_quantized_checkpoint",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,7 +46,7 @@ _logger = logging.getLogger(__name__)
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Fewer images give activation ranges that depend on a handful of inputs.
 MIN_CALIB_IMAGES = 16
-QUANT_RECORD_VERSION = 1
+QUANT_RECORD_VERSION = 2  # 2: folded BatchNorm and quantized biases recorded
 
 
 class QuantizationError(ValueError):
@@ -91,6 +99,90 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, fl
     return amax
 
 
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """Fold every BatchNorm whose input is exactly a convolution's output into that convolution, in place.
+
+    The pairs are found from the data flow of one forward pass on ``x`` (eval mode): a BatchNorm is folded when the
+    tensor it receives is the one a convolution returned. The folded bias is kept in the BatchNorm, which becomes
+    ``y -> y + b`` (see the module docstring). A model without BatchNorm (LayerNorm CvSt models) is left as it is.
+
+    Returns:
+        ``{conv name: BatchNorm name}`` of the folded pairs.
+
+    Raises:
+        QuantizationError: folding changed the model's output (a convolution's output also feeds something else).
+    """
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    # an affine BatchNorm with running statistics (one without affine parameters has nowhere to keep the bias)
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.affine and m.track_running_stats}
+    if not convs or not norms:
+        return {}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: dict[str, str] = {}
+
+    def conv_hook(name: str):
+        def record(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            produced[id(out)] = (name, out)  # the tensor is kept, so its id stays unique during the pass
+        return record
+
+    def norm_hook(name: str):
+        def match(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            hit = produced.get(id(args[0]))
+            if hit is not None and hit[1] is args[0]:
+                pairs[hit[0]] = name
+        return match
+
+    handles = [m.register_forward_hook(conv_hook(n)) for n, m in convs.items()]
+    handles += [m.register_forward_pre_hook(norm_hook(n)) for n, m in norms.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    produced.clear()
+    for conv_name, norm_name in pairs.items():
+        conv, norm = convs[conv_name], norms[norm_name]
+        factor = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        conv.weight.mul_(factor.reshape(shape))
+        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+        folded = (conv_bias - norm.running_mean) * factor + norm.bias
+        if conv.bias is not None:
+            conv.bias.zero_()
+        norm.running_mean.zero_()
+        norm.running_var.fill_(1.0).sub_(norm.eps)
+        norm.weight.fill_(1.0)
+        norm.bias.copy_(folded)
+    if not torch.allclose(model(x), reference, rtol=1e-3, atol=1e-4):
+        raise QuantizationError("folding BatchNorm into the convolutions changed the model's output (a convolution's "
+                                "output feeds more than its BatchNorm): set qscheme.fold_bn 0")
+    model.train(was_training)
+    return pairs
+
+
+def layer_bias(model: nn.Module, name: str, folded: Mapping[str, str]) -> torch.Tensor | None:
+    """The bias of quantizable layer ``name``: the folded one in its BatchNorm, else the layer's own (or None)."""
+    if name in folded:
+        return model.get_submodule(folded[name]).bias
+    return model.get_submodule(name).bias
+
+
+def layer_tensors(model: nn.Module, folded: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {'weight': W, 'bias': b}}`` (detached copies; no ``bias`` for a layer without one) of every
+    quantizable layer, biases as :func:`layer_bias` finds them."""
+    tensors = {}
+    for name, layer in quantizable_layers(model).items():
+        tensors[name] = {"weight": layer.weight.detach().clone()}
+        bias = layer_bias(model, name, folded)
+        if bias is not None:
+            tensors[name]["bias"] = bias.detach().clone()
+    return tensors
+
+
 @dataclasses.dataclass
 class QuantizedModel:
     """A model quantized in place, its format and scales, and the hooks that quantize its layer inputs."""
@@ -100,12 +192,14 @@ class QuantizedModel:
     weight_scales: dict[str, float]
     act_scales: dict[str, float]
     handles: list[Any] = dataclasses.field(default_factory=list, repr=False)
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    bias: str = "float32"
 
     def record(self) -> dict[str, Any]:
         """The ``quant`` entry of a quantized checkpoint (plain types only, safe for ``weights_only`` loading)."""
         return {"version": QUANT_RECORD_VERSION, "format": self.fmt.kind, "bits": self.fmt.bits,
                 "exp_bits": self.fmt.exp_bits, "name": self.fmt.name, "weight_scales": dict(self.weight_scales),
-                "act_scales": dict(self.act_scales), "bias": "float32"}
+                "act_scales": dict(self.act_scales), "bias": self.bias, "folded_bn": dict(self.folded)}
 
 
 def _attach_act_quant(layers: Mapping[str, nn.Module], act_scales: Mapping[str, float], fmt: QuantFormat) -> list:
@@ -123,14 +217,19 @@ def _scale(amax: float, fmt: QuantFormat) -> float:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, fmt: QuantFormat, act_amax: Mapping[str, float]) -> QuantizedModel:
-    """Quantize ``model`` in place: weights replaced by their quantized values, input quantizers attached.
+def quantize_model(model: nn.Module, fmt: QuantFormat, act_amax: Mapping[str, float], *,
+                   folded: Mapping[str, str] | None = None, bias: bool = True) -> QuantizedModel:
+    """Quantize ``model`` in place: weights (and biases) replaced by their quantized values, input quantizers attached.
 
     Args:
-        model: A model from ``rat.models.create_model`` (any module works), full precision.
+        model: A model from ``rat.models.create_model`` (any module works), full precision, BatchNorm already folded
+            by :func:`fold_batchnorm` when ``folded`` is given.
         fmt: The number format of weights and activations.
         act_amax: Per-layer input absolute maxima from :func:`calibrate` on the same architecture.
+        folded: The pairs :func:`fold_batchnorm` returned (where the folded biases live), or None.
+        bias: Quantize the biases at the accumulator scale (``quantize_bias``); False keeps them in float.
     """
+    folded = dict(folded or {})
     layers = quantizable_layers(model)
     missing = sorted(set(layers) - set(act_amax))
     if missing:
@@ -140,8 +239,14 @@ def quantize_model(model: nn.Module, fmt: QuantFormat, act_amax: Mapping[str, fl
         weight_scales[name] = _scale(float(layer.weight.abs().max()), fmt)
         layer.weight.copy_(fake_quantize(layer.weight, weight_scales[name], fmt))
     act_scales = {name: _scale(float(act_amax[name]), fmt) for name in layers}
+    if bias:
+        for name in layers:
+            b = layer_bias(model, name, folded)
+            if b is not None:
+                b.copy_(quantize_bias(b, act_scales[name] * weight_scales[name], fmt.kind))
     handles = _attach_act_quant(layers, act_scales, fmt)
-    return QuantizedModel(model, fmt, weight_scales, act_scales, handles)
+    return QuantizedModel(model, fmt, weight_scales, act_scales, handles, folded,
+                          BIAS_FORMATS[fmt.kind] if bias else "float32")
 
 
 def save_quantized_checkpoint(path: str | Path, quantized: QuantizedModel, arch: str, model_kwargs: Mapping[str, Any],
@@ -174,7 +279,8 @@ def load_quantized_model(checkpoint: str | Path | Mapping[str, Any], img_size: i
     act_scales = {_layer_name(k, layers): float(v) for k, v in record["act_scales"].items()}
     weight_scales = {_layer_name(k, layers): float(v) for k, v in record["weight_scales"].items()}
     handles = _attach_act_quant(layers, act_scales, fmt)
-    return QuantizedModel(model, fmt, weight_scales, act_scales, handles)
+    return QuantizedModel(model, fmt, weight_scales, act_scales, handles, dict(record.get("folded_bn") or {}),
+                          str(record.get("bias", "float32")))
 
 
 def _layer_name(name: str, layers: Mapping[str, nn.Module]) -> str:

@@ -22,16 +22,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rat.quant.formats import QuantFormat
-from rat.quant.ptq import calibrate, quantizable_layers, quantize_model
-from rat.quant.similarity import layer_flops, layer_params, model_similarity, weights_of
+from rat.quant.formats import QuantFormat, same_grid_as
+from rat.quant.ptq import calibrate, fold_batchnorm, layer_tensors, quantize_model
+from rat.quant.similarity import DEFAULT_BINS, layer_flops, layer_params, model_macs, model_similarity
 
-__all__ = ["AttackSpec", "FP_NAME", "accuracy", "batches", "evaluate_point", "robust_accuracy", "run_sweep",
-           "write_csv"]
+__all__ = ["AttackSpec", "FP_NAME", "HIST_PREFIX", "accuracy", "batches", "collapse_threshold", "evaluate_point",
+           "robust_accuracy", "run_sweep", "write_csv"]
 
 _logger = logging.getLogger(__name__)
 
 FP_NAME = "FP32"
+HIST_PREFIX = "hist_"  # record keys of the histogram measure: hist_js_flops, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +109,24 @@ def _loss(fp: float, q: float) -> float:
     return (fp - q) / fp if fp > 0 else 0.0
 
 
+def collapse_threshold(num_classes: int, n: int) -> float:
+    """Clean accuracy (%) at or below which a quantized model counts as collapsed: chance ``100 / num_classes`` plus
+    three binomial standard deviations of a chance-level classifier on ``n`` images."""
+    chance = 100.0 / num_classes
+    return chance + 3.0 * (chance * (100.0 - chance) / max(n, 1)) ** 0.5
+
+
+def _robust_loss(fp: float, q: float, collapsed: bool) -> float:
+    """``(fp - q) / fp``, signed (negative: the quantized model is more robust on these images), and 1 for a
+    collapsed model, whose robust accuracy (a constant or near-constant prediction that attacks cannot change) says
+    nothing about robustness: it has lost everything the FP model had."""
+    return 1.0 if collapsed else _loss(fp, q)
+
+
 def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], calib: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor, spec: AttackSpec, img_size: int, batch_size: int, jsonl: str | Path,
-              progress: bool = True, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              progress: bool = True, extra: dict[str, Any] | None = None, fold_bn: bool = True,
+              quant_bias: bool = True, bins: int = DEFAULT_BINS) -> list[dict[str, Any]]:
     """Evaluate ``model`` in full precision and at every format; returns the records (also appended to ``jsonl``).
 
     Args:
@@ -126,35 +142,57 @@ def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], ca
         jsonl: Results file; one JSON object per line, written as each point finishes.
         progress: Show a tqdm bar.
         extra: Fields added to every record (arch, checkpoint, ...).
+        fold_bn: Fold BatchNorm into the convolutions before quantizing (``rat.quant.ptq.fold_batchnorm``).
+        quant_bias: Quantize biases at the accumulator scale.
+        bins: Bins of the histogram measure (recorded as ``hist_js_*`` beside the seed's ``js_*``).
+
+    A format whose grid equals an earlier one's (FLOAT<b>_E1 = INT<b>, FLOAT<b>_E<b-1>M0 = POT<b>) is recorded with
+    ``same_grid_as``; ``rat.quant.fit`` leaves those points out. A quantized model at or below
+    :func:`collapse_threshold` is ``collapsed`` and its robust loss is 1.
     """
     model = model.eval()
     model.requires_grad_(False)
     act_amax = calibrate(model, batches(calib, batch_size))
-    layers = quantizable_layers(model)
-    fp_weights = weights_of(layers)
-    params = layer_params(layers)
-    flops = layer_flops(model, list(layers), img_size)
+    reference = copy.deepcopy(model)  # the full-precision model the quantized ones start from (BN folded)
+    folded = fold_batchnorm(reference, calib[:batch_size]) if fold_bn else {}
+    fp_tensors = layer_tensors(reference, folded)
+    params = layer_params(fp_tensors)
+    flops = layer_flops(model, list(fp_tensors), img_size)
+    macs = model_macs(model, img_size)
+    num_classes = int(getattr(model, "num_classes", 0) or int(y.max()) + 1)
+    collapsed_at = collapse_threshold(num_classes, len(y))
     base = {"model": name, "n_ex": int(len(y)), "n_calib": int(len(calib)), "norm": spec.norm, "eps": spec.eps,
-            "n_iter": spec.n_iter, "img_size": img_size, **(extra or {})}
+            "n_iter": spec.n_iter, "img_size": img_size, "macs": macs, "fold_bn": bool(fold_bn),
+            "quant_bias": bool(quant_bias), "bins": bins, "collapse_threshold": round(collapsed_at, 3),
+            **(extra or {})}
     fp_result = evaluate_point(model, x, y, spec, batch_size)
+    zero_js = {key: 0.0 for key in ("js_param", "js_flops", "js_flops_wt_log", "js_flops_wt_cbrt")}
     records = [{**base, "format": FP_NAME, "kind": FP_NAME, "bits": 32, "exp_bits": 8, **fp_result,
-                "acc_loss": 0.0, "robust_loss": 0.0, "js_param": 0.0, "js_flops": 0.0}]
+                "acc_loss": 0.0, "robust_loss": 0.0, "collapsed": False, **zero_js,
+                **{HIST_PREFIX + k: v for k, v in zero_js.items()}}]
     jsonl = Path(jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     with jsonl.open("a") as out:
         out.write(json.dumps(records[0]) + "\n")
-        for fmt in tqdm(formats, desc=f"sweep {name}", disable=not progress):
+        for index, fmt in enumerate(tqdm(formats, desc=f"sweep {name}", disable=not progress)):
             start = time.time()
-            qmodel = copy.deepcopy(model)
-            quantized = quantize_model(qmodel, fmt, act_amax)
-            sim = model_similarity(fp_weights, weights_of(quantizable_layers(qmodel)), params, flops)
+            qmodel = copy.deepcopy(reference)
+            quantized = quantize_model(qmodel, fmt, act_amax, folded=folded, bias=quant_bias)
+            q_tensors = layer_tensors(qmodel, folded)
+            sim = model_similarity(fp_tensors, q_tensors, params, flops, macs, "softmax")
+            hist = model_similarity(fp_tensors, q_tensors, params, flops, macs, "histogram", bins)
             result = evaluate_point(qmodel, x, y, spec, batch_size)
+            collapsed = result["clean_acc"] <= collapsed_at
+            twin = same_grid_as(fmt, formats[:index])
             record = {**base, "format": fmt.name, "kind": fmt.kind, "bits": fmt.bits, "exp_bits": fmt.exp_bits,
+                      **({"same_grid_as": twin.name} if twin is not None else {}),
                       **result, "acc_loss": _loss(fp_result["clean_acc"], result["clean_acc"]),
-                      "robust_loss": _loss(fp_result["robust_acc"], result["robust_acc"]),
-                      "js_param": sim["js_param"], "js_flops": sim["js_flops"], "time_s": round(time.time() - start, 2)}
+                      "robust_loss": _robust_loss(fp_result["robust_acc"], result["robust_acc"], collapsed),
+                      "collapsed": collapsed, **{k: v for k, v in sim.items() if k != "js_layers"},
+                      **{HIST_PREFIX + k: v for k, v in hist.items() if k != "js_layers"},
+                      "time_s": round(time.time() - start, 2)}
             if "aa_acc" in result:
-                record["aa_loss"] = _loss(fp_result["aa_acc"], result["aa_acc"])
+                record["aa_loss"] = _robust_loss(fp_result["aa_acc"], result["aa_acc"], collapsed)
             for handle in quantized.handles:
                 handle.remove()
             records.append(record)
