@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import seconds_per_call, sync
+from _timing import OnDeviceBatches, seconds_per_call, seconds_per_train_step, sync
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
@@ -50,31 +50,15 @@ def _emit(record: dict, sink: list[dict]) -> None:
     print(json.dumps(record), flush=True)
 
 
-class _Batches:
-    """The same on-device batch ``n`` times: a loader for ``train_one_epoch`` with no data cost."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int):
-        self.x, self.y, self.n = x, y, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        for _ in range(self.n):
-            yield self.x, self.y
-
-
 def _timed_epoch(model, attack, criterion, x, y, optimizer, mixup, args, steps: int) -> float:
     """Seconds per step of ``train_one_epoch`` over ``steps`` steps, after ``args.warmup`` warm-up steps."""
-    device = x.device
     task = AdversarialTask(model, attack, criterion)
     options = StepOptions(lr=lambda step: 1e-4, precision=args.precision)
-    train_one_epoch(task, _Batches(x, y, args.warmup), TrainState(model, optimizer, attack), options, mixup=mixup)
-    sync(device)
-    start = time.perf_counter()
-    train_one_epoch(task, _Batches(x, y, steps), TrainState(model, optimizer, attack), options, mixup=mixup)
-    sync(device)
-    return (time.perf_counter() - start) / steps
+
+    def epoch(n: int) -> None:
+        train_one_epoch(task, OnDeviceBatches(x, y, n), TrainState(model, optimizer, attack), options, mixup=mixup)
+
+    return seconds_per_train_step(epoch, x.device, steps, args.warmup)
 
 
 class _AutocastLogits(torch.nn.Module):
