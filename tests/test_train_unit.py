@@ -332,3 +332,46 @@ def test_fgsm_takes_one_step_whatever_n_iter_says():
     assert build_attack(spec.adv, _classifier(0), seed=0).n_iter == 1
     apgd = TrainSpec.from_config(make_config(["--adv.attack", "apgd", "--adv.n_iter", "3,2", "--adv.norm", "Linf,L2"]))
     assert [a.n_iter for a in build_attack(apgd.adv, _classifier(0), seed=0).attacks] == [3, 2]
+
+
+def test_fused_adamw_and_cudnn_benchmark_are_settings_a_resume_may_change():
+    """``--training.fused 1`` builds torch's fused AdamW (default: the multi-tensor one, as before), and neither it nor
+    ``--training.cudnn_benchmark`` (speed only) blocks a resume."""
+    from rat.config import TrainSpec, make_config
+
+    spec = TrainSpec.from_config(make_config(["--training.fused", "1", "--training.cudnn_benchmark", "1"]))
+    assert (spec.training.fused, spec.training.cudnn_benchmark) == (1, 1)
+    module = _classifier(0)
+    assert build_optimizer(module, "adamw", 1e-3, 0.05, fused=bool(spec.training.fused)).defaults["fused"] is True
+    assert not build_optimizer(module, "adamw", 1e-3, 0.05).defaults["fused"]
+    refused, allowed = config_changes({"training": {"fused": 0, "cudnn_benchmark": 0}},
+                                      {"training": {"fused": 1, "cudnn_benchmark": 1}})
+    assert refused == [] and len(allowed) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_training_step_synchronises_with_the_host_once():
+    """On CUDA the step waits for the device once (the non-finite stop reads the all-reduced flags); the loss for
+    the records comes from the same read, not from a second one after the backward pass and the update."""
+    import warnings
+
+    from rat.attacks import create_attack
+
+    module = _classifier(0).cuda()
+    state = TrainState(module, build_optimizer(module, "adamw", 1e-3, 0.05, fused=True),
+                       create_attack("apgd", module, norm="Linf", eps=4 / 255, n_iter=2))
+    task = AdversarialTask(module, state.attack, nn.CrossEntropyLoss())
+    batches = [(x.cuda(), y.cuda()) for x, y in _batches(4)]
+    options = StepOptions(lr=lambda step: 1e-3, precision="bf16", log_every=1)
+    train_one_epoch(task, batches[:1], state, options)  # warm-up: the attack's one-time input range check
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_one_epoch(task, batches[1:], state, options)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 3, [str(w.message) for w in syncs]

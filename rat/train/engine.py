@@ -126,7 +126,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
             result = task(x, target)
         loss = result.loss
         flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(float(hooks.stop_requested()), device=loss.device)])
+                             torch.full((), float(hooks.stop_requested()), device=loss.device)])
         flags = all_reduce_sum(flags).tolist()  # the step's one host synchronisation (the non-finite stop)
         if flags[1] > 0:
             stop_reason = "nonfinite"
