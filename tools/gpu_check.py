@@ -147,7 +147,8 @@ def check_e2e(out: Path, args: argparse.Namespace, sizes: dict[str, Any]) -> dic
     if evaluated.returncode != 0:
         return {**result, "ok": False, "why": "rat.eval failed (see e2e_eval.log)"}
     report = json.loads(evaluation.read_text())
-    result["eval"] = {k: report.get(k) for k in ("clean_acc", "robust_acc", "n_ex", "seconds") if k in report}
+    keys = ("clean_accuracy", "robust_accuracy", "n_ex", "version", "precision")
+    result["eval"] = {k: report[k] for k in keys if k in report}
     steps = 2 * sizes["e2e_limit"]
     ok = first.returncode == 0 and "resume with --training.resume auto" in stderr and bool(stopped) \
         and state["epoch"] == 2 and state["step"] == steps
@@ -265,7 +266,7 @@ def check_throughput(args: argparse.Namespace, sizes: dict[str, Any], device: to
     rows: list[dict[str, Any]] = []
     gflops: dict[str, float] = {}
     for arch in sizes["models"]:
-        module = rat.models.create_model(arch, normalize=False, num_classes=sizes["num_classes"])
+        module = rat.models.create_model(arch, normalize=False, num_classes=sizes["num_classes"], img_size=res)
         module = module.to(device).to(memory_format=torch.channels_last)
         flops = count_flops(module, res)
         gflops[arch] = round(flops / 1e9, 3)
@@ -293,6 +294,8 @@ def check_throughput(args: argparse.Namespace, sizes: dict[str, Any], device: to
                        "img_s": round(batch / seconds, 1), "step_ms": round(1e3 * seconds, 2),
                        "mfu": round(batch * passes * flops / seconds / peak, 4), "peak_gib": _peak_gib(device),
                        "wall_s": round(time.perf_counter() - t0, 1)}
+                if compiled:  # graphs dynamo compiled so far for this model (recompiles show up here)
+                    row["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 rows.append(row)
                 record({"rows": rows, "fwd_gflops": gflops})
                 print(json.dumps(row), flush=True)
