@@ -40,9 +40,13 @@ else
   launch+=(--standalone)
 fi
 
-# torchrun answers a signal with a SignalException traceback; the workers answer SIGTERM by saving a checkpoint. So the
-# signal goes to the workers (torchrun's children) and torchrun sees them finish normally.
-"$PYTHON" -m torch.distributed.run "${launch[@]}" -m rat.train "$@" &
+# torchrun answers SIGTERM/SIGINT with a SignalException traceback and kills its workers; the workers answer them by
+# saving a checkpoint. So torchrun is started with both signals ignored (inherited across exec, and
+# --signals-to-handle keeps it from installing its own handlers for them): Ctrl-C in a terminal and a SIGTERM to the
+# whole process group (scancel) reach the workers only, and a signal to this script is forwarded to them; torchrun
+# then sees its workers finish normally.
+trap '' TERM INT
+"$PYTHON" -m torch.distributed.run --signals-to-handle SIGHUP,SIGQUIT "${launch[@]}" -m rat.train "$@" &
 torchrun_pid=$!
 forward() { interrupted=1; pkill -TERM -P "$torchrun_pid" || true; }
 trap forward TERM INT

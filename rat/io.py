@@ -15,13 +15,55 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["FileLock", "OutputError", "atomic_write", "check_writable", "pid_alive", "remove_stale_temps"]
+import yaml
+
+__all__ = ["DuplicateKeyError", "FileLock", "OutputError", "atomic_write", "check_writable", "pid_alive", "read_yaml",
+           "remove_stale_temps"]
 
 
 class OutputError(OSError):
     """An output folder or file that cannot be written; the message names it and the fix."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that gives one key twice (PyYAML would keep the last value without a word)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at every level. Keys merged in with ``<<``
+    may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if seen:
+                    raise DuplicateKeyError(f"key {key!r} is given twice (lines {first[key]} and {line}), and only "
+                                            "the last would count")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The content of a YAML (or JSON) file, read with a safe loader that refuses duplicate keys; every YAML file rat
+    reads goes through here.
+
+    Raises:
+        OSError, UnicodeDecodeError: the file cannot be read as text.
+        DuplicateKeyError: a mapping gives a key twice (the message names it and its lines).
+        yaml.YAMLError: the file is not valid YAML.
+    """
+    return yaml.load(Path(path).read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _umask() -> int:

@@ -5,7 +5,7 @@ contract stated in :mod:`rat.attacks.base`. Building blocks (projections, the at
 their submodules, e.g. :mod:`rat.attacks.norms`.
 """
 from .apgd import APGDAttack
-from .base import DEFAULT_EPS, Attack, NoAttack, per_sample_loss
+from .base import DEFAULT_EPS, Attack, NoAttack, check_eps, per_sample_loss
 from .fgsm import FGSMAttack
 from .multi import MultiNormAttack
 from .norms import NORMS, lp_norm, project
@@ -25,6 +25,7 @@ __all__ = [
     "NoAttack",
     "PGDAttack",
     "adversarial_loss",
+    "check_eps",
     "create_attack",
     "eps_warmup_factor",
     "lp_norm",

@@ -21,6 +21,7 @@ Every attack is an object with ``perturb(x, y) -> x_adv``. The contract, tested 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -36,6 +37,35 @@ _logger = logging.getLogger(__name__)
 DEFAULT_EPS: dict[str, float] = {"Linf": 4 / 255, "L2": 2.0, "L1": 75.0}
 """ImageNet defaults per norm (pixel units, images in [0, 1] at 224 px). Croce & Hein's E-AT code trains ImageNet
 L1 models with ε = 255; rat defaults to 75 — pass ``eps=255`` to reproduce E-AT."""
+
+# An ε whose mean change per pixel value (Linf: ε; L2: ε/√d; L1: ε/d, for d = 3·r² values) exceeds this is warned
+# about: the largest radius in common use is Linf 16/255, and a radius given in 0-255 units is 255 times too large.
+IMPLAUSIBLE_EPS_SCALE = 32 / 255
+
+
+def check_eps(norm: str, eps: float, resolution: int) -> str | None:
+    """Check a radius (in [0, 1] pixel units) against the image box at ``resolution`` px (3 channels).
+
+    Returns None for a plausible radius, and a warning when the mean change it allows per pixel value is above
+    :data:`IMPLAUSIBLE_EPS_SCALE`.
+
+    Raises:
+        ValueError: the radius reaches the diameter of the box [0, 1]^d (Linf 1, L2 √d, L1 d): every image lies within
+            it, so the attack can turn any image into any other; typically ε given in 0-255 units.
+    """
+    values = 3 * resolution * resolution
+    diameter = {"Linf": 1.0, "L2": math.sqrt(values), "L1": float(values)}[norm]
+    scale = eps / diameter
+    in_255 = f"{norm} radii are in [0,1] pixel units (4/255 = 0.0157, not 4)" if norm == "Linf" else \
+        f"{norm} radii are in [0,1] pixel units (e.g. {DEFAULT_EPS[norm]:g}; a radius in 0-255 units is 255x too large)"
+    if scale >= 1:
+        raise ValueError(f"{norm} eps {eps:g} covers the whole image box at {resolution} px (every image is within "
+                         f"{diameter:.4g} of every other), so the attack can replace the image: {in_255}")
+    if scale > IMPLAUSIBLE_EPS_SCALE:
+        return (f"{norm} eps {eps:g} at {resolution} px allows a mean change of {scale * 255:.0f}/255 per pixel value, "
+                f"more than any usual threat model: {in_255}")
+    return None
+
 
 LOSSES: tuple[str, ...] = ("ce", "dlr")
 

@@ -9,14 +9,15 @@ and, for folders, every sample's file name relative to the folder (``files``; e.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "CLASSES_FORMAT", "IMAGE_FIELD", "LABEL_FIELD", "BetonImages", "check_beton", "classes_path", "read_beton_info",
-    "read_beton_item", "read_classes",
+    "CLASSES_FORMAT", "IMAGE_FIELD", "LABEL_FIELD", "BetonImages", "ClassMismatchError", "check_beton", "check_classes",
+    "classes_path", "read_beton_info", "read_beton_item", "read_classes",
 ]
 
 IMAGE_FIELD = "image"
@@ -91,6 +92,31 @@ def check_beton(beton_path: str | Path) -> int:
 def read_classes(beton_path: str | Path) -> list[str]:
     """Class names of a beton in label order (label ``k`` is ``read_classes(p)[k]``)."""
     return [str(c) for c in read_beton_info(beton_path)["classes"]]
+
+
+class ClassMismatchError(ValueError):
+    """Two class lists (or counts) that must agree do not; the message names both sources and the first difference."""
+
+
+def check_classes(expected: Sequence[str] | int, actual: Sequence[str] | int, *, expected_from: str,
+                  actual_from: str, fix: str) -> None:
+    """Check that ``actual`` has the classes ``expected`` has: the same names in the same order (label ``k`` means the
+    same class on both sides) when both are lists, the same number when either side only knows a count. The one check
+    of class lists in rat (train vs val beton, a model's head vs the data, a checkpoint vs the data it is evaluated on).
+
+    Raises:
+        ClassMismatchError: they differ; the message names both sources, the first difference and ``fix``.
+    """
+    count = expected if isinstance(expected, int) else len(expected)
+    other = actual if isinstance(actual, int) else len(actual)
+    if count != other:
+        raise ClassMismatchError(f"{expected_from} has {count} classes but {actual_from} has {other}: {fix}")
+    if isinstance(expected, int) or isinstance(actual, int):
+        return
+    for label, (a, b) in enumerate(zip(expected, actual)):
+        if str(a) != str(b):
+            raise ClassMismatchError(f"{expected_from} and {actual_from} list different classes (label {label} is "
+                                     f"{a!r} in one and {b!r} in the other): {fix}")
 
 
 class BetonImages:

@@ -64,9 +64,14 @@ def list_image_folder(folder: str | Path,
         classes: label order to use (e.g. the train set's classes when listing val); every class directory must be in
             it. Default: the sorted class directories.
 
+    Every directory and file is identified by its real path (symbolic links resolved): a link back into the folder
+    (``a/up -> ..``, a loop, another class's directory) or a file listed twice would otherwise be walked again, its
+    images counted twice or under the wrong class. Links to places outside the folder are followed.
+
     Raises:
         FileNotFoundError: missing folder, no class directories, or class directories without image files.
-        ValueError: a class directory that ``classes`` does not name.
+        ValueError: a class directory that ``classes`` does not name; a link back into the folder, or one file
+            reached by two paths (both named).
     """
     folder = Path(folder)
     found = find_classes(folder)
@@ -83,12 +88,19 @@ def list_image_folder(folder: str | Path,
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     ignored = 0
+    first_path: dict[str, str] = {}  # real path of every image -> the path it was listed under
     for name in found:
         count = 0
-        for root, _, fnames in sorted(os.walk(folder / name, followlinks=True)):
+        for root, real_root, fnames in _walk_class(folder, name):
             for fname in sorted(fnames):
                 if _is_image_file(fname):
-                    samples.append((os.path.join(root, fname), class_to_idx[name]))
+                    path = os.path.join(root, fname)
+                    real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_root, fname)
+                    if real in first_path:
+                        raise ValueError(f"{path} and {first_path[real]} are the same file ({real}): one image would "
+                                         "be listed twice; remove one of them")
+                    first_path[real] = path
+                    samples.append((path, class_to_idx[name]))
                     count += 1
                 else:
                     ignored += 1
@@ -101,6 +113,28 @@ def list_image_folder(folder: str | Path,
     if ignored:
         _logger.warning("%s: ignored %d files without an image extension (as ImageFolder does)", folder, ignored)
     return samples, list(classes)
+
+
+def _walk_class(folder: Path, name: str) -> list[tuple[str, str, list[str]]]:
+    """``(directory, its real path, file names)`` below ``folder/name``, sorted by directory (as ``sorted(os.walk)``),
+    following links, but refusing a directory whose real path was walked already (a loop) or that lies in ``folder``
+    outside ``folder/name`` (a link into another class, or back up).
+
+    Raises:
+        ValueError: such a link; the message names it and where it leads.
+    """
+    real_folder, real_class = os.path.realpath(folder), os.path.realpath(folder / name)
+    visited: set[str] = set()
+    walked = []
+    for root, _, fnames in os.walk(folder / name, followlinks=True):
+        real = os.path.realpath(root)
+        inside = os.path.commonpath([real, real_folder]) == real_folder
+        if real in visited or (inside and os.path.commonpath([real, real_class]) != real_class):
+            raise ValueError(f"{root} leads back into {folder} ({real}) through a symbolic link: its images would be "
+                             f"listed again, or as class {name!r}; remove the link")
+        visited.add(real)
+        walked.append((root, real, fnames))
+    return sorted(walked)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -242,8 +276,27 @@ def _seed_sample(seed: int, index: int) -> None:
     np.random.seed((seed * 1_000_003 + index) % (1 << 32))
 
 
+# Greyscale modes with more than 8 bits per value: 16-bit PNG/TIFF (Pillow opens them as I;16* or I) and float TIFF.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:
+    """A 16-bit greyscale image scaled to 8 bits (v -> round(v * 255 / 65535)), as RGB.
+
+    Raises:
+        ValueError: values outside [0, 65535] (a 32-bit or float image): nothing to scale them by.
+    """
+    wide = values.astype(np.float64)
+    if mode == "F" or not np.isfinite(wide).all() or wide.min() < 0 or wide.max() > 65535:
+        raise ValueError(f"{mode} image with values outside 16 bits: convert it to 8-bit RGB first")
+    grey = np.floor(wide * 255 / 65535 + 0.5).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
 def load_rgb(path: str | Path) -> tuple[np.ndarray, str]:
-    """Decode an image file to uint8 HWC RGB the way torchvision's ``pil_loader`` does (``convert('RGB')``).
+    """Decode an image file to uint8 HWC RGB the way torchvision's ``pil_loader`` does (``convert('RGB')``), except
+    for 16-bit greyscale images, which ``convert`` clips to 0 and 255: they are scaled to 8 bits
+    (``round(v * 255 / 65535)``).
 
     Returns:
         ``(image, conversion)`` where ``conversion`` names what was converted (``''`` for a plain RGB file of the
@@ -256,10 +309,14 @@ def load_rgb(path: str | Path) -> tuple[np.ndarray, str]:
         expected = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(ext)
         if expected is not None and img.format != expected:
             notes.append(f"{img.format}-as-{os.path.splitext(str(path))[1]}")
-        if img.mode != "RGB":
-            notes.append(img.mode)
-            img = img.convert("RGB")
-        array = np.array(img, dtype=np.uint8)
+        if img.mode in _WIDE_MODES:  # convert("RGB") would clip 16-bit values to 0 and 255
+            notes.append(f"{img.mode}->8-bit")
+            array = _to_8_bits(np.asarray(img), img.mode)
+        else:
+            if img.mode != "RGB":
+                notes.append(img.mode)
+                img = img.convert("RGB")
+            array = np.array(img, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
         raise ValueError(f"decoded to shape {array.shape}")
     return array, "+".join(notes)
