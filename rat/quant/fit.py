@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.special import expit
 
 from rat.quant.similarity import SIMILARITIES
 from rat.quant.sweep import FP_NAME, HIST_PREFIX
@@ -41,7 +42,7 @@ class FitError(ValueError):
 
 
 def _curve(log_js: np.ndarray, top: float, slope: float, mid: float) -> np.ndarray:
-    return top / (1.0 + np.exp(-slope * (log_js - mid)))
+    return top * expit(slope * (log_js - mid))  # top / (1 + exp(-slope (x - mid))), without overflow
 
 
 def fit_curve(js: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
@@ -51,11 +52,13 @@ def fit_curve(js: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
     y = np.asarray(loss, dtype=float)
     if len(x) < MIN_POINTS or np.ptp(y) == 0:
         return {"params": None, "r2": None, "n": int(len(x))}
-    p0 = (max(float(y.max()), 1e-3), 2.0, float(np.median(x)))
+    # the midpoint within two decades of the data (the similarities' scales differ by orders of magnitude)
+    low, high = float(x.min()) - 2.0, float(x.max()) + 2.0
+    p0 = (min(max(float(y.max()), 1e-3), 2.0), 2.0, float(np.median(x)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
-            params, _ = curve_fit(_curve, x, y, p0=p0, bounds=([0.0, 0.0, -13.0], [2.0, 100.0, 1.0]), maxfev=20000)
+            params, _ = curve_fit(_curve, x, y, p0=p0, bounds=([0.0, 0.0, low], [2.0, 100.0, high]), maxfev=20000)
     except RuntimeError as err:  # no convergence
         _logger.warning("fit did not converge on %d points: %s", len(x), err)
         return {"params": None, "r2": None, "n": int(len(x))}
