@@ -213,6 +213,9 @@ class ModelSpec:
                                   "random", default="")
     channels_last: int = _param(Flag(), "1: channels_last memory format", default=1)
     compile: int = _param(Flag(), "1: torch.compile the model", default=0)
+    sync_bn: int = _param(Flag(), "1: SyncBatchNorm across processes (CUDA; timm's --sync-bn); 0: each process "
+                          "normalizes its own batch and the BatchNorm statistics are averaged over the processes at "
+                          "every epoch end and checkpoint", default=0)
 
 
 @dataclass(frozen=True)
@@ -266,8 +269,10 @@ class TrainingSpec:
     resume: str = _param(str, "'' = start fresh, 'auto' = newest checkpoint in the run directory, or a checkpoint path",
                          default="")
     save_every: int = _param(_int(1), "write a checkpoint every this many epochs (and always at the end)", default=1)
-    limit_batches: int = _param(_int(0), "stop each epoch after this many batches (0 = whole epoch); for smoke runs",
-                                default=0)
+    limit_batches: int = _param(_int(0), "stop each epoch after this many optimizer steps (0 = whole epoch); for "
+                                "smoke runs", default=0)
+    grad_accum: int = _param(_int(1), "micro-batches of training.batch_size per optimizer step (gradient "
+                             "accumulation: the global batch is batch_size x grad_accum x processes)", default=1)
     fused: int = _param(Flag(), "1: AdamW's fused kernels (torch.optim.AdamW(fused=True)) instead of torch's "
                         "multi-tensor ones: the same update up to rounding, fewer kernel launches", default=0)
     cudnn_benchmark: int = _param(Flag(), "1: torch.backends.cudnn.benchmark (cuDNN times its convolution "
@@ -316,6 +321,8 @@ class LoggingSpec:
                          default="runs/default")
     log_every: int = _param(_int(1), "log metrics every this many steps", default=50)
     progress: int = _param(Flag(), "1: tqdm progress bar on rank 0", default=1)
+    keep_checkpoints: int = _param(_int(1), "keep the newest this many epoch_*.pt (best.pt and last.pt are always "
+                                   "kept)", default=3)
 
 
 @dataclass(frozen=True)
@@ -513,6 +520,9 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], A
     return flat
 
 
+RECORD_KEY = "run_record"
+
+
 def load_config_file(config: Config, fname: str) -> dict:
     """A YAML/JSON config file's values, every key checked against ``config``'s declared Params.
 
@@ -532,6 +542,7 @@ def load_config_file(config: Config, fname: str) -> dict:
         raise ConfigError(f"config file {fname} is not valid YAML: {err}".replace("\n", " ")) from err
     if not isinstance(content, dict):
         raise ConfigError(f"config file {fname} must map sections to parameters, got {type(content).__name__}")
+    content.pop(RECORD_KEY, None)  # params.json's record of the run that wrote it (dump_config), not settings
     known = [".".join(p) for p in config.entries]
     for path_key in _flatten(content):
         if path_key not in config.entries:
@@ -641,10 +652,12 @@ def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return result
 
 
-def dump_config(values: dict[str, dict[str, Any]], path: str | Path) -> None:
+def dump_config(values: dict[str, dict[str, Any]], path: str | Path, record: dict[str, Any] | None = None) -> None:
     """Write a resolved configuration (:func:`config_to_dict`, :meth:`TrainSpec.to_dict`) as JSON: a file that
-    ``--config-file`` accepts back (``params.json``)."""
-    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    ``--config-file`` accepts back (``params.json``). ``record``: facts of the run that are no settings (the trainer's
+    ``world_size`` and ``global_batch``), stored under :data:`RECORD_KEY`, which ``--config-file`` skips."""
+    content = {**values, RECORD_KEY: record} if record is not None else values
+    Path(path).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def threat_models(norm: str, eps: str, n_iter: str) -> list[tuple[str, float, int]]:

@@ -3,8 +3,11 @@
 Reads a beton whose labels are the sample indices through the distributed train and val loaders (train over epochs 0,
 1 and 0 again; val over a subset and over everything), then trains a few steps of APGD adversarial training with rat's
 engine under real DDP (gloo). Writes, per rank, the indices each loader gave, the sample ids training read and a
-checksum of every parameter after training. Last, a checkpoint write that fails on rank 0 (its folder lies under a
-file): what each rank saw.
+checksum of every parameter after training. Then a checkpoint write that fails on rank 0 (its folder lies under a
+file): what each rank saw. Then a BatchNorm model (resnet10t, each rank normalizing its own batch): an epoch of 4 steps
+straight, and one stopped after 2 steps, checkpointed and resumed on fresh states (other initial weights). Then
+gradient accumulation: 2 steps of 2 micro-batches per rank on fixed images (the test compares them with 1 process of 4
+micro-batches). Last, with 2 CUDA devices only, SyncBatchNorm's statistics of one forward pass.
 """
 from __future__ import annotations
 
@@ -14,15 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from process_support import fixed_images, layernorm_classifier
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rat.attacks import create_attack
 from rat.data import build_train_loader, build_val_loader, read_beton_info
-from rat.models import create_model
+from rat.models import create_model, load_checkpoint_file
 from rat.train.checkpoint import CheckpointWriteError, save_on_primary
-from rat.train.distributed import cleanup_distributed, init_distributed
-from rat.train.engine import StepOptions, train_one_epoch
+from rat.train.distributed import DistInfo, barrier, batchnorm_stats, cleanup_distributed, init_distributed
+from rat.train.engine import EpochHooks, StepOptions, train_one_epoch
 from rat.train.optim import build_optimizer
 from rat.train.state import TrainState
 from rat.train.task import AdversarialTask
@@ -42,6 +47,102 @@ def read_shards(index_beton: str) -> dict:
     every = build_val_loader(index_beton, batch_size=8, resolution=16, device="cpu", num_workers=1, distributed=True)
     return {"train": epochs, "train_len": len(train), "val": [int(v) for _, y in val for v in y],
             "val_all": [int(v) for _, y in every for v in y], "val_len": [len(val), len(every)]}
+
+
+def _values(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    return {name: t.detach().double().flatten().tolist() for name, t in tensors.items() if t.is_floating_point()}
+
+
+class _StopAfter(EpochHooks):
+    """A stop request (as SIGTERM) after ``steps`` optimizer steps."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def stop_requested(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.steps
+
+
+def batchnorm_resume(train_beton: str, out_dir: str, info: DistInfo) -> dict:
+    """resnet10t with an EMA, APGD-1: one epoch of 4 steps straight; the same stopped after 2 steps, checkpointed (BN
+    statistics averaged over the ranks in the file) and resumed from the file on fresh states. Each rank's own BN
+    statistics at the stop, the checkpoint's, and the weights, buffers and EMA at the end of both runs (the trainer
+    averages the BN statistics at every epoch end: ``average_batchnorm``)."""
+    loader = build_train_loader(train_beton, batch_size=16, resolution=32, device=info.device, num_workers=1, seed=0,
+                                distributed=True)
+
+    def fresh(init_seed: int) -> tuple[TrainState, AdversarialTask]:
+        torch.manual_seed(init_seed)
+        module = create_model("resnet10t", num_classes=10)
+        model = DistributedDataParallel(module)  # rank 0's weights on every rank, then the EMA of them
+        attack = create_attack("apgd", module, norm="Linf", eps=4 / 255, n_iter=1, seed=info.rank)
+        state = TrainState(module, build_optimizer(module, "sgd", 0.05, 5e-4), attack,
+                           ema=ModelEmaV3(module, decay=0.5), rank=info.rank, world_size=info.world_size,
+                           local_bn=True)
+        return state, AdversarialTask(model, attack, nn.CrossEntropyLoss())
+
+    def epoch(state: TrainState, task: AdversarialTask, hooks: EpochHooks | None = None) -> None:
+        loader.set_epoch(0)
+        train_one_epoch(task, loader, state, StepOptions(lr=lambda step: 0.05, steps_per_epoch=4), hooks=hooks)
+
+    def everything(state: TrainState) -> dict[str, list]:
+        return _values({**{f"model.{k}": v for k, v in state.module.state_dict().items()},
+                        **{f"ema.{k}": v for k, v in state.ema.module.state_dict().items()}})
+
+    straight, task = fresh(0)
+    epoch(straight, task)
+    straight.average_batchnorm()
+    stopped, task = fresh(0)
+    epoch(stopped, task, _StopAfter(2))
+    own = _values(batchnorm_stats(stopped.module))
+    folder = Path(out_dir, "batchnorm", "checkpoints")
+    save_on_primary(stopped.state_dict(), folder, [], primary=info.is_primary)
+    barrier()
+    checkpoint = load_checkpoint_file(folder / "last.pt")
+    resumed, task = fresh(1 + info.rank)
+    resumed.load_state_dict(checkpoint)
+    epoch(resumed, task)
+    resumed.average_batchnorm()
+    return {"stopped_at": [stopped.step, stopped.batches_done], "own": own,
+            "checkpoint": _values({k: v for k, v in checkpoint["model"].items() if k in own}),
+            "replicas_in_sync": checkpoint["replicas_in_sync"], "steps": [straight.step, resumed.step],
+            "straight": everything(straight), "resumed": everything(resumed)}
+
+
+def accumulation(info: DistInfo) -> dict[str, list]:
+    """Two optimizer steps of 2 micro-batches of 8 per rank (grad_accum 2) under DDP, AdamW, APGD-2 Linf: rank r
+    takes images 32·s + 16·r .. + 16 of step s of 64 fixed images. The weights after them."""
+    module = layernorm_classifier()
+    model = DistributedDataParallel(module)
+    attack = create_attack("apgd", module, norm="Linf", eps=4 / 255, n_iter=2, seed=info.rank)
+    state = TrainState(module, build_optimizer(module, "adamw", 0.0, 0.05), attack, rank=info.rank,
+                       world_size=info.world_size)
+    x, y = fixed_images(64)
+    starts = [32 * s + 16 * info.rank + 8 * m for s in range(2) for m in range(2)]
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in starts]
+    train_one_epoch(AdversarialTask(model, attack, nn.CrossEntropyLoss()), batches, state,
+                    StepOptions(lr=lambda step: 1e-3 * (step + 1), grad_accum=2))
+    return _values(module.state_dict())
+
+
+def sync_batchnorm(info: DistInfo) -> dict[str, list] | None:
+    """With a CUDA device per rank (torch's SyncBatchNorm has no CPU implementation): resnet10t built the trainer's
+    way with ``--model.sync_bn 1``, one training-mode forward pass of rank r's half of 32 fixed images (TF32 off); its
+    BN statistics. None without the devices."""
+    if torch.cuda.device_count() < info.world_size:
+        return None
+    from rat.config import TrainSpec, make_config
+    from rat.train.build import build_model, model_kwargs
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    spec = TrainSpec.from_config(make_config(["--model.arch", "resnet10t", "--model.sync_bn", "1"]))
+    torch.manual_seed(0)
+    module, _ = build_model(spec.model, model_kwargs(spec.model, 10, 32), torch.device("cuda", info.rank),
+                            distributed=True)
+    x, _ = fixed_images(32, 32)
+    module.train()(x[16 * info.rank:16 * info.rank + 16].to(f"cuda:{info.rank}"))
+    return _values(batchnorm_stats(module))
 
 
 def main(train_beton: str, index_beton: str, out_dir: str) -> None:
@@ -67,7 +168,8 @@ def main(train_beton: str, index_beton: str, out_dir: str) -> None:
         write_error = str(err)
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(
         {"order": order, "checksums": checksums, "steps": result.step, "batches_per_epoch": len(loader),
-         "shards": shards, "write_error": write_error}))
+         "shards": shards, "write_error": write_error, "batchnorm": batchnorm_resume(train_beton, out_dir, info),
+         "accumulated": accumulation(info), "sync_batchnorm": sync_batchnorm(info)}))
     cleanup_distributed()
 
 

@@ -10,6 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +54,25 @@ def train_in_process(argv: list[str]) -> subprocess.CompletedProcess:
     with _process_state_restored(), contextlib.redirect_stderr(stderr):
         status = main(argv)
     return subprocess.CompletedProcess(["rat.train", *argv], status, "", stderr.getvalue())
+
+
+def layernorm_classifier() -> torch.nn.Module:
+    """A tiny LayerNorm classifier (ConvNeXt's channel LayerNorm, timm ``LayerNorm2d``, and a LayerNorm before the
+    head), the same initial weights at every call: an image's output does not depend on the rest of its batch, so
+    gradient accumulation and data parallelism must reproduce one large batch (the in-process and torchrun checks)."""
+    import torch
+    from timm.layers import LayerNorm2d
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8), nn.GELU(), nn.Conv2d(8, 16, 3, stride=2),
+                             nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 10))
+
+
+def fixed_images(n: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` fixed random images of ``size`` px in [0, 1] and labels of 10 classes (the same in every process)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, size, size, generator=gen), torch.randint(0, 10, (n,), generator=gen)

@@ -284,6 +284,7 @@ def test_default_schedule_keeps_the_policies_for_the_epoch_and_learns_from_norma
         stats = policy.epoch_stats()
         assert stats["aaa_updates"] == policy.updates == number
         assert stats["aaa_reward_mean"] == pytest.approx(float(losses.mean()))
+        assert stats["aaa_rewards"] == pytest.approx(mean.tolist(), abs=1e-5)
 
 
 def test_lstm_state_starts_afresh_for_each_sub_policy() -> None:

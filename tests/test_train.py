@@ -127,6 +127,27 @@ def test_resume_is_bit_exact(tmp_path, demo_root):
     assert _epochs(straight)[-1]["top1"] == _epochs(resumed)[-1]["top1"]
 
 
+def test_keep_checkpoints_keeps_the_newest_epochs_best_and_last(tmp_path, demo_betons, small_val):
+    """logging.keep_checkpoints 2 over 5 epochs: epoch_0004.pt, epoch_0005.pt, best.pt and last.pt remain, the setting
+    and the global batch are in params.json; a damaged last.pt then resumes from the newest epoch file kept."""
+    run_dir = tmp_path / "keep"
+    data = ["--data.train_dataset", str(demo_betons[0]), "--data.val_dataset", str(small_val),
+            "--training.limit_batches", "1", "--validation.robust_n_ex", "4", "--validation.robust_n_iter", "1",
+            "--logging.keep_checkpoints", "2"]
+    _train(run_dir, demo_betons[0].parent, *data, "--training.epochs", "5")
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt", "last.pt"]
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["logging"]["keep_checkpoints"] == 2
+    assert params["run_record"] == {"world_size": 1, "global_batch": 16}
+    assert _load(folder / "last.pt")["global_batch"] == 16
+    (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:1000])  # a copy cut short
+    proc = _train(run_dir, demo_betons[0].parent, *data, "--training.epochs", "6", "--training.resume", "auto")
+    assert f"resumed {folder / 'epoch_0005.pt'}: epoch 5" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0005.pt", "epoch_0006.pt", "last.pt"]
+    assert _load(folder / "last.pt")["epoch"] == 6 and _load(folder / "last.pt")["step"] == 6
+
+
 BF16_EMA = ["--training.precision", "bf16", "--ema.enabled", "1", "--ema.decay", "0.5"]
 
 

@@ -22,8 +22,9 @@ N_INDEX = 50  # samples of the index beton; even: DistributedSampler pads nothin
 @pytest.fixture(scope="module")
 def two_ranks(once, demo_betons) -> list[dict]:
     """One torchrun run of tests/ddp_train_worker.py with 2 ranks: the distributed loaders on a beton whose labels are
-    the sample indices, then 3 DDP training steps, then a checkpoint write that fails on rank 0; each rank's JSON
-    report."""
+    the sample indices, then 3 DDP training steps, then a checkpoint write that fails on rank 0, then a BatchNorm model
+    stopped, checkpointed and resumed, then gradient accumulation (and SyncBatchNorm, given 2 CUDA devices); each
+    rank's JSON report."""
     from rat.data import write_arrays_beton
     from rat.data.demo import load_demo_arrays
 
@@ -89,18 +90,90 @@ def test_two_ranks_stay_in_sync_on_disjoint_shards(two_ranks, demo_betons):
     assert len(first | second) == 2 * kept and n_train - 2 * kept <= 2 * (per_rank - kept)
 
 
+def test_batchnorm_replicas_checkpoint_and_exact_resume(two_ranks):
+    """resnet10t on 2 ranks, each normalizing its own batch: the BN statistics differ between ranks at the stop, the
+    checkpoint holds their mean and passes the replica check (everything else equal), and the run resumed from it on
+    fresh states ends bit-exactly as the straight one, on both ranks, which agree on everything after the epoch-end
+    average (weights, buffers, EMA)."""
+    runs = [r["batchnorm"] for r in two_ranks]
+    assert [r["stopped_at"] for r in runs] == [[2, 2], [2, 2]] and [r["steps"] for r in runs] == [[4, 4], [4, 4]]
+    assert [r["replicas_in_sync"] for r in runs] == [2, 2]
+    own = [{k: torch.tensor(v, dtype=torch.float64) for k, v in r["own"].items()} for r in runs]
+    assert own[0].keys() == runs[0]["checkpoint"].keys() and any("running_var" in k for k in own[0])
+    assert any(not torch.equal(own[0][k], own[1][k]) for k in own[0])  # the ranks' statistics differ by design
+    for name, value in runs[0]["checkpoint"].items():
+        mean = ((own[0][name] + own[1][name]) / 2).float().double()
+        assert torch.equal(torch.tensor(value, dtype=torch.float64), mean), name
+    for r in runs:
+        assert r["straight"].keys() == r["resumed"].keys()
+        for name, value in r["straight"].items():
+            assert value == r["resumed"][name], f"{name} differs after the resume"
+    assert runs[0]["straight"] == runs[1]["straight"]
+
+
+def test_two_ranks_of_two_micro_batches_equal_one_process_of_four(two_ranks):
+    """The worker's 2 ranks × grad_accum 2 × b=8 against 1 process × grad_accum 4 × b=8 here, on the same 64 images,
+    2 AdamW steps: weights within 1e-6 relative (the largest difference of a tensor over its largest value)."""
+    from process_support import fixed_images, layernorm_classifier
+    from torch import nn
+
+    from rat.attacks import create_attack
+    from rat.train.engine import StepOptions, train_one_epoch
+    from rat.train.optim import build_optimizer
+    from rat.train.state import TrainState
+    from rat.train.task import AdversarialTask
+
+    module = layernorm_classifier()
+    attack = create_attack("apgd", module, norm="Linf", eps=4 / 255, n_iter=2)
+    state = TrainState(module, build_optimizer(module, "adamw", 0.0, 0.05), attack)
+    x, y = fixed_images(64)
+    train_one_epoch(AdversarialTask(module, attack, nn.CrossEntropyLoss()),
+                    [(x[i:i + 8], y[i:i + 8]) for i in range(0, 64, 8)], state,
+                    StepOptions(lr=lambda step: 1e-3 * (step + 1), grad_accum=4))
+    assert state.step == 2
+    ranks = [r["accumulated"] for r in two_ranks]
+    assert ranks[0] == ranks[1]
+    worst = 0.0
+    for name, value in module.state_dict().items():
+        ddp = torch.tensor(ranks[0][name], dtype=torch.float64).view(value.shape)
+        worst = max(worst, ((ddp - value.double()).abs().max() / value.double().abs().max()).item())
+    print(f"2 ranks x K=2 vs 1 process x K=4: max relative difference {worst:.2e}")
+    assert worst <= 1e-6
+
+
+def test_sync_batchnorm_statistics_are_those_of_the_global_batch(two_ranks):
+    """With --model.sync_bn 1 (2 CUDA devices; torch's SyncBatchNorm has no CPU implementation), the BN running
+    statistics after a forward pass of each rank's half equal those of one process over the whole batch."""
+    if two_ranks[0]["sync_batchnorm"] is None:
+        pytest.skip("SyncBatchNorm needs a CUDA device per rank (2)")
+    from process_support import fixed_images
+
+    from rat.models import create_model
+    from rat.train.distributed import batchnorm_stats
+
+    torch.manual_seed(0)
+    module = create_model("resnet10t", num_classes=10).train()
+    module(fixed_images(32, 32)[0])
+    for name, value in batchnorm_stats(module).items():
+        for rank in two_ranks:
+            torch.testing.assert_close(torch.tensor(rank["sync_batchnorm"][name], dtype=torch.float64),
+                                       value.double().flatten(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(once, demo_betons) -> Path:
     """One run of the user entry point, run_train.sh with NPROC=2 on CPU, serves every check below (a torchrun start
-    costs ~15 s of imports on this machine): a ViT trains 3 epochs of 2 steps through progressive resizing (32, 48,
-    64 px), validates at 48 px, and augments with the adversarial policy, its controller updated once per epoch from
-    per-policy epoch losses averaged over both ranks (the default schedule)."""
+    costs ~15 s of imports on this machine): a ViT trains 3 epochs of 2 optimizer steps (each of 2 micro-batches of 8
+    per process: a global batch of 32) through progressive resizing (32, 48, 64 px), validates at 48 px, and augments
+    with the adversarial policy, its controller updated once per epoch from per-policy epoch losses averaged over both
+    ranks (the default schedule)."""
     def build(out: Path) -> None:
         proc = subprocess.run(
             ["bash", "run_train.sh", "-C", "configs/demo.yaml", "--data.demo_root", str(demo_betons[0].parent),
              "--logging.folder", str(out / "run"), "--model.arch", "vit_micro_patch16_cvst", "--resolution.min_res",
              "32", "--resolution.max_res", "64", "--resolution.end_ramp", "2", "--training.epochs", "3",
-             "--training.limit_batches", "2", "--training.batch_size", "16", "--validation.resolution", "48",
+             "--training.limit_batches", "2", "--training.batch_size", "8", "--training.grad_accum", "2",
+             "--validation.resolution", "48",
              "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0",
              "--augment.policy", "adversarial", "--aaa.num_policies", "2", "--aaa.batch_fraction", "0.5"],
             capture_output=True, text=True, timeout=600, env=subprocess_env(NPROC="2"), cwd=REPO)
@@ -115,6 +188,11 @@ def test_run_train_sh_two_processes_write_one_checkpoint(two_process_run):
     state = torch.load(two_process_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["replicas_in_sync"] == 2 and state["step"] == 6
     assert len(state["rng"]) == 2  # one RNG state per rank
+    assert state["global_batch"] == 32 and state["batchnorm_ranks"] is None  # 8 x 2 micro-batches x 2 processes
+    assert json.loads((two_process_run / "params.json").read_text())["run_record"] == {"world_size": 2,
+                                                                                       "global_batch": 32}
+    first = next(line for line in (two_process_run / "train.log").read_text().splitlines() if "training " in line)
+    assert "global batch 32 (8 per process x 2 accumulated x 2 processes), 2 optimizer steps/epoch" in first
     records = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "epoch"][-1]
     assert last["n"] == 300 and last["robust_n"] == 10

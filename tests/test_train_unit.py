@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from process_support import fixed_images, layernorm_classifier
 from torch import nn
 
 from rat.train.checkpoint import config_changes, load_resume_checkpoint, rng_state, save_atomic, set_rng_state
@@ -156,6 +157,8 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 # The keys of the checkpoint, in the order rat.train has always written them.
 CHECKPOINT_KEYS = ["model", "model_ema", "optimizer", "scaler", "epoch", "step", "batches_done", "arch", "attack",
                    "replicas_in_sync", "model_kwargs", "config", "rng", "metrics", "best_robust", "augment_policy"]
+# ... and the records added since (absent from older checkpoints): each rank's BatchNorm statistics, the global batch.
+NEW_KEYS = ["batchnorm_ranks", "global_batch"]
 
 
 def _classifier(init_seed: int, batch_norm: bool = True) -> nn.Module:
@@ -235,8 +238,9 @@ def test_a_checkpoint_in_todays_format_resumes_exactly(tmp_path):
     resumed.load_state_dict(loaded)  # also restores this process's RNG to where `first` saved it
     assert (resumed.epoch, resumed.step, resumed.batches_done, resumed.best) == (1, 2, 0, 12.5)
     again = resumed.state_dict()
-    assert list(again) == CHECKPOINT_KEYS
-    _assert_same({k: v for k, v in again.items() if k != "metrics"},
+    assert list(again) == CHECKPOINT_KEYS + NEW_KEYS
+    assert again["batchnorm_ranks"] is None and again["global_batch"] == 0  # one process; no batch recorded
+    _assert_same({k: v for k, v in again.items() if k not in ["metrics", *NEW_KEYS]},
                  {k: v for k, v in loaded.items() if k != "metrics"})
     assert again["metrics"] == {}  # a record of the epoch that wrote it, not state: a resumed run starts with none
     _epoch(resumed, _batches(2, seed=1))
@@ -332,6 +336,101 @@ def test_fgsm_takes_one_step_whatever_n_iter_says():
     assert build_attack(spec.adv, _classifier(0), seed=0).n_iter == 1
     apgd = TrainSpec.from_config(make_config(["--adv.attack", "apgd", "--adv.n_iter", "3,2", "--adv.norm", "Linf,L2"]))
     assert [a.n_iter for a in build_attack(apgd.adv, _classifier(0), seed=0).attacks] == [3, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient accumulation: K micro-batches of b per optimizer step are one step of K·b (a LayerNorm model, whose output
+# for an image does not depend on the rest of its batch, and APGD without random start, which attacks each image on
+# its own), with every per-step schedule counted in optimizer steps.
+
+def _accum_state(micro_batches: int) -> TrainState:
+    """AdamW, an EMA, and E-AT's Linf/L2 alternation, one norm per optimizer step."""
+    from timm.utils import ModelEmaV3
+
+    from rat.attacks import create_attack
+
+    module = layernorm_classifier()
+    attack = create_attack("apgd", module, norm=["Linf", "L2"], eps=[4 / 255, 0.5], n_iter=[2, 2], seed=1,
+                           calls_per_norm=micro_batches)
+    return TrainState(module, build_optimizer(module, "adamw", 0.0, 0.05), attack, ema=ModelEmaV3(module, decay=0.5))
+
+
+def _images(n: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fixed images and labels, as batches of ``size``."""
+    x, y = fixed_images(n)
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
+
+
+def _accum_epoch(state: TrainState, batches, micro_batches: int, hooks: EpochHooks | None = None) -> EpochResult:
+    task = AdversarialTask(state.module, state.attack, nn.CrossEntropyLoss())
+    options = StepOptions(lr=lambda step: 1e-3 * (step + 1), grad_accum=micro_batches, eps_warmup_epochs=4,
+                          log_every=1)
+    return train_one_epoch(task, batches, state, options, hooks=hooks)
+
+
+def _max_relative_difference(a: nn.Module, b: nn.Module) -> float:
+    """max over tensors of max|a − b| / max|b| (parameters and buffers)."""
+    other = b.state_dict()
+    return max(((v - other[k]).abs().max() / other[k].abs().max().clamp_min(1e-12)).item()
+               for k, v in a.state_dict().items() if v.is_floating_point())
+
+
+def test_grad_accum_equals_one_step_of_the_whole_batch():
+    """2 optimizer steps of K=4 × b=8 == 2 steps of b=32 on the same 64 images (fp32): weights and EMA within 1e-6
+    relative (the largest difference of a tensor over its largest value); the lr, the ε warm-up, the EMA, E-AT's
+    norm (Linf, then L2) and the records all count optimizer steps."""
+    big, small = _accum_state(1), _accum_state(4)
+    big_hooks, small_hooks = _StopAfter(0), _StopAfter(0)
+    _accum_epoch(big, _images(64, 32), 1, big_hooks)
+    small_result = _accum_epoch(small, _images(64, 8), 4, small_hooks)
+    assert (small.step, small.batches_done, small_result.batches) == (2, 8, 8)
+    assert (big.step, big.batches_done) == (2, 2)
+    assert small.attack.attacks[0].eps_scale == big.attack.attacks[0].eps_scale < 1  # ε warm-up: step 2 of 2 / 4
+    assert [a.state_dict()["calls"] for a in small.attack.attacks] == [4, 4]  # 4 micro-batches per norm
+    assert [a.state_dict()["calls"] for a in big.attack.attacks] == [1, 1]
+    assert [r["step"] for r in small_hooks.records] == [1, 2]
+    assert [r["lr"] for r in small_hooks.records] == [r["lr"] for r in big_hooks.records] == [1e-3, 2e-3]
+    for a, b in zip(small_hooks.records, big_hooks.records):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    weights, ema = _max_relative_difference(small.module, big.module), \
+        _max_relative_difference(small.ema.module, big.ema.module)
+    print(f"K=4 x b=8 vs b=32 after 2 AdamW steps: max relative difference weights {weights:.2e}, EMA {ema:.2e}")
+    assert weights <= 1e-6 and ema <= 1e-6
+    assert _max_relative_difference(small.module, _accum_state(1).module) > 1e-3  # the steps did change the weights
+
+
+class _StopAtMicroBatch(EpochHooks):
+    """A stop request (SIGTERM) that arrives while the ``n``-th micro-batch is trained."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def stop_requested(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_a_stop_in_the_middle_of_an_accumulation_resumes_at_the_step_boundary_exactly(tmp_path):
+    """A stop request during micro-batch 2 of 4 finishes the optimizer step first (the checkpoint stands at its
+    boundary, batches_done 4), and a fresh state resumed from that checkpoint on disk ends the epoch exactly as an
+    uninterrupted run does."""
+    from rat.models import load_checkpoint_file
+
+    straight = _accum_state(4)
+    _accum_epoch(straight, _images(64, 8), 4)
+    stopped = _accum_state(4)
+    result = _accum_epoch(stopped, _images(64, 8), 4, _StopAtMicroBatch(2))
+    assert (result.stop_reason, stopped.step, stopped.batches_done, result.batches) == ("sigterm", 1, 4, 4)
+    save_atomic(stopped.state_dict(), tmp_path / "last.pt")
+    resumed = _accum_state(4)
+    resumed.load_state_dict(load_checkpoint_file(tmp_path / "last.pt"))
+    assert (resumed.step, resumed.batches_done) == (1, 4)
+    _accum_epoch(resumed, _images(64, 8), 4)
+    assert resumed.step == straight.step == 2
+    for key in ("module", "ema"):
+        a = getattr(straight, key).state_dict()
+        for name, value in getattr(resumed, key).state_dict().items():
+            assert torch.equal(value, a[name]), f"{key}.{name} differs after resuming"
 
 
 def test_fused_adamw_and_cudnn_benchmark_are_settings_a_resume_may_change():

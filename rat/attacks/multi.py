@@ -13,7 +13,7 @@ _logger = logging.getLogger(__name__)
 
 
 class MultiNormAttack(Attack):
-    """Round-robin over several attacks, one per batch: call k uses ``attacks[k % len(attacks)]``.
+    """Round-robin over several attacks, one per batch: call k uses ``attacks[(k // calls_per_norm) % len(attacks)]``.
 
     Each attack keeps its own norm, ε and number of steps (e.g. Linf 4/255 with 2 steps and L1 75 with 2 steps),
     so a training step costs as much as a single-norm step. The call counter is part of :meth:`state_dict`, so a
@@ -21,19 +21,24 @@ class MultiNormAttack(Attack):
 
     Args:
         attacks: the attacks to alternate (at least one).
+        calls_per_norm: consecutive calls per attack: the micro-batches of one optimizer step under gradient
+            accumulation, so that the norm alternates per optimizer step as it does without accumulation.
     """
 
     name = "multi"
 
-    def __init__(self, attacks: Sequence[Attack]) -> None:
+    def __init__(self, attacks: Sequence[Attack], calls_per_norm: int = 1) -> None:
         attacks = list(attacks)
         if not attacks:
             raise ValueError("MultiNormAttack needs at least one attack")
         for attack in attacks:
             if not isinstance(attack, Attack):
                 raise TypeError(f"MultiNormAttack takes Attack objects, got {type(attack).__name__}")
+        if calls_per_norm < 1:
+            raise ValueError(f"calls_per_norm={calls_per_norm} must be >= 1")
         super().__init__(attacks[0].model)
         self.attacks = attacks
+        self.calls_per_norm = calls_per_norm
         self._calls = 0
 
     @property
@@ -44,7 +49,7 @@ class MultiNormAttack(Attack):
     @property
     def next_attack(self) -> Attack:
         """The attack the next ``perturb`` call will use."""
-        return self.attacks[self._calls % len(self.attacks)]
+        return self.attacks[self._calls // self.calls_per_norm % len(self.attacks)]
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """Attack the batch with the next attack in the rotation."""

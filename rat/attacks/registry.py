@@ -60,7 +60,7 @@ def _translate_aliases(options: dict[str, Any], explicit: dict[str, Any]) -> dic
 
 def create_attack(name: str, model: nn.Module, *, norm: str | Sequence[str] | None = None,
                   eps: float | Sequence[float | None] | None = None, n_iter: int | Sequence[int] | None = None,
-                  seed: int = 0, **options: Any) -> Attack:
+                  seed: int = 0, calls_per_norm: int = 1, **options: Any) -> Attack:
     """Build an attack by name.
 
     Args:
@@ -71,6 +71,8 @@ def create_attack(name: str, model: nn.Module, *, norm: str | Sequence[str] | No
         eps: radius, or one per norm; ``None`` → :data:`~rat.attacks.base.DEFAULT_EPS` of the norm.
         n_iter: steps, or one per norm; ``None`` → the attack's default (apgd 2, pgd 10, fgsm 1).
         seed: seed of the attack's private generator (pass ``base_seed + rank`` under DDP).
+        calls_per_norm: with several norms, consecutive ``perturb`` calls per norm (the trainer's gradient
+            accumulation: one norm per optimizer step).
         **options: attack-specific options, e.g. ``random_start``, ``n_restarts``, ``step_size``, ``use_best``
             (apgd); ``step_size``, ``random_start``, ``random_restarts``, ``use_best`` (pgd); ``step_size``,
             ``random_start`` (fgsm). MadryLab robustness spellings are accepted for every attack: ``constraint``
@@ -116,4 +118,4 @@ def create_attack(name: str, model: nn.Module, *, norm: str | Sequence[str] | No
     iter_list = as_list(n_iter, len(norms), "n_iter")
     attacks = [cls(model, norm=nm, eps=e, n_iter=k, seed=seed + 7919 * i, **options)
                for i, (nm, e, k) in enumerate(zip(norms, eps_list, iter_list))]
-    return attacks[0] if len(attacks) == 1 else MultiNormAttack(attacks)
+    return attacks[0] if len(attacks) == 1 else MultiNormAttack(attacks, calls_per_norm)

@@ -436,8 +436,9 @@ class AdversarialAugment:
     def epoch_stats(self) -> dict[str, Any]:
         """Controller statistics since the last call (then reset), for metrics.jsonl.
 
-        ``aaa_reward_mean/std`` over all policies of the epoch's updates, ``aaa_entropy`` (mean entropy per choice,
-        nats; uniform = ``(log n_ops + log n_magnitudes) / 2``), ``aaa_baseline``, ``aaa_updates`` (total), and
+        ``aaa_reward_mean/std`` over all policies of the epoch's updates (under the epoch schedule also
+        ``aaa_rewards``, each policy's epoch-mean loss), ``aaa_entropy`` (mean entropy per choice, nats; uniform =
+        ``(log n_ops + log n_magnitudes) / 2``), ``aaa_baseline`` (step schedule), ``aaa_updates`` (total), and
         ``aaa_op_probs`` / ``aaa_magnitude_probs``: the controller's choice probabilities averaged over the epoch.
         """
         stats = self._epoch
@@ -449,6 +450,7 @@ class AdversarialAugment:
         result = {
             "aaa_reward_mean": float(rewards.mean()),
             "aaa_reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            **({"aaa_rewards": [round(float(r), 5) for r in rewards]} if self.schedule == "epoch" else {}),
             "aaa_entropy": sum(stats["entropy"]) / len(stats["entropy"]),
             "aaa_baseline": self.baseline, "aaa_updates": self.updates,
             "aaa_op_probs": {op: round(p, 5) for op, p in zip(self.space.ops, op_probs)},

@@ -49,7 +49,7 @@ from rat.train.checkpoint import (
     remove_failed_writes,
     save_on_primary,
 )
-from rat.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from rat.train.distributed import DistInfo, barrier, batchnorm_stats, cleanup_distributed, init_distributed
 from rat.train.engine import EpochHooks, StepOptions, evaluate, robust_accuracy, train_one_epoch
 from rat.train.optim import build_optimizer, lr_at, resolution_at
 from rat.train.state import TrainState
@@ -169,20 +169,25 @@ def _seed_everything(seed: int) -> None:
 
 
 def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
-    """Data, model (created → device → channels_last → EMA → DDP), optimizer, scaler, augmentation, attack, loaders;
-    the state at step 0."""
+    """Data, model (created → SyncBatchNorm → device → channels_last → DDP → EMA), optimizer, scaler, augmentation,
+    attack, loaders; the state at step 0."""
     training = spec.training
+    if spec.model.sync_bn and info.distributed and info.device.type != "cuda":
+        raise ConfigError("model.sync_bn 1 needs CUDA devices (torch's SyncBatchNorm has no CPU implementation): on "
+                          "the CPU use --model.sync_bn 0, which averages the processes' BatchNorm statistics at every "
+                          "epoch end and checkpoint")
     seed = training.seed + info.rank
     train_path, val_path = dataset_paths(spec.data, info)
     classes = read_classes(train_path)
     num_classes = spec.data.num_classes or len(classes)
     kwargs = model_kwargs(spec.model, num_classes, spec.resolution.max_res)
     torch.backends.cudnn.benchmark = bool(training.cudnn_benchmark)
-    module, compiled = build_model(spec.model, kwargs, info.device)
-    ema = ModelEmaV3(module, decay=spec.ema.decay, device="cpu" if spec.ema.cpu else None) if spec.ema.enabled \
-        else None
+    module, compiled = build_model(spec.model, kwargs, info.device, distributed=info.distributed)
     model = DistributedDataParallel(compiled, device_ids=[info.local_rank] if info.device.type == "cuda" else None) \
         if info.distributed else compiled
+    # after DDP, which gives every rank rank 0's initial weights: so the EMA starts from them on every rank too
+    ema = ModelEmaV3(module, decay=spec.ema.decay, device="cpu" if spec.ema.cpu else None) if spec.ema.enabled \
+        else None
     optimizer = build_optimizer(module, training.optimizer, lr=0.0, weight_decay=training.weight_decay,
                                 betas=(training.beta1, training.beta2), momentum=training.momentum,
                                 nesterov=bool(training.nesterov), fused=bool(training.fused))
@@ -191,14 +196,17 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
                                       label_smoothing=training.label_smoothing, seed=seed, run_seed=training.seed,
                                       world_size=info.world_size)
     # through the compiled module (with model.compile 1), so the attack's forward/backward passes are compiled too
-    attack = build_attack(spec.adv, compiled, seed)
+    attack = build_attack(spec.adv, compiled, seed, grad_accum=training.grad_accum)
     loaders = build_loaders(spec, train_path, val_path, info)
     state = TrainState(module, optimizer, attack, ema=ema, scaler=scaler, generator=augmentation.generator,
                        policy=augmentation.policy, arch=spec.model.arch, model_kwargs=kwargs, config=spec.to_dict(),
-                       rank=info.rank, world_size=info.world_size)
+                       rank=info.rank, world_size=info.world_size,
+                       local_bn=info.distributed and not spec.model.sync_bn and bool(batchnorm_stats(module)),
+                       global_batch=global_batch(spec, info.world_size))
     options = StepOptions(
         lr=partial(lr_at, steps_per_epoch=loaders.steps_per_epoch, epochs=training.epochs, **asdict(spec.lr)),
-        steps_per_epoch=loaders.steps_per_epoch, precision=training.precision, grad_clip=training.grad_clip,
+        steps_per_epoch=loaders.steps_per_epoch, grad_accum=training.grad_accum, precision=training.precision,
+        grad_clip=training.grad_clip,
         eps_warmup_epochs=spec.adv.eps_warmup_epochs, log_every=spec.logging.log_every,
         progress=bool(spec.logging.progress) and info.is_primary)
     eval_models = [("", module, build_eval_attack(spec.adv, spec.validation, module, seed))]
@@ -206,6 +214,11 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
         eval_models.append(("ema_", ema.module, build_eval_attack(spec.adv, spec.validation, ema.module, seed)))
     return _Run(spec, info, hooks, state, AdversarialTask(model, attack, augmentation.criterion, spec.adv.mixed_loss),
                 augmentation, loaders, options, eval_models)
+
+
+def global_batch(spec: TrainSpec, world_size: int) -> int:
+    """Images per optimizer step over all processes: per-process batch × gradient accumulation × world size."""
+    return spec.training.batch_size * spec.training.grad_accum * world_size
 
 
 def _resume(run: _Run, path: Path, checkpoint: dict[str, Any]) -> None:
@@ -231,7 +244,8 @@ def _resume(run: _Run, path: Path, checkpoint: dict[str, Any]) -> None:
 def _checkpoint(run: _Run, names: list[str]) -> None:
     """Every rank: the state's checkpoint (a collective); rank 0 writes it under ``names`` and as last.pt, and a
     failed write stops every rank (``save_on_primary``)."""
-    path = save_on_primary(run.state.state_dict(), run.checkpoint_dir, names, primary=run.info.is_primary)
+    path = save_on_primary(run.state.state_dict(), run.checkpoint_dir, names, primary=run.info.is_primary,
+                           keep=run.spec.logging.keep_checkpoints)
     if path is not None:
         _logger.info("checkpoint written: %s", path)
 
@@ -268,10 +282,13 @@ def _train(run: _Run) -> dict[str, Any]:
                                   "(lower lr.lr, enable training.grad_clip, or use training.precision bf16/fp32)")
         if result.stop_reason == "sigterm":
             _checkpoint(run, [])
-            _logger.warning("SIGTERM: checkpoint saved at epoch %d, batch %d; resume with --training.resume auto",
-                            epoch, result.batches)
+            _logger.warning("SIGTERM: checkpoint saved at epoch %d, batch %d (optimizer step %d%s); resume with "
+                            "--training.resume auto", epoch, result.batches, result.step,
+                            ", after finishing the step's micro-batches: a resume continues at this step boundary"
+                            if spec.training.grad_accum > 1 else "")
             return {"stopped": "sigterm", **state.metrics}
         state.epoch, state.batches_done = epoch + 1, 0
+        state.average_batchnorm()  # with per-rank BatchNorm statistics: their mean, before validation and checkpoint
         metrics = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "train_loss": result.loss,
                    "img_per_s": result.img_per_s, "resolution": res, "lr": run.options.lr(state.step - 1)}
         policy = state.policy
@@ -311,9 +328,13 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     if resumed is not None:
         _resume(trainer, *resumed)
     if info.is_primary:
-        dump_config(spec.to_dict(), run_dir / "params.json")
-        _logger.info("training %s (%d classes) on %s x%d, %d steps/epoch", spec.model.arch,
+        dump_config(spec.to_dict(), run_dir / "params.json",
+                    record={"world_size": info.world_size, "global_batch": trainer.state.global_batch})
+        training = spec.training
+        _logger.info("training %s (%d classes) on %s x%d, global batch %d (%d per process x %d accumulated x %d "
+                     "processes), %d optimizer steps/epoch", spec.model.arch,
                      trainer.state.model_kwargs["num_classes"], info.device, info.world_size,
+                     trainer.state.global_batch, training.batch_size, training.grad_accum, info.world_size,
                      trainer.loaders.steps_per_epoch)
     return _train(trainer)
 

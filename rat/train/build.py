@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import convert_sync_batchnorm
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
@@ -49,18 +50,23 @@ def model_kwargs(model: ModelSpec, num_classes: int, img_size: int) -> dict[str,
     return kwargs
 
 
-def build_model(model: ModelSpec, kwargs: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(module to train, compiled or not): created, initialised, moved, channels_last. Wrapping comes later."""
+def build_model(model: ModelSpec, kwargs: dict[str, Any], device: torch.device, *,
+                distributed: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(module to train, compiled or not): created, initialised, (on more than one process with ``model.sync_bn``,
+    its BatchNorm layers made SyncBatchNorm by timm's ``convert_sync_batchnorm``, as timm's ``--sync-bn``), moved,
+    channels_last. Wrapping comes later."""
     module = create_model(model.arch, checkpoint=model.init_checkpoint or None, **kwargs)
+    if model.sync_bn and distributed:
+        module = convert_sync_batchnorm(module)
     module = module.to(device)
     if model.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module, (torch.compile(module) if model.compile else module)
 
 
-def build_attack(adv: AdvSpec, module: nn.Module, seed: int) -> Attack:
+def build_attack(adv: AdvSpec, module: nn.Module, seed: int, grad_accum: int = 1) -> Attack:
     """The training attack on the unwrapped module: one norm, or E-AT's alternation over several
-    (``adv.threat_models``: FGSM takes a single step)."""
+    (``adv.threat_models``: FGSM takes a single step), one norm per optimizer step of ``grad_accum`` micro-batches."""
     options: dict[str, Any] = {}
     if adv.step_size > 0 and adv.attack != "none":
         options["step_size"] = adv.step_size
@@ -68,7 +74,7 @@ def build_attack(adv: AdvSpec, module: nn.Module, seed: int) -> Attack:
         options["random_start"] = bool(adv.random_start)
     norms, eps_values, iters = zip(*adv.threat_models)
     return create_attack(adv.attack, module, norm=list(norms), eps=list(eps_values), n_iter=list(iters), seed=seed,
-                         **options)
+                         calls_per_norm=grad_accum, **options)
 
 
 def build_eval_attack(adv: AdvSpec, validation: ValidationSpec, module: nn.Module, seed: int) -> Attack | None:
@@ -136,7 +142,7 @@ class Loaders:
     train: Any
     val: Any
     robust: Any | None
-    steps_per_epoch: int  # training.limit_batches, or the train loader's length when 0 or longer
+    steps_per_epoch: int  # optimizer steps: training.limit_batches, or len(train) // grad_accum when 0 or more
 
 
 def build_loaders(spec: TrainSpec, train_path: Path, val_path: Path, info: DistInfo) -> Loaders:
@@ -151,7 +157,12 @@ def build_loaders(spec: TrainSpec, train_path: Path, val_path: Path, info: DistI
                                device=info.device, num_workers=data.num_workers, seed=training.seed,
                                distributed=info.distributed, in_memory=bool(data.in_memory),
                                scale=(data.crop_scale_min, 1.0), flip=bool(data.flip))
-    steps_per_epoch = min(training.limit_batches, len(train)) if training.limit_batches else len(train)
+    steps = len(train) // training.grad_accum  # a last group of fewer micro-batches is dropped (drop_last)
+    if steps == 0:
+        raise ConfigError(f"training.grad_accum={training.grad_accum} exceeds the {len(train)} batches of "
+                          f"{training.batch_size} each of the {info.world_size} process(es) reads per epoch from "
+                          f"{train_path}: lower training.grad_accum or training.batch_size")
+    steps_per_epoch = min(training.limit_batches, steps) if training.limit_batches else steps
     resolution = validation.resolution or resolution_at(training.epochs - 1, **asdict(spec.resolution))
     num_val = read_beton_info(val_path)["num_samples"]
     common = {"batch_size": validation.batch_size, "resolution": resolution, "device": info.device,

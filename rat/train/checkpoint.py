@@ -39,12 +39,15 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, names: list[str]) -> Path:
+def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, names: list[str],
+                             keep: int | None = None) -> Path:
     """Write ``state`` under each of ``names`` (e.g. ``epoch_0003.pt``, ``best.pt``), then as ``last.pt``, which is
-    therefore always the newest complete checkpoint.
+    therefore always the newest complete checkpoint; then, when an ``epoch_NNNN.pt`` was among them and ``keep`` is
+    given, delete all but the newest ``keep`` epoch files (:func:`prune_epoch_checkpoints`).
 
     Raises:
-        CheckpointWriteError: a write failed (its temporary file is removed; ``last.pt`` is the previous one).
+        CheckpointWriteError: a write failed (its temporary file is removed; ``last.pt`` is the previous one, and
+            nothing was deleted).
     """
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / LAST
@@ -53,18 +56,57 @@ def save_training_checkpoint(state: dict[str, Any], checkpoint_dir: str | Path, 
             path = checkpoint_dir / name
             save_atomic(state, path)
         path = checkpoint_dir / LAST
-        return save_atomic(state, path)
+        save_atomic(state, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError (inline_container.cc)
         last = checkpoint_dir / LAST
         intact = f"the previous checkpoint {last} is intact" if last.exists() else "no earlier checkpoint exists"
         reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
         raise CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {intact}: free disk space (or fix "
                                    "the folder's permissions) and resume with --training.resume auto") from exc
+    if keep is not None and any(_epoch_number(Path(name)) is not None for name in names):
+        prune_epoch_checkpoints(checkpoint_dir, keep)
+    return path
+
+
+def _epoch_number(path: Path) -> int | None:
+    """N of a file named ``epoch_N.pt``, else None."""
+    stem = path.name.removeprefix("epoch_").removesuffix(".pt")
+    return int(stem) if path.name.startswith("epoch_") and path.name.endswith(".pt") and stem.isdigit() else None
+
+
+def epoch_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """The ``epoch_N.pt`` files of a run, oldest first (by N, so that epoch 10000 comes after epoch 9999)."""
+    found = [p for p in Path(checkpoint_dir).glob("epoch_*.pt") if _epoch_number(p) is not None]
+    return sorted(found, key=_epoch_number)
+
+
+def prune_epoch_checkpoints(checkpoint_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` (>= 1) ``epoch_N.pt`` files; ``best.pt``, ``last.pt`` and anything else stay.
+    Returns the deleted paths.
+
+    Called only right after a new epoch file and ``last.pt`` were written whole (atomically), so the newest epoch file
+    always stays: with ``last.pt``, two complete copies of the newest state, and a damaged ``last.pt`` still leaves
+    ``--training.resume auto`` a readable checkpoint. A file that cannot be deleted is a warning, not a failure.
+    """
+    if keep < 1:
+        raise ValueError(f"keep={keep}: keep at least the newest epoch checkpoint")
+    removed = []
+    for path in epoch_checkpoints(checkpoint_dir)[:-keep]:
+        try:
+            path.unlink()
+        except OSError as exc:
+            _logger.warning("could not delete %s (%s): it stays", path, exc.strerror or exc)
+            continue
+        removed.append(path)
+    if removed:
+        _logger.info("deleted %s (logging.keep_checkpoints=%d)", ", ".join(p.name for p in removed), keep)
+    return removed
 
 
 def save_on_primary(state: dict[str, Any], checkpoint_dir: str | Path, names: list[str], *,
-                    primary: bool) -> Path | None:
-    """Rank 0 writes ``state`` (:func:`save_training_checkpoint`), and every rank learns whether it did (a collective).
+                    primary: bool, keep: int | None = None) -> Path | None:
+    """Rank 0 writes ``state`` (:func:`save_training_checkpoint`, deleting old epoch files as ``keep`` says), and every
+    rank learns whether it did (a collective).
 
     Returns the path written on rank 0, None on the others.
 
@@ -75,7 +117,7 @@ def save_on_primary(state: dict[str, Any], checkpoint_dir: str | Path, names: li
     path, error = None, None
     if primary:
         try:
-            path = save_training_checkpoint(state, checkpoint_dir, names)
+            path = save_training_checkpoint(state, checkpoint_dir, names, keep)
         except CheckpointWriteError as err:
             error = err
     message = broadcast_object(None if error is None else str(error))
@@ -112,7 +154,7 @@ def load_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict
                                     "directory's newest checkpoint, or '' to start fresh)")
         return path, load_checkpoint_file(path)
     folder = Path(run_dir) / "checkpoints"
-    candidates = [p for p in [folder / LAST] if p.is_file()] + sorted(folder.glob("epoch_*.pt"), reverse=True)
+    candidates = [p for p in [folder / LAST] if p.is_file()] + epoch_checkpoints(folder)[::-1]
     problems = []
     for path in candidates:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +92,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def check_replicas_in_sync(module: torch.nn.Module) -> int:
-    """Verify that every rank holds the same parameters and buffers (DDP replicas must never diverge).
+def check_replicas_in_sync(module: torch.nn.Module, exclude: Collection[str] = ()) -> int:
+    """Verify that every rank holds the same parameters and buffers (DDP replicas must never diverge), except the
+    tensors named in ``exclude``.
 
     Compares a per-tensor float64 checksum across ranks; returns the number of ranks compared.
 
@@ -101,7 +103,7 @@ def check_replicas_in_sync(module: torch.nn.Module) -> int:
     """
     names, sums = [], []
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and name not in exclude:
             names.append(name)
             sums.append(tensor.detach().double().sum().item())
     checksums = gather_objects(sums)
@@ -110,3 +112,30 @@ def check_replicas_in_sync(module: torch.nn.Module) -> int:
             if a != b:
                 raise RuntimeError(f"DDP replicas diverged: {name} differs between rank 0 and rank {rank}")
     return len(checksums)
+
+
+def batchnorm_stats(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The BatchNorm running statistics of ``module`` by name: the buffers named ``*running_mean``/``*running_var``
+    (timm's ``distribute_bn`` rule), the only tensors that differ between DDP replicas by design when every rank
+    normalizes its own batch."""
+    return {name: buf for name, buf in module.named_buffers()
+            if name.endswith(("running_mean", "running_var")) and buf.is_floating_point()}
+
+
+def mean_over_ranks(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """New tensors: the mean of each of ``tensors`` over all ranks (copies without a process group).
+
+    One all-reduce of all of them, flattened in float64 on ``device`` (where the backend can reduce: an EMA kept on the
+    CPU is moved for it under nccl); every rank gets the same values, in each tensor's own dtype and device. This is
+    timm's ``distribute_bn(reduce=True)``, which reduces in place, one collective per buffer, on the buffer's device.
+    """
+    if not tensors:
+        return {}
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors.values()])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    flat = all_reduce_sum(flat) / world
+    out, offset = {}, 0
+    for name, t in tensors.items():
+        out[name] = flat[offset:offset + t.numel()].view(t.shape).to(t.device, t.dtype)
+        offset += t.numel()
+    return out

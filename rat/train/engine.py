@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rat.attacks import eps_warmup_factor
@@ -43,7 +45,10 @@ class StepOptions:
     Attributes:
         lr: the learning rate of global step ``step`` (0-based), a pure function of the step (see
             ``rat.train.optim.lr_at``), so that a resumed run needs no scheduler state.
-        steps_per_epoch: batches per epoch (at most the loader's length); ``None`` = the whole loader.
+        steps_per_epoch: optimizer steps per epoch (at most the loader's length // ``grad_accum``); ``None`` = the
+            whole loader.
+        grad_accum: micro-batches (loader batches) per optimizer step; a last group of fewer is not trained (as a
+            loader of ``grad_accum`` times the batch drops its partial last batch).
         precision: autocast precision, ``fp32``, ``bf16`` or ``fp16`` (``fp16`` with the state's GradScaler).
         grad_clip: clip the gradient norm to this (0 = off).
         eps_warmup_epochs: grow the attack's ε linearly from 0 over this many (fractional) epochs (0 = off).
@@ -53,6 +58,7 @@ class StepOptions:
 
     lr: Callable[[int], float]
     steps_per_epoch: int | None = None
+    grad_accum: int = 1
     precision: str = "fp32"
     grad_clip: float = 0.0
     eps_warmup_epochs: float = 0.0
@@ -93,57 +99,79 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
     Stops early, on every rank at the same step, when the loss is not finite on some rank (``stop_reason='nonfinite'``,
     without applying that update) or when ``hooks.stop_requested()`` is true on some rank (``'sigterm'``, after
     completing the step). ``resolution`` only labels the records.
+
+    Gradient accumulation (``options.grad_accum`` = K > 1): each optimizer step takes K consecutive loader batches
+    (micro-batches), each attacked on its own and back-propagated with its loss divided by K, under DDP's
+    ``no_sync`` except the last (one gradient all-reduce per step), so that the step equals one of a K times larger
+    batch. Everything counted in steps (``state.step``, the lr, the ε warm-up, the EMA, the policy's
+    ``observe``/sampling, E-AT's alternation, the records) counts optimizer steps; ``state.batches_done`` counts
+    loader batches and only ever stands at a step's end (a stop request waits for the step's last micro-batch).
     """
     hooks = hooks if hooks is not None else EpochHooks()
     model, optimizer, scaler, policy = task.model, state.optimizer, state.scaler, state.policy
     model.train()
-    total = len(loader) if options.steps_per_epoch is None else min(options.steps_per_epoch, len(loader))
+    accum = options.grad_accum
+    steps = len(loader) // accum
+    total = steps if options.steps_per_epoch is None else min(options.steps_per_epoch, steps)  # optimizer steps
     skip_batches, epoch, world_size = state.batches_done, state.epoch, state.world_size
-    bar = tqdm(total=total, initial=skip_batches, desc=f"epoch {epoch}", disable=not options.progress,
+    bar = tqdm(total=total, initial=skip_batches // accum, desc=f"epoch {epoch}", disable=not options.progress,
                dynamic_ncols=True, leave=False)
     loss_sum, images, batches = 0.0, 0, 0
     stop_reason = None
     start = time.perf_counter()
     window_start, window_images = start, 0
+    micro, step_loss, stop, rewards = 0, 0.0, False, None  # within the optimizer step in progress
     for index, (x, y) in enumerate(loader):
-        if index >= total:
+        if index >= total * accum:
             break
         if index < skip_batches:
             continue
-        lr = options.lr(state.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if options.eps_warmup_epochs > 0:
-            task.attack.set_eps_scale(eps_warmup_factor((state.step + 1) / total, options.eps_warmup_epochs))
+        if micro == 0:
+            lr = options.lr(state.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if options.eps_warmup_epochs > 0:
+                task.attack.set_eps_scale(eps_warmup_factor((state.step + 1) / total, options.eps_warmup_epochs))
+            optimizer.zero_grad(set_to_none=True)
         if policy is not None:
-            x, y = policy.expand(x, y)
+            x, y = policy.expand(x, y, new_step=micro == 0)
         elif augment is not None:
             x = augment(x, state.generator)
         target = y
         if mixup is not None:
             x, target = mixup(x, y)
-        with autocast(x.device, options.precision):
-            result = task(x, target)
-        loss = result.loss
-        flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
-                             torch.full((), float(hooks.stop_requested()), device=loss.device)])
-        flags = all_reduce_sum(flags).tolist()  # the step's one host synchronisation (the non-finite stop)
-        if flags[1] > 0:
-            stop_reason = "nonfinite"
-            break
+        micro += 1
+        last = micro == accum
+        with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
+            with autocast(x.device, options.precision):
+                result = task(x, target)
+            loss = result.loss
+            flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
+                                 torch.full((), float(hooks.stop_requested()), device=loss.device)])
+            flags = all_reduce_sum(flags).tolist()  # the step's one host synchronisation (the non-finite stop)
+            if flags[1] > 0:
+                stop_reason = "nonfinite"
+                break
+            if policy is not None:
+                reward = policy.rewards(task.criterion, result.output, target, result.clean_output, task.mixed_loss)
+                rewards = reward if rewards is None else rewards + reward
+            loss = loss / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += flags[0] / world_size / accum
+        stop = stop or bool(flags[2] > 0)
+        images += x.shape[0] * world_size
+        window_images += x.shape[0] * world_size
+        if not last:
+            continue
         if policy is not None:
-            policy.observe(policy.rewards(task.criterion, result.output, target, result.clean_output,
-                                          task.mixed_loss))
-        optimizer.zero_grad(set_to_none=True)
+            policy.observe(rewards / accum)
         if scaler is not None:
-            scaler.scale(loss).backward()
             if options.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             if options.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             optimizer.step()
@@ -151,26 +179,24 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
         state.batches_done = index + 1
         if state.ema is not None:
             state.ema.update(state.module, step=state.step)
-        mean_loss = flags[0] / world_size
+        mean_loss, micro, step_loss, rewards = step_loss, 0, 0.0, None
         loss_sum += mean_loss
         batches += 1
-        images += x.shape[0] * world_size
-        window_images += x.shape[0] * world_size
         bar.update(1)
-        if batches % options.log_every == 0 or flags[2] > 0:
+        if batches % options.log_every == 0 or stop:
             now = time.perf_counter()
             rate = window_images / max(now - window_start, 1e-9)
             hooks.log({"epoch": epoch, "step": state.step, "loss": mean_loss, "lr": lr, "img_per_s": rate,
                        "resolution": resolution})
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", res=resolution)
             window_start, window_images = now, 0
-        if flags[2] > 0:
+        if stop:
             stop_reason = "sigterm"
             break
     bar.close()
     if policy is not None and stop_reason is None:
         policy.end_epoch()  # the epoch schedule's controller update, on every rank alike
-    return EpochResult(loss=loss_sum / max(batches, 1), batches=skip_batches + batches, images=images,
+    return EpochResult(loss=loss_sum / max(batches, 1), batches=state.batches_done, images=images,
                        seconds=time.perf_counter() - start, step=state.step, stop_reason=stop_reason)
 
 
