@@ -493,3 +493,33 @@ def test_rat_eval_records_the_quantization(rat_checkpoint, demo_betons, tmp_path
                                      device="cpu", n_iter=1, resolution=RES))
     assert result["quantization"] == "INT8"
     assert json.loads((tmp_path / "r.json").read_text())["quantization"] == "INT8"
+
+
+def test_estimate_reports_relative_accuracy_and_pca(rat_checkpoint, demo_betons, tmp_path, capsys):
+    """estimate --estimate.real 1: relative accuracies (q / fp) on both sets, their R² (squared Pearson r), the two
+    figures of the seed; collapsed variants are left out of the ranking."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    generated = tmp_path / "gen.pt"
+    torch.save({"images": torch.randint(0, 256, (40, 3, RES, RES), generator=gen, dtype=torch.uint8),
+                "labels": torch.arange(40) % 10,
+                "images_before": torch.randint(0, 256, (40, 3, RES, RES), generator=gen, dtype=torch.uint8),
+                "labels_before": torch.arange(40) % 10}, generated)
+    out = tmp_path / "estimate.json"
+    assert quant_main(["estimate", "--qmodel.checkpoint", str(rat_checkpoint), "--qmodel.device", "cpu",
+                       "--qdata.data", str(demo_betons[1]), "--qdata.n_ex", "40", "--qdata.num_workers", "1",
+                       "--qattack.n_iter", "1", "--estimate.generated", str(generated), "--estimate.formats",
+                       "int8,int6,int4,pot3", "--estimate.real", "1", "--estimate.output", str(out)]) == 0
+    assert "relative accuracy" in capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    rows, rel = summary["rows"], summary["relative"]
+    kept = [r for r in rows[1:] if r["real_clean_acc"] > summary["collapse_threshold"]]
+    assert rel["collapsed"] == [r["format"] for r in rows[1:] if r not in kept]
+    for name, key in (("clean", "clean_acc"), ("robust", "robust_acc")):
+        assert rel[name]["real"] == pytest.approx([r[f"real_{key}"] / rows[0][f"real_{key}"] for r in kept])
+        assert rel[name]["generated"] == pytest.approx([r[f"est_{key}"] / rows[0][f"est_{key}"] for r in kept])
+        if rel[name]["r2"] is not None:
+            assert rel[name]["r2"] == pytest.approx(np.corrcoef(rel[name]["generated"], rel[name]["real"])[0, 1] ** 2)
+    assert (tmp_path / "estimate_relative.png").stat().st_size > 5000
+    assert (tmp_path / "estimate_pca.png").stat().st_size > 5000

@@ -245,6 +245,8 @@ def run_generate(cfg: dict[str, Any]) -> int:
                       progress=progress)
     label_acc = label_accuracy(model, generator)
     mix, beta, history = gen_cfg["mix"], 0.0, []
+    # the stage-1 generator's images (before the adjustment), for estimate's PCA view
+    before, before_labels = sample(generator, gen_cfg["n_samples"], mix, gen_cfg["seed"] + 1000, device)
     if gen_cfg["rounds"] > 0:
         result = adjust_generator(model, generator, targets, target_clean=gen_cfg["target_clean"],
                                   target_robust=gen_cfg["target_robust"], spec=spec, rounds=gen_cfg["rounds"],
@@ -254,6 +256,7 @@ def run_generate(cfg: dict[str, Any]) -> int:
         mix, beta, history = result.mix, result.beta, result.history
     images, labels = sample(generator, gen_cfg["n_samples"], mix, gen_cfg["seed"] + 1000, device)
     state = {"images": (images * 255).round().to(torch.uint8).cpu(), "labels": labels.cpu(),
+             "images_before": (before * 255).round().to(torch.uint8).cpu(), "labels_before": before_labels.cpu(),
              "generator": {k: v.cpu() for k, v in generator.state_dict().items()},
              "meta": {"arch": meta["arch"], "checkpoint": meta["checkpoint"], "resolution": resolution, "mix": mix,
                       "beta": beta, "label_accuracy": label_acc, "history": history,
@@ -275,7 +278,8 @@ def run_estimate(cfg: dict[str, Any]) -> int:
 
     from rat.models import load_checkpoint_file
     from rat.quant.ptq import calibrate, fold_batchnorm, quantize_model
-    from rat.quant.sweep import FP_NAME, batches, evaluate_point
+    from rat.quant.report import classifier_features, plot_pca, plot_relative, relative_accuracy
+    from rat.quant.sweep import FP_NAME, batches, collapse_threshold, evaluate_point
 
     est = cfg["estimate"]
     if not est["generated"]:
@@ -284,6 +288,10 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     if not formats:
         raise ConfigError("estimate.formats is required, e.g. int8,int4,pot4")
     output = _fresh_output(est["output"], "estimate.output")
+    figures = {name: output.with_name(f"{output.stem}_{name}.png") for name in ("relative", "pca")}
+    if est["real"]:
+        for name, path in figures.items():
+            _fresh_output(str(path), f"estimate.output's {name} plot")
     try:
         generated = load_checkpoint_file(est["generated"])
     except (FileNotFoundError, CheckpointError) as exc:  # its messages say "checkpoint": name the setting instead
@@ -319,12 +327,26 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     summary: dict[str, Any] = {"model": meta, "generated": est["generated"], "rows": rows,
                                "norm": spec.norm, "eps": spec.eps, "n_iter": spec.n_iter}
     if real is not None:
+        collapsed_at = collapse_threshold(int(model.num_classes), len(real[1]))
+        ranked = [rows[0], *(r for r in rows[1:] if r["real_clean_acc"] > collapsed_at)]  # collapsed ones left out
         for key in ("clean_acc", "robust_acc"):
-            errors = [abs(r[f"est_{key}"] - r[f"real_{key}"]) for r in rows]
-            rho = spearmanr([r[f"est_{key}"] for r in rows], [r[f"real_{key}"] for r in rows]).statistic
+            errors = [abs(r[f"est_{key}"] - r[f"real_{key}"]) for r in ranked]
+            rho = spearmanr([r[f"est_{key}"] for r in ranked], [r[f"real_{key}"] for r in ranked]).statistic
             summary[f"{key}_mean_abs_error"] = sum(errors) / len(errors)
             summary[f"{key}_fp_error"] = rows[0][f"est_{key}"] - rows[0][f"real_{key}"]
             summary[f"{key}_spearman"] = float(rho)
+        summary["collapse_threshold"] = collapsed_at
+        summary["relative"] = relative_accuracy(rows, collapsed_at)
+        plot_relative(summary["relative"], figures["relative"])
+        features = {"test set": classifier_features(model, real[0], bs)}
+        labels = {"test set": real[1].cpu()}
+        if "images_before" in generated:
+            features["generator before adjustment"] = classifier_features(
+                model, generated["images_before"].to(device).float() / 255, bs)
+            labels["generator before adjustment"] = generated["labels_before"]
+        features["generator after adjustment"] = classifier_features(model, xg, bs)
+        labels["generator after adjustment"] = yg.cpu()
+        plot_pca(features, labels, "test set", figures["pca"])
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2) + "\n")
     for r in rows:
@@ -336,6 +358,11 @@ def run_estimate(cfg: dict[str, Any]) -> int:
         print(f"rat.quant estimate: FP robust error {summary['robust_acc_fp_error']:+.2f} points, mean |error| "
               f"{summary['robust_acc_mean_abs_error']:.2f}, Spearman rho (robust) {summary['robust_acc_spearman']:.3f}"
               f" -> {output}")
+        rel = summary["relative"]
+        print(f"rat.quant estimate: relative accuracy, generated vs test set, R² clean "
+              f"{'–' if rel['clean']['r2'] is None else format(rel['clean']['r2'], '.3f')}, robust "
+              f"{'–' if rel['robust']['r2'] is None else format(rel['robust']['r2'], '.3f')} (collapsed, left out: "
+              f"{', '.join(rel['collapsed']) or 'none'}) -> {figures['relative']}, {figures['pca']}")
     return 0
 
 
