@@ -223,6 +223,20 @@ def test_a_batch_larger_than_the_data_is_one_line(bad, capsys, tmp_path):
     assert not list(run.rglob("*.pt"))
 
 
+def test_more_micro_batches_than_the_data_holds_is_one_line(bad, capsys, tmp_path):
+    """training.grad_accum larger than the batches each process reads per epoch: not one optimizer step would be
+    taken; one line, exit 2, no checkpoint."""
+    from rat.train.__main__ import main
+
+    run = tmp_path / "run"
+    code, stderr = _call(main, ["--logging.folder", str(run), "--data.demo_root", str(bad["demo_root"]),
+                                "--training.batch_size", "2000", "--training.grad_accum", "3"], capsys)
+    lines = _error_lines(stderr)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "training.grad_accum=3 exceeds the 2 batches of 2000 each of the 1 process(es) reads per epoch" in lines[0]
+    assert not list(run.rglob("*.pt"))
+
+
 def test_resuming_a_finished_run_says_so(bad, capsys):
     from rat.train.__main__ import main
 
