@@ -152,7 +152,8 @@ class AugmentSpec:
                                       default=0.5)
     policy: str = _param(OneOf(["randaugment", "adversarial"]), "augmentation policy: randaugment (fixed, with "
                          "augment.heavy 1) or adversarial (Adversarial AutoAugment, options in aaa.*; with "
-                         "augment.heavy 1 random erasing follows it)", default="randaugment")
+                         "augment.heavy 1 random erasing follows it and mixup/cutmix mix within each policy's "
+                         "images)", default="randaugment")
 
 
 @dataclass(frozen=True)
