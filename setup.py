@@ -21,6 +21,10 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",  # rat.quant: Jensen-Shannon divergence, curve fit, Spearman rho
 ]
 
+# Optional extras (tested: tensorboard 2.21, submitit 1.5.4); the dev extra includes them, so the tests cover them.
+TENSORBOARD = ["tensorboard>=2.14"]
+SUBMITIT = ["submitit>=1.5,<2"]
+
 setup(
     name="rat",
     version="0.1.0",
@@ -39,7 +43,11 @@ setup(
             "pytest-xdist>=3.6,<4",
             "hypothesis>=6.100",
             "ruff>=0.6",
+            *TENSORBOARD,
+            *SUBMITIT,
         ],
+        "tensorboard": TENSORBOARD,  # --logging.tensorboard 1 (torch.utils.tensorboard writes the event files)
+        "slurm": SUBMITIT,  # runner_aa_eval.py --launcher slurm
     },
     entry_points={
         "console_scripts": [

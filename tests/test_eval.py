@@ -309,6 +309,26 @@ def test_resume_refuses_a_state_of_another_evaluation(tmp_path: Path, demo_beton
         run_evaluation(_spec(demo_betons[1], convnext_ckpt, out))
 
 
+@pytest.mark.ffcv
+def test_a_second_evaluation_never_replaces_the_first_and_a_finished_one_is_reused(tmp_path: Path, demo_betons,
+                                                                                   convnext_ckpt: Path):
+    """Two runs with different settings on one --output, the second checked while the output was still free and
+    started after the first finished: the second is refused (the output is checked again under the evaluation's lock)
+    and the first's result stays. The first run again reuses its result instead of recomputing it."""
+    from rat.eval.evaluate import OutputTakenError
+
+    out = tmp_path / "r.json"
+    common = dict(n_ex=4, batch_size=4, n_iter=1, resolution=32)
+    second = resolve(_spec(demo_betons[1], convnext_ckpt, out, eps=2 / 255, **common))  # output still free
+    first = run_evaluation(_spec(demo_betons[1], convnext_ckpt, out, eps=1 / 255, **common))
+    written = out.read_bytes()
+    with pytest.raises(OutputTakenError, match=r"different evaluation \(differs in eps\).*another process wrote it"):
+        run_evaluation(second)
+    assert out.read_bytes() == written and not state_path_for(out).exists()
+    again = run_evaluation(_spec(demo_betons[1], convnext_ckpt, out, eps=1 / 255, **common))
+    assert again == first and out.read_bytes() == written  # reused: not recomputed, not rewritten
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints and architectures.
 

@@ -706,6 +706,41 @@ def test_sigterm_to_the_runner_stops_its_evaluations(tmp_path, demo_betons):
     assert not list((tmp_path / "aa").rglob("*.lock"))
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+def test_sigkill_to_the_runner_takes_its_evaluations_with_it(tmp_path, demo_betons):
+    """A runner killed outright (SIGKILL, the OOM killer) leaves no evaluation running: each dies with it."""
+    jobs = _tiny_jobs(tmp_path, demo_betons[1], [32])
+    spec = yaml.safe_load(jobs.read_text())
+    spec["defaults"].update(n_iter=100, n_ex=16)  # an evaluation that outlives the 10 s below by far
+    jobs.write_text(yaml.safe_dump(spec))
+    runner = _runner(jobs, tmp_path)
+    pid = None
+    try:
+        for line in runner.stderr:
+            if match := re.search(r"start on CPU slot 0 \(pid (\d+)\)", line):
+                pid = int(match.group(1))
+                break
+        assert pid is not None and _running(pid)
+        runner.kill()
+        runner.wait(timeout=60)
+        deadline = time.time() + 10
+        while _running(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid)  # today's runner left it running, unclaimed
+    finally:
+        runner.kill()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_run_train_sh_refuses_a_bad_config_before_torchrun(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "run_train.sh"), "--training.epochs", "0", "--logging.folder",
                            str(tmp_path / "run")], capture_output=True, text=True, env=_env(), timeout=300)

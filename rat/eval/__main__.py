@@ -25,7 +25,7 @@ from rat.eval.data import SUBSETS, select_subset
 from rat.eval.evaluate import SPEC_DEFAULTS, EvalSpec, resolve, run_evaluation
 from rat.eval.results import parse_eps, summary_line
 from rat.io import OutputError, check_writable
-from rat.logging import logging_scope, setup_logging
+from rat.logging import PROGRESS_HELP, PROGRESS_SETTINGS, logging_scope, setup_logging
 from rat.precision import PRECISIONS
 
 _logger = logging.getLogger("rat.eval")
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON result (default: aa_<norm>-<eps>_r<res>_<version>_n<n_ex>_<checkpoint>_<fingerprint>"
                           ".json next to the checkpoint; never replaces another evaluation's result)")
     run.add_argument("--log", help="log file (default: the result path with .log; '-' for none)")
+    run.add_argument("--progress", choices=PROGRESS_SETTINGS, default="auto", help=PROGRESS_HELP)
     return parser
 
 
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         setup_logging(0, log_file)
     try:
-        result = run_evaluation(resolved)
+        result = run_evaluation(resolved, progress_setting=args.progress)
     except (ValueError, FileNotFoundError, UnreadableCheckpoint) as exc:
         _logger.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -191,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         _logger.exception("evaluation failed")
         return EXIT_FAILED
-    _logger.info("wrote %s", result["output"])
     print(summary_line(result))  # the one-line summary on stdout, for people and scripts
     return 0
 

@@ -35,13 +35,14 @@ from rat.eval.autoattack import (
 from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
 from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
+from rat.logging import lines_around_bar, progress
 from rat.models.checkpoint import CheckpointError
 from rat.precision import PRECISIONS
 
 __all__ = [
-    "SPEC_DEFAULTS", "CheckpointError", "EvalSpec", "ResolvedEval", "build_eval_model", "check_output",
-    "default_model_name", "default_output", "evaluation_identity", "file_sha256", "resolve", "run_evaluation",
-    "state_path_for",
+    "SPEC_DEFAULTS", "CheckpointError", "EvalSpec", "OutputTakenError", "ResolvedEval", "build_eval_model",
+    "check_output", "default_model_name", "default_output", "evaluation_identity", "file_sha256", "finished_result",
+    "resolve", "run_evaluation", "state_path_for",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -333,6 +334,37 @@ def check_output(output: Path, identity: dict[str, Any]) -> None:
                          "refusing to replace it: pass another --output, or move it away")
 
 
+class OutputTakenError(ValueError):
+    """``--output`` came to hold another evaluation's result while this one was starting (another process wrote it);
+    nothing was replaced."""
+
+
+def finished_result(output: Path, identity: dict[str, Any], subset_name: str) -> dict[str, Any] | None:
+    """The result at ``output`` when it is this very evaluation's complete result (every identity key and the subset
+    recorded and equal), to be reused; None when there is none (or an older file that does not record everything,
+    which the evaluation replaces as before).
+
+    Raises:
+        ValueError: ``output`` holds another evaluation's result or an unreadable file (:func:`check_output`).
+    """
+    check_output(output, identity)
+    if not output.exists():
+        return None
+    existing = load_result(output)
+    if all(k in existing for k in _IDENTITY_KEYS) and (existing.get("subset") or {}).get("name") == subset_name:
+        return existing
+    return None
+
+
+def _recheck_output(output: Path, identity: dict[str, Any], subset_name: str) -> dict[str, Any] | None:
+    """:func:`finished_result` again, once this process holds the evaluation's lock: another process may have
+    written ``output`` since :func:`resolve` looked (two runs with different settings on one ``--output``)."""
+    try:
+        return finished_result(output, identity, subset_name)
+    except ValueError as exc:
+        raise OutputTakenError(f"{exc} (another process wrote it while this evaluation was starting)") from exc
+
+
 def state_path_for(output: Path) -> Path:
     """The state file of a result: ``<result>.state.json``."""
     return output.with_name(output.name + ".state.json")
@@ -389,8 +421,9 @@ def resolve(spec: EvalSpec) -> ResolvedEval:
     return ResolvedEval(dataclasses.replace(filled, output=output, name=name), source, attacks, device)
 
 
-def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
-    """Run (or resume) one evaluation and write its JSON result; see the module docstring.
+def run_evaluation(spec: EvalSpec | ResolvedEval, progress_setting: str = "auto") -> dict[str, Any]:
+    """Run (or resume) one evaluation and write its JSON result; see the module docstring. ``progress_setting``
+    (``auto``, ``1``, ``0``; :func:`rat.logging.progress`): a tqdm bar over the batches, or one log line per batch.
 
     Returns:
         The result (also written to the spec's ``output``, by default ``default_output``).
@@ -402,6 +435,11 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     eps, resolution, output, name = float(spec.eps), int(spec.resolution), Path(spec.output), str(spec.name)
 
     indices, subset = select_subset(spec.data, spec.n_ex, spec.subset)
+    identity = evaluation_identity(spec, source, attacks)
+    done = _recheck_output(output, identity, subset["name"])
+    if done is not None:
+        _reused(done, output)
+        return done
     n_total = subset["dataset_size"]
     preprocessing = preprocessing_info(spec.data)
     n_batches = -(-len(indices) // spec.batch_size)
@@ -426,6 +464,15 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     }
     steps = ["clean", *attacks]
     state = EvalState.load_or_create(state_path_for(output), fingerprint, steps)
+    try:  # holding the evaluation's lock now: what resolve() saw of the output may have changed
+        done = _recheck_output(output, identity, subset["name"])
+    except OutputTakenError:
+        state.close(finished=False)
+        raise
+    if done is not None:
+        state.close(finished=False)
+        _reused(done, output)
+        return done
     finished = [b for b in batch_ids if state.is_done(b)]
     todo = [b for b in batch_ids if not state.is_done(b)]
     _logger.info("evaluating %s (%s) %s eps=%.6g at %d px, %s (%s) on %d of %d images (%s subset)%s, %d batches of %d "
@@ -439,12 +486,17 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
     sizes = [batch_slice(b).stop - batch_slice(b).start for b in todo]
     batches = iter_eval_batches(spec.data, todo_indices, sizes, resolution=resolution, device=device,
                                 num_workers=spec.num_workers)
-    for b, (x, y) in zip(todo, batches):
-        x = x.contiguous()  # AutoAttack reshapes with .view
-        _run_batch(state, b, x, y, model, adversary, attacks)
-        robust = state.flags(b, steps[-1])
-        _logger.info("batch %d/%d: clean %d/%d, robust %d/%d (%.1fs)", b + 1, n_batches,
-                     sum(state.flags(b, "clean")), len(robust), sum(robust), len(robust), state.batches[b]["time_s"])
+    bar = progress(total=len(batch_ids), initial=len(finished), desc="AutoAttack batches", setting=progress_setting,
+                   every=1, logger=_logger, unit="batch")
+    with lines_around_bar(bar):
+        for b, (x, y) in zip(todo, batches):
+            x = x.contiguous()  # AutoAttack reshapes with .view
+            _run_batch(state, b, x, y, model, adversary, attacks)
+            robust = state.flags(b, steps[-1])
+            bar.set_postfix(batch=f"{b + 1}/{n_batches}", clean=f"{sum(state.flags(b, 'clean'))}/{len(robust)}",
+                            robust=f"{sum(robust)}/{len(robust)}", took=f"{state.batches[b]['time_s']:.1f}s")
+            bar.update(1)
+    bar.close()
 
     per_example: dict[str, Any] = {"indices": [int(i) for b in batch_ids for i in indices[batch_slice(b)]]}
     for step in steps:
@@ -492,9 +544,20 @@ def run_evaluation(spec: EvalSpec | ResolvedEval) -> dict[str, Any]:
         "output": str(output),
         "per_example": per_example,
     }
+    try:  # under the lock, immediately before writing: never replace another evaluation's result
+        check_output(output, identity)
+    except ValueError as exc:
+        state.close(finished=False)
+        raise OutputTakenError(f"{exc}; this evaluation's batches are kept in {state.path}") from exc
     atomic_write_json(output, result)
     state.close(finished=True)
+    _logger.info("wrote %s", output)
     return result
+
+
+def _reused(result: dict[str, Any], output: Path) -> None:
+    _logger.info("already done: %s holds this evaluation's result (finished %s); reusing it, nothing recomputed "
+                 "(delete it to compute it again)", output, result.get("finished", "?"))
 
 
 def _run_batch(state: EvalState, batch: int, x: torch.Tensor, y: torch.Tensor, model: nn.Module, adversary: Any,

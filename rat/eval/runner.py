@@ -25,9 +25,9 @@ from rat.cli import EXIT_BAD_INPUT, ArgumentParser
 from rat.eval.aggregate import choose_axis, plot_rows, result_row, write_csv, write_markdown
 from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS
 from rat.eval.jobs import Job, JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
-from rat.eval.scheduler import Slots, cpu_count, has_gpus, is_finished, run_tasks, valid_result
+from rat.eval.scheduler import Slots, SubmititSlots, cpu_count, has_gpus, is_finished, run_tasks, valid_result
 from rat.io import OutputError, check_writable
-from rat.logging import logging_scope, setup_logging
+from rat.logging import PROGRESS_HELP, PROGRESS_SETTINGS, logging_scope, setup_logging
 
 __all__ = ["aggregate", "build_parser", "main"]
 
@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--poll-interval", type=float, default=10.0, help="seconds between checks")
     sched.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     sched.add_argument("--plot-x", choices=["auto", "resolution", "eps"], default="auto")
+    sched.add_argument("--progress", choices=PROGRESS_SETTINGS, default="auto", help=PROGRESS_HELP)
+    slurm = parser.add_argument_group("SLURM (through submitit; pip install rat[slurm])")
+    slurm.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                       help="local: subprocesses on this machine's GPUs/CPU slots; slurm: one SLURM job per task; "
+                            "submitit-local: the same jobs through submitit's local executor (tests, dry runs)")
+    slurm.add_argument("--slurm-partition", help="partition of the jobs")
+    slurm.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (0: CPU jobs)")
+    slurm.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (the threads of a CPU job)")
+    slurm.add_argument("--slurm-timeout-min", type=int, default=240, help="time limit per job, minutes")
+    slurm.add_argument("--slurm-mem-gb", type=float, help="memory per job, GB")
+    slurm.add_argument("--slurm-parallel", type=int, default=64, help="at most this many jobs queued or running")
+    slurm.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="further #SBATCH option, e.g. account=abc or qos=high (repeatable)")
+    slurm.add_argument("--submitit-folder", type=Path,
+                       help="submitit's job scripts and logs (default: <output_dir>/.submitit)")
     return parser
 
 
@@ -114,6 +129,34 @@ def missing_inputs(tasks: Sequence[Task]) -> list[str]:
             if path and not Path(path).exists():
                 missing[f"job {task.job.name!r}: {kind} {path} does not exist"] = None
     return list(missing)
+
+
+def _submitit_slots(args: argparse.Namespace, output_dir: Path) -> SubmititSlots:
+    """The SLURM (or submitit-local) slots the flags describe.
+
+    Raises:
+        ValueError: a bad flag or submitit missing; the message names the fix.
+    """
+    try:
+        import submitit  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"--launcher {args.launcher} needs submitit: pip install submitit (or rat[slurm])") from exc
+    extra = {}
+    for option in args.slurm_option:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--slurm-option {option!r}: use KEY=VALUE, e.g. account=abc")
+        extra[key.strip()] = value
+    for flag, value, low in (("--slurm-gpus", args.slurm_gpus, 0), ("--slurm-cpus", args.slurm_cpus, 1),
+                             ("--slurm-timeout-min", args.slurm_timeout_min, 1),
+                             ("--slurm-parallel", args.slurm_parallel, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    return SubmititSlots(folder=args.submitit_folder or output_dir / ".submitit",
+                         cluster="local" if args.launcher == "submitit-local" else "slurm",
+                         parallel=args.slurm_parallel, gpus=args.slurm_gpus, cpus_per_task=args.slurm_cpus,
+                         timeout_min=args.slurm_timeout_min, mem_gb=args.slurm_mem_gb,
+                         partition=args.slurm_partition, extra=extra)
 
 
 @logging_scope()
@@ -152,15 +195,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         _logger.error("%s", exc)
         return EXIT_BAD_INPUT
-    slots = Slots(gpus=use_gpus, cpu_slots=args.cpu_slots, max_load=args.max_load, max_memory=args.max_memory,
-                  exclude=args.exclude_gpus)
-    if use_gpus and set(range(slots.n_gpus)) <= set(args.exclude_gpus):
-        _logger.error("--exclude-gpus %s leaves none of the %d GPUs: exclude fewer, or pass --cpu",
-                      " ".join(map(str, args.exclude_gpus)), slots.n_gpus)
-        return EXIT_BAD_INPUT
-    _logger.info("%d jobs, %d tasks, on %s", len(jobs), len(tasks),
-                 f"{slots.n_gpus} GPU(s)" if use_gpus else f"{args.cpu_slots} CPU slot(s)")
-    status, stopped_by = run_tasks(tasks, slots, poll_interval=args.poll_interval)
+    if args.launcher != "local":
+        try:
+            slots = _submitit_slots(args, output_dir)
+        except ValueError as exc:
+            _logger.error("%s", exc)
+            return EXIT_BAD_INPUT
+        where = (f"{args.launcher} jobs ({args.slurm_gpus} GPU(s) or {args.slurm_cpus} CPUs each, at most "
+                 f"{args.slurm_parallel} at a time)")
+    else:
+        slots = Slots(gpus=use_gpus, cpu_slots=args.cpu_slots, max_load=args.max_load, max_memory=args.max_memory,
+                      exclude=args.exclude_gpus)
+        if use_gpus and set(range(slots.n_gpus)) <= set(args.exclude_gpus):
+            _logger.error("--exclude-gpus %s leaves none of the %d GPUs: exclude fewer, or pass --cpu",
+                          " ".join(map(str, args.exclude_gpus)), slots.n_gpus)
+            return EXIT_BAD_INPUT
+        where = f"{slots.n_gpus} GPU(s)" if use_gpus else f"{args.cpu_slots} CPU slot(s)"
+    _logger.info("%d jobs, %d tasks, on %s", len(jobs), len(tasks), where)
+    status, stopped_by = run_tasks(tasks, slots, poll_interval=args.poll_interval, progress_setting=args.progress)
     if stopped_by is not None:
         stopped = sum(s == "stopped" for s in status.values())
         _logger.warning("stopped by %s: %d running evaluation(s) stopped; rerun the same command to resume",

@@ -6,7 +6,12 @@ several runners on one jobs file safe, and signal forwarding.
   leaves a claimed task to its owner, and counts it as finished when the owner's result appears. A runner that dies
   (even by SIGKILL) loses its claims with its process, so its tasks are taken over and resume from their state files.
 * SIGTERM or SIGINT (Ctrl-C) to the runner is forwarded to its running evaluations (which run in their own sessions,
-  so a terminal's Ctrl-C reaches only the runner); it waits for them, releases its claims and returns.
+  so a terminal's Ctrl-C reaches only the runner); it waits for them, releases its claims and returns. A runner that
+  is killed outright (SIGKILL, the OOM killer) takes its evaluations with it: on Linux each is started with a
+  parent-death signal (``prctl(PR_SET_PDEATHSIG, SIGTERM)``), so none is left running unclaimed.
+* With ``SubmititSlots`` the tasks run as SLURM jobs (submitit; its local executor for tests) instead of local
+  subprocesses, under the same claims, skips, failure marks and merges: the runner holds a task's claim while its job
+  runs and treats the job's exit status as it treats a subprocess's.
 * A task that failed is not started again by another runner of the same sweep: a runner skips a task whose failure
   mark (written by whoever ran it) is newer than the runner's own start, and counts it failed. The next run of the
   sweep retries it.
@@ -15,12 +20,15 @@ several runners on one jobs file safe, and signal forwarding.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +39,10 @@ from rat.eval.jobs import Job, Task, task_command
 from rat.eval.results import ResultError, load_result, merge_results, result_matches
 from rat.eval.state import atomic_write_json
 from rat.io import FileLock
+from rat.logging import lines_around_bar, progress
 
-__all__ = ["Slots", "cpu_count", "has_gpus", "is_finished", "merge_job", "result_differences", "run_tasks",
-           "valid_result"]
+__all__ = ["Slots", "SubmititSlots", "cpu_count", "has_gpus", "is_finished", "merge_job", "result_differences",
+           "run_tasks", "valid_result"]
 
 _logger = logging.getLogger(__name__)
 
@@ -135,9 +144,9 @@ def _move_aside(path: Path) -> None:
 @dataclasses.dataclass
 class _Running:
     task: Task
-    process: subprocess.Popen
+    process: subprocess.Popen | _SubmititJob
     slot: int
-    log: IO[str]
+    log: IO[str] | None  # a local subprocess's log, open in the runner; a SLURM job writes its own
     started: float
     claim: FileLock
 
@@ -185,6 +194,129 @@ class Slots:
         """``GPU 3`` or ``CPU slot 1``."""
         return f"GPU {slot}" if self.gpus else f"CPU slot {slot}"
 
+    def command(self, task: Task) -> list[str]:
+        """The task's ``python -m rat.eval`` command in these slots."""
+        return task_command(task, "cuda" if self.gpus else "cpu", None if self.gpus else self.threads())
+
+    def start(self, task: Task, cmd: list[str], slot: int, log: IO[str]) -> subprocess.Popen:
+        """Start the evaluation as a subprocess of the runner: in its own session (a terminal's Ctrl-C reaches only
+        the runner, which forwards it), dying with the runner (Linux parent-death signal)."""
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(slot), start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid()))
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when the runner dies, even by SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``); None elsewhere (there, a killed runner's evaluations finish on their own)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    return functools.partial(_set_pdeathsig, prctl, parent)
+
+
+def _set_pdeathsig(prctl: Any, parent: int) -> None:
+    pr_set_pdeathsig = 1
+    prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the runner died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run_logged(cmd: list[str], log: str, header: str) -> int:
+    """The body of a SLURM job (run by submitit on the node): ``python -m rat.eval`` with the task's arguments, in the
+    job's own process (no second interpreter start), its output appended to the task's log; returns its exit
+    status."""
+    import contextlib
+
+    from rat.eval.__main__ import main
+
+    with open(log, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        handle.write(header)
+        handle.flush()
+        try:
+            return main(cmd[3:])  # cmd is [python, -m, rat.eval, ...] (task_command)
+        except SystemExit as exc:  # a bad argument (argparse) exits 2
+            return exc.code if isinstance(exc.code, int) else 1
+
+
+class _SubmititJob:
+    """A submitit job seen as the scheduler sees a subprocess (``poll``, ``terminate``, ``wait``, ``kill``)."""
+
+    def __init__(self, job: Any):
+        self.job = job
+        self.pid = job.job_id
+
+    def poll(self) -> int | None:
+        if not self.job.done():
+            return None
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            return int(self.job.result())
+        except (FailedJobError, UncompletedJobError) as exc:  # node failure, timeout, cancelled: its log says more
+            _logger.error("SLURM job %s failed: %s", self.job.job_id, str(exc).strip().splitlines()[-1:])
+            return 1
+
+    def terminate(self) -> None:
+        self.job.cancel(check=False)
+
+    kill = terminate
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.time() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(f"SLURM job {self.pid}", timeout)
+            time.sleep(0.5)
+        return code
+
+
+class SubmititSlots:
+    """Tasks as SLURM jobs through submitit: ``cluster='slurm'``, or ``'local'`` (submitit's local executor, which
+    runs the same job code in local processes: tests, or trying a sweep's SLURM route without a cluster).
+
+    Args:
+        folder: submitit's folder (job scripts, pickles, its own logs).
+        cluster: ``slurm`` or ``local``.
+        parallel: at most this many jobs submitted at a time.
+        gpus: GPUs per job (0: CPU jobs, ``--device cpu`` with ``cpus_per_task`` threads).
+        cpus_per_task, timeout_min, mem_gb, partition, extra: the job's resources (``extra``: further
+            ``#SBATCH`` options, e.g. ``{"account": "x", "qos": "y"}``).
+    """
+
+    def __init__(self, *, folder: str | os.PathLike, cluster: str, parallel: int, gpus: int, cpus_per_task: int,
+                 timeout_min: int, mem_gb: float | None = None, partition: str | None = None,
+                 extra: dict[str, str] | None = None):
+        import submitit
+
+        self.cluster = cluster
+        self.parallel = parallel
+        self.gpus = gpus
+        self.cpus_per_task = cpus_per_task
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        params: dict[str, Any] = {"timeout_min": timeout_min, "gpus_per_node": gpus, "cpus_per_task": cpus_per_task,
+                                  "tasks_per_node": 1, "nodes": 1, "name": "rat-eval"}
+        if mem_gb is not None:
+            params["mem_gb"] = mem_gb
+        if partition:
+            params["slurm_partition"] = partition
+        if extra:
+            params["slurm_additional_parameters"] = dict(extra)
+        self.executor.update_parameters(**params)
+
+    def free(self, busy: Sequence[int]) -> list[int]:
+        return [s for s in range(self.parallel) if s not in busy]
+
+    def describe(self, slot: int) -> str:
+        return f"{self.cluster} job slot {slot}"
+
+    def command(self, task: Task) -> list[str]:
+        return task_command(task, "cuda" if self.gpus else "cpu", None if self.gpus else self.cpus_per_task)
+
+    def start(self, task: Task, cmd: list[str], slot: int, log: IO[str]) -> _SubmititJob:
+        header = f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {self.cluster} job: {shlex.join(cmd)}\n"
+        job = self.executor.submit(_run_logged, cmd, str(task.log), header)
+        return _SubmititJob(job)
+
 
 class _StopRequest:
     """Records SIGTERM/SIGINT while installed (the loop forwards them to the evaluations)."""
@@ -212,11 +344,12 @@ def _sleep(seconds: float, stop: _StopRequest) -> None:
         time.sleep(min(0.1, max(0.0, deadline - time.time())))
 
 
-def run_tasks(tasks: Sequence[Task], slots: Slots, *,
-              poll_interval: float = 10.0) -> tuple[dict[Task, str], int | None]:
+def run_tasks(tasks: Sequence[Task], slots: Slots | SubmititSlots, *, poll_interval: float = 10.0,
+              progress_setting: str = "auto") -> tuple[dict[Task, str], int | None]:
     """Run tasks in free slots until each is finished, by this runner or another one; returns each task's status
     (``done``, ``skipped`` = finished before or by another runner, ``failed``, ``stopped``) and the signal that
-    stopped the runner (None when it was not stopped)."""
+    stopped the runner (None when it was not stopped). Progress over the tasks: a tqdm bar or a log line per finished
+    task (``progress_setting``, :func:`rat.logging.progress`)."""
     status: dict[Task, str] = {}
     pending: list[Task] = []
     for task in tasks:
@@ -231,7 +364,9 @@ def run_tasks(tasks: Sequence[Task], slots: Slots, *,
     running: list[_Running] = []
     started = time.time()
     last_wait_note = started
-    with _StopRequest() as stop:
+    bar = progress(total=len(tasks), initial=len(status), desc="tasks", setting=progress_setting, every=1,
+                   logger=_logger, unit="task")
+    with _StopRequest() as stop, lines_around_bar(bar):
         while (pending or running) and stop.signum is None:
             for run in list(running):
                 code = run.process.poll()
@@ -271,15 +406,20 @@ def run_tasks(tasks: Sequence[Task], slots: Slots, *,
                              len(claimed), FileLock(claimed[0].lock).holder() if claimed else "-",
                              len(pending) - len(claimed))
                 last_wait_note = time.time()
+            if len(status) > bar.n:
+                bar.set_postfix(**{s: sum(v == s for v in status.values()) for s in ("done", "skipped", "failed")})
+                bar.update(len(status) - bar.n)
             if pending or running:
                 _sleep(poll_interval, stop)
         if stop.signum is not None:
             _stop(running, status, stop.signum)
+    bar.close()
     return status, stop.signum
 
 
 def _finish(run: _Running, code: int) -> str:
-    run.log.close()
+    if run.log is not None:
+        run.log.close()
     took = time.time() - run.started
     try:
         if code == 0 and is_finished(run.task):
@@ -315,23 +455,24 @@ def _stop(running: list[_Running], status: dict[Task, str], signum: int) -> None
         except subprocess.TimeoutExpired:
             run.process.kill()
             run.process.wait()
-        run.log.close()
+        if run.log is not None:
+            run.log.close()
         run.claim.release()
         status[run.task] = "stopped"
 
 
-def _launch(task: Task, slot: int, slots: Slots, claim: FileLock) -> _Running:
-    device = "cuda" if slots.gpus else "cpu"
-    cmd = task_command(task, device, None if slots.gpus else slots.threads())
+def _launch(task: Task, slot: int, slots: Slots | SubmititSlots, claim: FileLock) -> _Running:
+    cmd = slots.command(task)
     _move_aside(task.output)
     task.failed_mark.unlink(missing_ok=True)
     task.log.parent.mkdir(parents=True, exist_ok=True)
-    log = task.log.open("a")
-    log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {slots.describe(slot)}: {shlex.join(cmd)}\n")
-    log.flush()
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slots.env(slot),
-                               start_new_session=True)
-    _logger.info("start on %s (pid %d): %s", slots.describe(slot), process.pid, task.label)
+    log = None
+    if isinstance(slots, Slots):
+        log = task.log.open("a")
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {slots.describe(slot)}: {shlex.join(cmd)}\n")
+        log.flush()
+    process = slots.start(task, cmd, slot, log)
+    _logger.info("start on %s (pid %s): %s", slots.describe(slot), process.pid, task.label)
     return _Running(task, process, slot, log, time.time(), claim)
 
 
