@@ -153,11 +153,18 @@ def test_runner_on_cpu_slots(tmp_path: Path, demo_betons, tmp_path_factory: pyte
     assert "| convnext | L2 ε=0.1 | 40 |" in (out / "summary.md").read_text()
     assert (out / "robust_vs_resolution.png").stat().st_size > 1000
 
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    # The same sweep again, its tasks handed to SLURM through submitit (its local executor): the same skips, and the
+    # failing job runs again as a job, fails and leaves its failure mark; the summary table is unchanged.
+    summary = (out / "summary.md").read_bytes()
+    failed_mark = Task(load_jobs_file(jobs)[0][1]).failed_mark
+    failed_mark.unlink()
+    second = subprocess.run([*cmd, "--launcher", "submitit-local", "--slurm-gpus", "0", "--slurm-cpus", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert second.returncode == 1
     assert second.stderr.count("skip (finished)") == 3  # one job and the two shards of another
-    assert len(re.findall(r"start on CPU slot", second.stderr)) == 1  # only the failing job runs again
+    assert len(re.findall(r"start on local job slot", second.stderr)) == 1  # only the failing job runs again
     assert "0 done, 3 skipped (already finished), 1 failed" in second.stderr
+    assert failed_mark.exists() and (out / "summary.md").read_bytes() == summary
 
 
 def test_summary_tables_and_plots_from_rows(tmp_path: Path):
@@ -232,3 +239,46 @@ def test_use_ema_must_be_a_real_boolean():
     assert expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": False}], "out")[0].use_ema is False
     with pytest.raises(JobsError, match="use_ema: 'false' must be true or false"):
         expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": "false"}], "out")
+
+
+@pytest.mark.ffcv
+def test_runner_hands_its_tasks_to_submitit(tmp_path: Path, demo_betons, tmp_path_factory: pytest.TempPathFactory):
+    """--launcher submitit-local: a sharded job's shards as SLURM jobs through submitit's local executor; the merged
+    result equals one in-process evaluation of the whole job, the summary table is written, and a second run skips
+    what is finished without submitting anything (failures through submitit: test_runner_on_cpu_slots)."""
+    import torch
+
+    from rat.eval import EvalSpec, run_evaluation
+
+    ckpt = tiny_checkpoint(tmp_path_factory.getbasetemp(), CONVNEXT)
+    settings = {"data": str(demo_betons[1]), "versions": ["fast"], "n_ex": 8, "batch_size": 4, "num_workers": 1,
+                "n_iter": 2}
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "aa"), "defaults": settings, "jobs": [
+        {"checkpoint": str(ckpt), "name": "convnext", "threats": ["L2:0.1"], "resolutions": [32], "shards": 2}]}))
+    cmd = [sys.executable, str(REPO / "runner_aa_eval.py"), "--jobs", str(jobs), "--launcher", "submitit-local",
+           "--slurm-gpus", "0", "--slurm-cpus", "1", "--poll-interval", "0.2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(re.findall(r"start on local job slot", first.stderr)) == 2
+    assert "2 done, 0 skipped (already finished), 0 failed" in first.stderr
+    out = tmp_path / "aa"
+    merged = load_result(out / "convnext" / "L2-0.1_r32_fast_n8.json")
+    assert merged["shard"] is None and len(merged["merged_from"]) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the jobs (--threads 1), for bit-identical float math
+    try:
+        whole = run_evaluation(EvalSpec(data=demo_betons[1], checkpoint=ckpt, output=tmp_path / "whole.json",
+                                        norm="L2", eps=0.1, resolution=32, version="fast", n_ex=8, batch_size=4,
+                                        num_workers=1, n_iter=2, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert merged["per_example"] == whole["per_example"]
+    assert (merged["clean_accuracy"], merged["robust_accuracy"]) == (whole["clean_accuracy"],
+                                                                     whole["robust_accuracy"])
+    assert "| convnext | L2 ε=0.1 | 32 |" in (out / "summary.md").read_text()
+    assert not list(out.rglob("*.lock"))
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0 and second.stderr.count("skip (finished)") == 2
+    assert "start on" not in second.stderr and "0 done, 2 skipped (already finished), 0 failed" in second.stderr
