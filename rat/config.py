@@ -31,6 +31,7 @@ from fastargs.validation import And, Checker, InRange, OneOf
 
 from rat.attacks import DEFAULT_EPS, NORMS
 from rat.cli import ArgumentParser
+from rat.logging import PROGRESS_HELP, progress_setting
 from rat.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -67,6 +68,19 @@ class Flag(Checker):
 
     def help(self) -> str:
         return "0 or 1"
+
+
+class Progress(Checker):
+    """A progress setting: auto, 1 or 0 (:func:`rat.logging.progress_setting`, the one rule of every entry point)."""
+
+    def check(self, value: Any) -> str:
+        try:
+            return progress_setting(value)
+        except ValueError:
+            raise ValueError(value) from None
+
+    def help(self) -> str:
+        return "auto, 1 or 0"
 
 
 class CommaList(Checker):
@@ -321,7 +335,9 @@ class LoggingSpec:
     folder: str = _param(str, "run directory: checkpoints/, metrics.jsonl, params.json, train.log",
                          default="runs/default")
     log_every: int = _param(_int(1), "log metrics every this many steps", default=50)
-    progress: int = _param(Flag(), "1: tqdm progress bar on rank 0", default=1)
+    progress: str = _param(Progress(), f"{PROGRESS_HELP}; rank 0 only", default="auto")
+    tensorboard: int = _param(Flag(), "1: also write every metrics.jsonl record as TensorBoard scalars to "
+                              "<folder>/tensorboard (rank 0; needs the tensorboard package)", default=0)
     keep_checkpoints: int = _param(_int(1), "keep the newest this many epoch_*.pt (best.pt and last.pt are always "
                                    "kept)", default=3)
 
@@ -449,7 +465,7 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
             name=Param(str, "model name in the results; empty = the checkpoint's run folder", default=""),
             output=Param(str, "results folder: sweep.jsonl and sweep.csv (must not hold a sweep.jsonl)",
                          default=""),
-            progress=Param(Flag(), "1: tqdm progress bar", default=1),
+            progress=Param(Progress(), PROGRESS_HELP, default="auto"),
             same_grid=Param(Flag(), "1: also evaluate formats whose grid equals an earlier one's (FLOAT E1 = INT, "
                             "FLOAT M0 = POT; recorded with same_grid_as, left out of fits); 0: skip them", default=1),
             bins=Param(_int(2), "bins of the histogram similarity (recorded as hist_js_*)", default=256),
@@ -492,7 +508,7 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
             tolerance=Param(_float(0), "stop adjusting once clean and robust are this close (points)", default=1.0),
             seed=Param(_int(0), "seed", default=0),
             output=Param(str, "generated set (.pt, must not exist): images, labels, generator", default=""),
-            progress=Param(Flag(), "1: tqdm progress bars", default=1),
+            progress=Param(Progress(), PROGRESS_HELP, default="auto"),
         )
 
     def estimate() -> None:

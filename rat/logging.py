@@ -96,17 +96,43 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per call to ``path`` (JSON lines), flushed at once so a killed run keeps its metrics."""
+    """Appends one JSON object per call to ``path`` (JSON lines), flushed at once so a killed run keeps its metrics;
+    after :meth:`open_tensorboard`, also every record's numbers as TensorBoard scalars."""
 
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard: Any = None
+
+    def open_tensorboard(self, folder: str | Path, resumed_at: int | None = None) -> None:
+        """Write every record from now on also to TensorBoard event files in ``folder`` (``torch.utils.tensorboard``):
+        each number of a record as the scalar ``<kind>/<key>`` (``step/loss``, ``epoch/ema_robust_top1``...) at the
+        record's global ``step``. A run resumed from the checkpoint of step ``resumed_at`` appends a new event file
+        with ``purge_step = resumed_at + 1``, so the steps a killed run wrote after that checkpoint (and which the
+        resumed run writes again) are shown once, as TensorBoard documents for restarts."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(log_dir=str(folder),
+                                         purge_step=None if resumed_at is None else resumed_at + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        if self.tensorboard is not None:
+            kind, step = record.get("kind", "metrics"), record.get("step")
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{kind}/{key}", value, global_step=step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 class MetricsError(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -109,15 +110,22 @@ def test_demo_as_shipped_learns(tmp_path, demo_root):
 
 
 def test_resume_is_bit_exact(tmp_path, demo_root):
-    """2 epochs in one go == 1 epoch, resume from its checkpoint, 1 more epoch (heavy aug, mixup, APGD, EMA)."""
+    """2 epochs in one go == 1 epoch, resume from its checkpoint, 1 more epoch (heavy aug, mixup, APGD, EMA). The
+    resumed run is the straight one's folder as a run killed in epoch 2 leaves it (records of epoch 2 written, last.pt
+    still epoch 1), so its TensorBoard scalars are also checked: every metrics.jsonl record, each step once."""
     extra = ["--training.epochs", "2", "--augment.heavy", "1", "--ema.enabled", "1", "--ema.decay", "0.9",
-             "--training.label_smoothing", "0.1", "--validation.every", "1"]
+             "--training.label_smoothing", "0.1", "--validation.every", "1", "--logging.tensorboard", "1"]
     straight = tmp_path / "straight"
-    _train(straight, demo_root, *extra)
+    proc = _train(straight, demo_root, *extra, "--logging.progress", "auto")
+    # stderr is no terminal here (as a SLURM job's log file): no tqdm frames, one plain line per log_every (1) steps
+    assert "\r" not in proc.stderr
+    lines = re.findall(r"epoch (\d): (\d)/4 \(\d+%\) loss=\S+ lr=\S+ img_s=\d+ res=32 elapsed \S+, ETA", proc.stderr)
+    assert lines == [(e, s) for e in "01" for s in "1234"]
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight, resumed)
     shutil.copy(straight / "checkpoints" / "epoch_0001.pt", resumed / "checkpoints" / "last.pt")
     _train(resumed, demo_root, *extra, "--training.resume", "auto")
+    _assert_tensorboard_holds_the_metrics(resumed)
     a, b = _load(straight / "checkpoints" / "last.pt"), _load(resumed / "checkpoints" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 8
     for key in ("model", "model_ema"):
@@ -125,6 +133,31 @@ def test_resume_is_bit_exact(tmp_path, demo_root):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
     assert _epochs(straight)[-1]["top1"] == _epochs(resumed)[-1]["top1"]
+
+
+def _assert_tensorboard_holds_the_metrics(run_dir: Path) -> None:
+    """The TensorBoard event files, read back with tensorboard's EventAccumulator, hold every number of every
+    metrics.jsonl record as ``<kind>/<key>`` at the record's step, each step once: where a resumed run wrote a step
+    again, the value it wrote (the one metrics.jsonl has last)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    expected, seen = {}, set()
+    duplicated = False
+    for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        for key, value in record.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                point = (f"{record['kind']}/{key}", record["step"])
+                duplicated |= point in seen
+                seen.add(point)
+                expected[point] = value
+    assert duplicated  # the killed run's records after the checkpoint were written again by the resumed run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    got = [((tag, e.step), e.value) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)]
+    assert len(got) == len(dict(got))  # no step twice
+    assert dict(got).keys() == expected.keys()
+    for point, value in got:
+        assert value == pytest.approx(expected[point], rel=1e-6, abs=1e-6), point  # stored as float32
 
 
 def test_keep_checkpoints_keeps_the_newest_epochs_best_and_last(tmp_path, demo_betons, small_val):

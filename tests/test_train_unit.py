@@ -474,3 +474,32 @@ def test_a_training_step_synchronises_with_the_host_once():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 3, [str(w.message) for w in syncs]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(capsys, caplog):
+    """One rule for every entry point (rat.logging.progress): auto draws a tqdm bar only when stderr is a terminal;
+    elsewhere (a log file) about 20 plain lines per loop, never a carriage return; 1 forces the bar, 0 never."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from rat.logging import LineProgress, bars_enabled, progress, progress_setting
+
+    assert not sys.stderr.isatty()  # pytest captures it
+    assert isinstance(progress(total=3, setting="auto"), LineProgress)
+    assert isinstance(progress(total=3, setting="0"), LineProgress)
+    forced = progress(total=3, setting="1")
+    assert isinstance(forced, tqdm)
+    forced.close()
+    assert bars_enabled(True) and not bars_enabled(False) and progress_setting(0) == "0"
+    with pytest.raises(ValueError, match="auto, 1, 0"):
+        progress_setting("yes")
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="rat.progress"):
+        for _ in progress(range(1000), desc="images", setting="auto"):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "rat.progress"]
+    assert len(lines) == 20 and lines[0].startswith("images: 50/1000 (5%)")
+    assert lines[-1].startswith("images: 1000/1000 (100%)") and "ETA 00:00" in lines[-1]
+    assert "\r" not in capsys.readouterr().err

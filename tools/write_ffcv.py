@@ -34,8 +34,8 @@ from fastargs import Config, Param, Section, set_current_config
 from fastargs.decorators import param, section
 from fastargs.validation import And, InRange, OneOf
 
-from rat.config import FiniteFloat
-from rat.logging import logging_scope, setup_logging
+from rat.config import FiniteFloat, Progress
+from rat.logging import PROGRESS_HELP, logging_scope, setup_logging
 
 _logger = logging.getLogger("rat.tools.write_ffcv")
 
@@ -66,6 +66,7 @@ def declare(config: Config) -> None:
         strict=Param(And(int, OneOf([0, 1])), "1: fail on any unreadable image instead of leaving it out",
                      default=0),
         seed=Param(int, "seed of the proportion mode's JPEG/raw choice (reproducible files)", default=0),
+        progress=Param(Progress(), PROGRESS_HELP, default="auto"),
     )
 
 
@@ -120,9 +121,10 @@ def make_config(argv: Sequence[str] | None = None) -> Config:
 @param("num_workers")
 @param("strict")
 @param("seed")
+@param("progress")
 def write(dataset: str, data_dir: str, split: str, write_path: str, classes_from: str, write_mode: str,
           max_resolution: int, jpeg_quality: int, compress_probability: float, num_workers: int, strict: int,
-          seed: int):
+          seed: int, progress: str):
     """Run the conversion the config describes; returns the :class:`rat.data.WriteReport`."""
     from rat.data import read_classes, write_cifar_beton, write_folder_beton
 
@@ -134,7 +136,7 @@ def write(dataset: str, data_dir: str, split: str, write_path: str, classes_from
     else:
         resolution = max_resolution or None
     options = dict(max_resolution=resolution, jpeg_quality=jpeg_quality, compress_probability=compress_probability,
-                   write_mode=write_mode, num_workers=num_workers, seed=seed, progress=True)
+                   write_mode=write_mode, num_workers=num_workers, seed=seed, progress=progress)
     _logger.info("writing %s (%s%s) to %s with %s", data_dir, dataset, f", {split}" if split else "", write_path,
                  options)
     if is_cifar:

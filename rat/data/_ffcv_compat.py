@@ -267,11 +267,12 @@ def make_writer_class() -> type:
     """A ffcv ``DatasetWriter`` whose orchestration notices dead workers instead of waiting on them forever."""
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
-    from tqdm import tqdm
+
+    from rat.logging import progress
 
     class _Writer(DatasetWriter):
         notes_dir: str = ""
-        progress: bool = False
+        progress: str = "0"  # rat.logging.progress's setting
         target: str = ""
 
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
@@ -323,8 +324,8 @@ def make_writer_class() -> type:
             raise WriterProcessError(f"writing {self.target} failed in a writer process: {detail}{hint}")
 
         def _wait(self, procs: list[Process], done: Any, allocations_queue: Any) -> list:
-            bar = tqdm(total=self.num_samples, disable=not self.progress, desc=Path(self.target).name, unit="img",
-                       mininterval=0.5)
+            bar = progress(total=self.num_samples, setting=self.progress, desc=Path(self.target).name, unit="img",
+                           mininterval=0.5)
             shown = 0
             try:
                 while True:

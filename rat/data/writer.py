@@ -30,6 +30,7 @@ import numpy as np
 from rat.data._ffcv_compat import WriterProcessError, make_writer_class
 from rat.data.meta import CLASSES_FORMAT, IMAGE_FIELD, LABEL_FIELD, classes_path
 from rat.data.sources import ArraySource, FileSource, list_image_folder, load_cifar, read_notes
+from rat.logging import progress_setting
 
 __all__ = [
     "WRITE_MODES", "BetonWriteError", "WriteReport", "write_arrays_beton", "write_cifar_beton", "write_folder_beton",
@@ -108,11 +109,11 @@ def _check_output(out_path: Path) -> None:
 
 
 def _run_writer(tmp_path: Path, source: Any, indices: list[int] | None, *, fields: dict, num_workers: int,
-                page_size: int, notes_dir: str, progress: bool, target: Path) -> None:
+                page_size: int, notes_dir: str, progress: str | bool, target: Path) -> None:
     writer_cls = make_writer_class()
     writer = writer_cls(str(tmp_path), fields, page_size=page_size, num_workers=num_workers)
     writer.notes_dir = notes_dir
-    writer.progress = progress
+    writer.progress = progress_setting(progress)
     writer.target = str(target)
     chunksize = max(1, min(100, len(source) // (4 * num_workers) or 1))
     try:
@@ -124,7 +125,7 @@ def _run_writer(tmp_path: Path, source: Any, indices: list[int] | None, *, field
 def _write(source: Any, out_path: str | Path, *, classes: Sequence[str], describe: Callable[[int], str],
            source_name: str, max_resolution: int | None, max_sample_bytes: int | None, jpeg_quality: int,
            compress_probability: float, write_mode: str, num_workers: int | None, seed: int, on_error: str,
-           progress: bool, names: Sequence[str] | None = None) -> WriteReport:
+           progress: str | bool, names: Sequence[str] | None = None) -> WriteReport:
     """Write ``source`` (indexable of (HWC uint8, label)) to ``out_path`` atomically, then its classes file."""
     from ffcv.fields import IntField, RGBImageField
 
@@ -230,7 +231,7 @@ def write_arrays_beton(
         write_mode: str = "proportion",
         num_workers: int | None = None,
         seed: int = 0,
-        progress: bool = False,
+        progress: str | bool = False,
 ) -> Path:
     """Write in-memory images to a beton: sample ``i`` is ``(images[i], labels[i])``.
 
@@ -245,7 +246,8 @@ def write_arrays_beton(
         write_mode: ffcv's ``'raw'``, ``'jpg'``, ``'smart'`` or ``'proportion'``.
         num_workers: writer processes (default: all cores).
         seed: makes the ``'proportion'`` JPEG/raw choice (and so the file) reproducible.
-        progress: show a progress bar.
+        progress: ``auto``, ``1`` or ``0`` (or a bool): a tqdm bar or plain log lines, by the rule of
+            :func:`rat.logging.progress`.
 
     Returns:
         The beton path.
@@ -288,7 +290,7 @@ def write_folder_beton(
         num_workers: int | None = None,
         seed: int = 0,
         on_error: str = "skip",
-        progress: bool = True,
+        progress: str | bool = "auto",
 ) -> WriteReport:
     """Write an ImageNet-style folder (``<folder>/<class>/<images>``) to a beton in ``ImageFolder`` order.
 
@@ -332,7 +334,7 @@ def write_cifar_beton(
         write_mode: str = "raw",
         num_workers: int | None = None,
         seed: int = 0,
-        progress: bool = True,
+        progress: str | bool = "auto",
 ) -> WriteReport:
     """Write a CIFAR-10/100 split from its python-pickle archive (see :func:`load_cifar`); raw pixels by default."""
     images, labels, classes = load_cifar(archive, split)

@@ -174,7 +174,7 @@ def run_sweep_cmd(cfg: dict[str, Any]) -> int:
     name = sweep["name"] or default_model_name(meta["checkpoint"], meta["arch"])
     records = run_sweep(model, name=name, formats=formats, calib=calib, x=x, y=y, spec=_attack_spec(cfg),
                         img_size=resolution, batch_size=cfg["qmodel"]["batch_size"], jsonl=folder / "sweep.jsonl",
-                        progress=bool(sweep["progress"]), fold_bn=bool(cfg["qscheme"]["fold_bn"]),
+                        progress=sweep["progress"], fold_bn=bool(cfg["qscheme"]["fold_bn"]),
                         quant_bias=bool(cfg["qscheme"]["quant_bias"]), bins=sweep["bins"],
                         extra={"arch": meta["arch"], "checkpoint": meta["checkpoint"]})
     write_csv(records, folder / "sweep.csv")
@@ -238,7 +238,7 @@ def run_generate(cfg: dict[str, Any]) -> int:
         stats = record_norm_stats(model, batches(x, cfg["qmodel"]["batch_size"]))
     targets = stat_targets(model, stats)
     spec = _attack_spec(cfg)
-    progress = bool(gen_cfg["progress"])
+    progress = gen_cfg["progress"]
     generator = train(model, targets, num_classes=model.num_classes, img_size=resolution, steps=gen_cfg["steps"],
                       batch_size=gen_cfg["batch_size"], lr=gen_cfg["lr"], mix=gen_cfg["mix"],
                       stat_weight=gen_cfg["stat_weight"], width=gen_cfg["width"], seed=gen_cfg["seed"],

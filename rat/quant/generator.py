@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from rat.logging import progress as report_progress
 from rat.quant.sweep import AttackSpec, accuracy, robust_accuracy
 
 __all__ = [
@@ -254,7 +254,7 @@ def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
 def train_generator(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
                     img_size: int, steps: int, batch_size: int = 64, lr: float = 1e-3, mix: float = 0.2,
                     stat_weight: float = 1.0, width: int = 128, seed: int = 0,
-                    progress: bool = True) -> LabelGenerator:
+                    progress: str | bool = "auto") -> LabelGenerator:
     """Stage 1: a generator whose images the model classifies as their labels, with matched feature statistics.
 
     Adam (betas 0.5, 0.999, the seed's) with a cosine decay of ``lr`` to 0 over ``steps``: the decay lets the
@@ -271,7 +271,7 @@ def train_generator(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, 
     stat_loss = NormStatLoss(model, targets)
     gen = torch.Generator().manual_seed(seed + 1)
     try:
-        bar = tqdm(range(steps), desc="generator", disable=not progress)
+        bar = report_progress(range(steps), desc="generator", setting=progress)
         for step in bar:
             logs = _generator_step(model, generator, optimizer, stat_loss, batch_size=batch_size, mix=mix,
                                    stat_weight=stat_weight, beta=0.0, attack=None, gen=gen, device=device)
@@ -326,7 +326,7 @@ def adjust_generator(model: nn.Module, generator: LabelGenerator,
                      target_robust: float, spec: AttackSpec, rounds: int, steps_per_round: int, batch_size: int = 64,
                      lr: float = 5e-4, mix: float = 0.2, stat_weight: float = 1.0, train_n_iter: int = 5,
                      probe_n: int = 500, tolerance: float = 1.0, seed: int = 0,
-                     progress: bool = True) -> AdjustResult:
+                     progress: str | bool = "auto") -> AdjustResult:
     """Stage 2: train on adversarially perturbed samples and re-balance inter-class samples until the model's clean
     and robust accuracy on a fixed probe set are within ``tolerance`` points of the targets (or ``rounds`` run out).
 
@@ -348,7 +348,7 @@ def adjust_generator(model: nn.Module, generator: LabelGenerator,
     beta = 0.0
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, Any], float, float, float, float] | None = None
-    for round_index in tqdm(range(rounds + 1), desc="adjust", disable=not progress):
+    for round_index in report_progress(range(rounds + 1), desc="adjust", setting=progress, every=1):
         pure = _probe(model, generator, probe_n, 0.0, seed + 7, spec, device)
         mixed = _probe(model, generator, probe_n, 1.0, seed + 8, spec, device)
         mix = solve_mix(pure, mixed, target_robust)

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from rat.logging import progress as report_progress
 from rat.quant.formats import QuantFormat, same_grid_as
 from rat.quant.ptq import calibrate, fold_batchnorm, layer_tensors, quantize_model
 from rat.quant.similarity import DEFAULT_BINS, layer_flops, layer_params, model_macs, model_similarity
@@ -125,7 +125,7 @@ def _robust_loss(fp: float, q: float, collapsed: bool) -> float:
 
 def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], calib: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor, spec: AttackSpec, img_size: int, batch_size: int, jsonl: str | Path,
-              progress: bool = True, extra: dict[str, Any] | None = None, fold_bn: bool = True,
+              progress: str | bool = "auto", extra: dict[str, Any] | None = None, fold_bn: bool = True,
               quant_bias: bool = True, bins: int = DEFAULT_BINS) -> list[dict[str, Any]]:
     """Evaluate ``model`` in full precision and at every format; returns the records (also appended to ``jsonl``).
 
@@ -140,7 +140,7 @@ def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], ca
         img_size: Resolution (for per-layer FLOPs).
         batch_size: Images per forward pass.
         jsonl: Results file; one JSON object per line, written as each point finishes.
-        progress: Show a tqdm bar.
+        progress: ``auto``, ``1`` or ``0`` (or a bool): a tqdm bar or plain log lines (:func:`rat.logging.progress`).
         extra: Fields added to every record (arch, checkpoint, ...).
         fold_bn: Fold BatchNorm into the convolutions before quantizing (``rat.quant.ptq.fold_batchnorm``).
         quant_bias: Quantize biases at the accumulator scale.
@@ -174,7 +174,7 @@ def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], ca
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     with jsonl.open("a") as out:
         out.write(json.dumps(records[0]) + "\n")
-        for index, fmt in enumerate(tqdm(formats, desc=f"sweep {name}", disable=not progress)):
+        for index, fmt in enumerate(report_progress(formats, desc=f"sweep {name}", setting=progress, every=1)):
             start = time.time()
             qmodel = copy.deepcopy(reference)
             quantized = quantize_model(qmodel, fmt, act_amax, folded=folded, bias=quant_bias)

@@ -9,6 +9,7 @@ validation (:func:`_validate`) and checkpoints (:func:`_checkpoint`, ``TrainStat
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
 import signal
@@ -100,6 +101,9 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
                 check_input_size(arch, value, num_classes=data.num_classes or 1000)
             except InputSizeError as exc:
                 raise ConfigError(f"{key}={value}: {exc}") from exc
+    if spec.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard=1 needs the tensorboard package: pip install tensorboard (or "
+                          "rat[tensorboard]), or set --logging.tensorboard 0")
     run_dir = Path(spec.logging.folder)
     check_writable(run_dir / "checkpoints", "run folder (logging.folder)")
     resumed = load_resume_checkpoint(spec.training.resume, run_dir)
@@ -208,7 +212,7 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
         steps_per_epoch=loaders.steps_per_epoch, grad_accum=training.grad_accum, precision=training.precision,
         grad_clip=training.grad_clip,
         eps_warmup_epochs=spec.adv.eps_warmup_epochs, log_every=spec.logging.log_every,
-        progress=bool(spec.logging.progress) and info.is_primary)
+        progress=spec.logging.progress if info.is_primary else "0")
     eval_models = [("", module, build_eval_attack(spec.adv, spec.validation, module, seed))]
     if ema is not None:
         eval_models.append(("ema_", ema.module, build_eval_attack(spec.adv, spec.validation, ema.module, seed)))
@@ -327,6 +331,9 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     trainer = _build(spec, info, hooks)
     if resumed is not None:
         _resume(trainer, *resumed)
+    if spec.logging.tensorboard and info.is_primary:
+        hooks.writer.open_tensorboard(run_dir / "tensorboard",
+                                      resumed_at=trainer.state.step if resumed is not None else None)
     if info.is_primary:
         dump_config(spec.to_dict(), run_dir / "params.json",
                     record={"world_size": info.world_size, "global_batch": trainer.state.global_batch})
@@ -336,7 +343,10 @@ def run(spec: TrainSpec) -> dict[str, Any]:
                      trainer.state.model_kwargs["num_classes"], info.device, info.world_size,
                      trainer.state.global_batch, training.batch_size, training.grad_accum, info.world_size,
                      trainer.loaders.steps_per_epoch)
-    return _train(trainer)
+    try:
+        return _train(trainer)
+    finally:
+        hooks.writer.close()
 
 
 @logging_scope()

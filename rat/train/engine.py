@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from rat.attacks import eps_warmup_factor
+from rat.logging import progress
 from rat.precision import autocast
 from rat.train.distributed import all_reduce_sum
 from rat.train.state import TrainState
@@ -53,7 +53,8 @@ class StepOptions:
         grad_clip: clip the gradient norm to this (0 = off).
         eps_warmup_epochs: grow the attack's ε linearly from 0 over this many (fractional) epochs (0 = off).
         log_every: hand a step record to the hooks every this many steps (and at a requested stop).
-        progress: show a tqdm progress bar.
+        progress: the progress setting (``auto``, ``1``, ``0``; :func:`rat.logging.progress`): a tqdm bar, or a
+            plain log line every ``log_every`` steps (epoch, step/total, loss, lr, img/s, ETA).
     """
 
     lr: Callable[[int], float]
@@ -63,7 +64,7 @@ class StepOptions:
     grad_clip: float = 0.0
     eps_warmup_epochs: float = 0.0
     log_every: int = 50
-    progress: bool = False
+    progress: str = "0"
 
 
 class EpochHooks:
@@ -114,8 +115,8 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
     steps = len(loader) // accum
     total = steps if options.steps_per_epoch is None else min(options.steps_per_epoch, steps)  # optimizer steps
     skip_batches, epoch, world_size = state.batches_done, state.epoch, state.world_size
-    bar = tqdm(total=total, initial=skip_batches // accum, desc=f"epoch {epoch}", disable=not options.progress,
-               dynamic_ncols=True, leave=False)
+    bar = progress(total=total, initial=skip_batches // accum, desc=f"epoch {epoch}", setting=options.progress,
+                   every=options.log_every, leave=False)
     loss_sum, images, batches = 0.0, 0, 0
     stop_reason = None
     start = time.perf_counter()
@@ -182,7 +183,6 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
         mean_loss, micro, step_loss, rewards = step_loss, 0, 0.0, None
         loss_sum += mean_loss
         batches += 1
-        bar.update(1)
         if batches % options.log_every == 0 or stop:
             now = time.perf_counter()
             rate = window_images / max(now - window_start, 1e-9)
@@ -190,6 +190,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
                        "resolution": resolution})
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", res=resolution)
             window_start, window_images = now, 0
+        bar.update(1)  # after the postfix: a plain line shows this step's numbers
         if stop:
             stop_reason = "sigterm"
             break
