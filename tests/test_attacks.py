@@ -543,6 +543,29 @@ def test_bench_tool_prints_the_overhead_json(capsys):
     assert printed["ratio"] > 0 and printed["ratio_vs_algorithm"] <= printed["ratio"]
 
 
+
+def test_the_gpu_checks_reference_apgd2_is_rats_apgd2(monkeypatch):
+    """tools/gpu_check.py times rat's APGD-2 training step against a plain loop with a hand-written APGD-2; the
+    comparison is fair only if that loop computes the same attack: the same adversarial images, from the same passes."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    spec = importlib.util.spec_from_file_location("gpu_check", tools / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the tool sets OMP_WAIT_POLICY for its own process
+    monkeypatch.syspath_prepend(str(tools))  # as when run as a script: its folder's _timing module
+    spec.loader.exec_module(check)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(32, 5)).eval()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    rat_adv = create_attack("apgd", model, norm="Linf", eps=check.EPS, n_iter=2).perturb(x, y)
+    reference = check.reference_apgd2(model, x, y, check.EPS)
+    assert (reference - x).abs().max() <= check.EPS + 1e-7 and not torch.equal(reference, x)
+    torch.testing.assert_close(reference, rat_adv, rtol=0, atol=1e-6)
+
 # ----------------------------------------------------------------------------------------------------------------
 # APGD against AutoAttack's own APGD-CE on a small trained model.
 # ----------------------------------------------------------------------------------------------------------------
