@@ -276,6 +276,7 @@ def check_throughput(args: argparse.Namespace, sizes: dict[str, Any], device: to
         y = torch.randint(0, sizes["num_classes"], (batch,), device=device, generator=gen)
         for compiled in (False, True):
             torch._dynamo.reset()
+            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             net = torch.compile(module) if compiled else module  # the trainer's --model.compile 1
             common = {"net": net, "module": module, "x": x, "y": y, "steps": steps, "warmup": warmup}
             configs = [("rat", "clean", partial(_measure_rat, attack="none", **common)),
@@ -296,7 +297,7 @@ def check_throughput(args: argparse.Namespace, sizes: dict[str, Any], device: to
                        "mfu": round(batch * passes * flops / seconds / peak, 4), "peak_gib": _peak_gib(device),
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 if compiled:  # graphs dynamo compiled so far for this model (recompiles show up here)
-                    row["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    row["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
                 rows.append(row)
                 record({"rows": rows, "fwd_gflops": gflops})
                 print(json.dumps(row), flush=True)
