@@ -16,9 +16,12 @@ dataclasses (one per Section), and code below the entry point takes those or pla
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import difflib
 import json
+import logging
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,13 +32,17 @@ import yaml
 from fastargs import Config, Param, Section, set_current_config
 from fastargs.validation import And, Checker, InRange, OneOf
 
-from rat.attacks import DEFAULT_EPS, NORMS
+from rat.attacks import DEFAULT_EPS, NORMS, check_eps
 from rat.cli import ArgumentParser
+from rat.io import DuplicateKeyError, read_yaml
 from rat.logging import PROGRESS_HELP, progress_setting
 from rat.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from rat.data.policy import PolicySpace
+
+
+_logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -104,23 +111,44 @@ class CommaList(Checker):
         return f"comma-separated {self.what}" + (" (empty allowed)" if self.allow_empty else "")
 
 
-class PositiveFloat(Checker):
+class FiniteFloat(Checker):
+    """A finite float in ``[lo, hi]`` (an end excluded with ``lo_open``/``hi_open``). Every float setting of rat is
+    one: fastargs' ``float`` and ``InRange`` let NaN and infinity through, which then fail mid-run (or never)."""
+
+    def __init__(self, lo: float = float("-inf"), hi: float = float("inf"), *, lo_open: bool = False,
+                 hi_open: bool = False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
     def check(self, value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(value)
         value = float(value)
-        if not value > 0:
+        if not math.isfinite(value) or value < self.lo or value > self.hi or (self.lo_open and value == self.lo) \
+                or (self.hi_open and value == self.hi):
             raise ValueError(value)
         return value
 
     def help(self) -> str:
-        return "a float > 0"
+        if self.lo_open and self.hi == float("inf"):
+            return f"a finite float > {self.lo:g}"
+        lo = "" if self.lo == float("-inf") else f"{self.lo:g}"
+        hi = "" if self.hi == float("inf") else f"{self.hi:g}"
+        if not hi:
+            return f"a finite float >= {lo}" if lo else "a finite float"
+        return f"a finite float in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+class PositiveFloat(FiniteFloat):
+    def __init__(self) -> None:
+        super().__init__(0, lo_open=True)
 
 
 def _int(lo: float = float("-inf"), hi: float = float("inf")) -> Checker:
     return And(StrictInt(), InRange(lo, hi))
 
 
-def _float(lo: float = float("-inf"), hi: float = float("inf")) -> Checker:
-    return And(float, InRange(lo, hi))
+def _float(lo: float = float("-inf"), hi: float = float("inf"), *, hi_open: bool = False) -> Checker:
+    return FiniteFloat(lo, hi, hi_open=hi_open)
 
 
 # ---- the trainer's Sections: one frozen dataclass per Section, whose fields declare its Params --------------------
@@ -174,7 +202,7 @@ class AugmentSpec:
 class AAASpec:
     num_policies: int = _param(_int(1), "M: policies sampled per step; the batch is augmented M times (M x the cost)",
                                default=8)
-    batch_fraction: float = _param(And(_float(0, 1), PositiveFloat()), "share of the batch each policy augments (1 = "
+    batch_fraction: float = _param(FiniteFloat(0, 1, lo_open=True), "share of the batch each policy augments (1 = "
                                    "the whole batch, M*B images as in the paper; 1/M = RandAugment's cost)",
                                    default=1.0)
     ops: str = _param(str, "comma-separated op types of the search space (default: all 15)",
@@ -236,7 +264,7 @@ class ModelSpec:
 @dataclass(frozen=True)
 class EMASpec:
     enabled: int = _param(Flag(), "1: keep an EMA of the weights", default=0)
-    decay: float = _param(_float(0, 1), "EMA decay per step", default=0.9999)
+    decay: float = _param(_float(0, 1, hi_open=True), "EMA decay per step (1 would freeze the EMA)", default=0.9999)
     cpu: int = _param(Flag(), "1: keep the EMA copy on the CPU (saves accelerator memory)", default=0)
 
 
@@ -527,6 +555,13 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
 # ---- end rat.quant ------------------------------------------------------------------------------------------------
 
 
+def _leaf_keys(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every leaf key of a config file's content as a path (dotted keys split), repeats kept."""
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [leaf for key, value in tree.items() for leaf in _leaf_keys(value, prefix + tuple(str(key).split(".")))]
+
+
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
@@ -551,17 +586,24 @@ def load_config_file(config: Config, fname: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {fname} does not exist: check the path given to --config-file")
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        content = read_yaml(path) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {fname} is not a text file ({err.reason} at byte {err.start}): pass a YAML "
                           "or JSON config such as configs/demo.yaml") from err
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file {fname}: {err}: keep one of them") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {fname} is not valid YAML: {err}".replace("\n", " ")) from err
     if not isinstance(content, dict):
         raise ConfigError(f"config file {fname} must map sections to parameters, got {type(content).__name__}")
     content.pop(RECORD_KEY, None)  # params.json's record of the run that wrote it (dump_config), not settings
     known = [".".join(p) for p in config.entries]
-    for path_key in _flatten(content):
+    flat = _flatten(content)
+    for path_key, count in collections.Counter(_leaf_keys(content)).items():
+        if count > 1:  # e.g. `training: {epochs: 1}` and `training.epochs: 50`
+            raise ConfigError(f"config file {fname} gives '{'.'.join(path_key)}' {count} times (nested and dotted), "
+                              "and only the last would count: keep one of them")
+    for path_key in flat:
         if path_key not in config.entries:
             name = ".".join(path_key)
             close = difflib.get_close_matches(name, known, n=1)
@@ -635,6 +677,17 @@ def _check_consistency(config: Config) -> None:
                               "comparable: give one per norm (e.g. 0.0157,75), or leave adv.eps empty for the "
                               "defaults (Linf 4/255, L2 2, L1 75)")
     _check_augment_policy(config)
+    # The smallest input the attack sees has the fewest pixel values, so the largest change per value for an L2/L1 ε.
+    smallest = min(r for r in (config["resolution.min_res"], config["validation.resolution"]) if r)
+    for norm, eps, _ in threat_models(config["adv.norm"], config["adv.eps"], config["adv.n_iter"]):
+        try:
+            warning = check_eps(norm, eps, smallest)
+        except ValueError as err:
+            raise ConfigError(f"adv.eps: {err}") from err
+        if warning:
+            _logger.warning("adv.eps: %s", warning)
+    if not config["logging.folder"].strip():
+        raise ConfigError("logging.folder is empty: name the run folder, e.g. --logging.folder runs/my_run")
     if config["resolution.min_res"] > config["resolution.max_res"]:
         raise ConfigError("resolution.min_res must not exceed resolution.max_res")
     if config["resolution.end_ramp"] < config["resolution.start_ramp"]:

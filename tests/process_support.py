@@ -24,26 +24,31 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **extra}
 
 
-def sigterm_after_first_metrics(proc: subprocess.Popen, metrics: Path, timeout: float = 300) -> str:
-    """Wait until the run has written its first metrics line, send it SIGTERM (so the signal arrives mid-epoch), wait
-    for it to exit and return its stderr."""
+def signal_group_after_first_metrics(proc: subprocess.Popen, metrics: Path, signals: list[int],
+                                     timeout: float = 300) -> str:
+    """Wait until the run has written its first metrics line (so that a signal arrives mid-epoch), send each of
+    ``signals`` to the whole process group of ``proc`` (started with ``start_new_session=True``), as a terminal's
+    Ctrl-C or scancel send them, wait for it to exit and return its stderr."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.1)  # a run that ends before its first metrics line is a failure: report it, do not wait
-    proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+    for signum in signals:
+        os.killpg(proc.pid, signum)
+        time.sleep(0.2)
     _, stderr = proc.communicate(timeout=timeout)
     return stderr
 
 
 @contextlib.contextmanager
 def _process_state_restored():
-    """Undo the SIGTERM handler ``rat.train`` installs for its process (its ``main`` restores logging itself), so
-    that runs in this process leave pytest and the next run as they found them."""
-    sigterm = signal.getsignal(signal.SIGTERM)
+    """Undo the SIGTERM and SIGINT handlers ``rat.train`` installs for its process (its ``main`` restores logging
+    itself), so that runs in this process leave pytest and the next run as they found them."""
+    sigterm, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(signal.SIGINT, sigint)
 
 
 def train_in_process(argv: list[str]) -> subprocess.CompletedProcess:

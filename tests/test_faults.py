@@ -22,10 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from process_support import sigterm_after_first_metrics, subprocess_env, train_in_process
+from PIL import Image
+from process_support import signal_group_after_first_metrics, subprocess_env, train_in_process
 
 from rat.config import config_to_dict, make_config
 from rat.io import FileLock, atomic_write, pid_alive
@@ -91,8 +93,18 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
              "step": 4, "batches_done": 0}
     (run / "checkpoints").mkdir(parents=True)
     torch.save(state, run / "checkpoints" / "last.pt")
+    # what the run recorded (resume ''), which the README's `-C RUN/params.json` replays
+    (run / "params.json").write_text(json.dumps({**config, "training": {**config["training"], "resume": ""}}))
     files["run"] = run
     files["ckpt"] = run / "checkpoints" / "last.pt"
+    # the same checkpoint recording class names the data does not have (the demo's in reverse order), and a 12-class one
+    torch.save({**state, "classes": [str(c) for c in range(9, -1, -1)]}, root / "named.pt")
+    torch.save({**state, "model": create_model(ARCH, num_classes=12, img_size=32).state_dict(),
+                "model_kwargs": {**state["model_kwargs"], "num_classes": 12}}, root / "classes12.pt")
+    # the val beton with its classes listed in another order, and with 12 classes
+    for name, names in (("reordered", info["classes"][::-1]), ("twelve", [*info["classes"], "x", "y"])):
+        shutil.copy(val, root / f"{name}.beton")
+        (root / f"{name}.beton.classes.json").write_text(json.dumps({**info, "classes": names}))
     (root / "not_a_folder").write_text("a file")
     (root / "other.json").write_text(json.dumps({"hello": "world"}))
     return files
@@ -180,15 +192,80 @@ TRAIN_CASES = [
     ("resume-other-optimizer", lambda b: _train_argv(b["run"], b["demo_root"]) + ["--training.optimizer", "sgd"],
      r"cannot resume .*training\.optimizer: 'adamw' -> 'sgd'"),
     ("resume-other-classes", lambda b: _train_argv(b["run"], b["demo_root"]) + ["--data.num_classes", "7"],
-     r"data\.num_classes: 0 -> 7"),
+     r"the demo dataset has 10 classes but data\.num_classes has 7"),
     ("resume-other-arch", lambda b: _train_argv(b["run"], b["demo_root"]) + ["--model.arch", "resnet18"],
      r"model\.arch: 'convnext_micro_cvst' -> 'resnet18'"),
+    # issue 21, family 1: a run folder is never overwritten
+    ("used-folder-without-resume", lambda b: _train_argv(b["run"], b["demo_root"])[:-4] + ["--logging.progress", "0"],
+     r"run folder .*run already holds a run \(last\.pt, params\.json\): continue it with --training\.resume auto, "
+     r"or start a new run in another --logging\.folder"),
+    ("replay-params-json", lambda b: ["-C", str(b["run"] / "params.json"), "--logging.folder", str(b["run"])],
+     r"already holds a run"),
+    ("empty-logging-folder", lambda b: ["--logging.folder", ""], r"logging\.folder is empty"),
+    ("blank-logging-folder", lambda b: ["--logging.folder", "  "], r"logging\.folder is empty"),
+    # family 2: a key given twice in a config file
+    ("duplicate-section", lambda b: ["-C", _text(b, "adv:\n  attack: apgd\ntraining:\n  epochs: 1\nadv:\n  attack: "
+                                                    "none\n")],
+     r"config file .*\.yaml: key 'adv' is given twice \(lines 1 and 5\).*keep one"),
+    ("duplicate-key-inline", lambda b: ["-C", _text(b, "training: {epochs: 1, epochs: 50}\n")],
+     r"key 'epochs' is given twice"),
+    ("duplicate-key-nested", lambda b: ["-C", _text(b, "adv:\n  attack: apgd\n  eps: 0.01\n  attack: none\n")],
+     r"key 'attack' is given twice \(lines 2 and 4\)"),
+    ("nested-and-dotted-key", lambda b: ["-C", _text(b, "training:\n  epochs: 1\ntraining.epochs: 50\n")],
+     r"gives 'training\.epochs' 2 times"),
+    ("duplicate-key-json", lambda b: ["-C", _text(b, '{"training": {"epochs": 1}, "training": {"epochs": 5}}')],
+     r"key 'training' is given twice"),
+    # family 3: legal types, insane values
+    ("linf-eps-in-255-units", lambda b: ["--adv.eps", "4"],
+     r"adv\.eps: Linf eps 4 covers the whole image box at 224 px.*4/255 = 0\.0157, not 4"),
+    ("l2-eps-in-255-units", lambda b: ["--adv.norm", "L2", "--adv.eps", "510"], r"L2 eps 510 covers the whole image"),
+    ("l1-eps-in-255-units", lambda b: ["--adv.norm", "L1", "--adv.eps", "200000"], r"L1 eps 200000 covers"),
+    ("linf-eps-one-of-two-norms", lambda b: ["--adv.norm", "L1,Linf", "--adv.eps", "75,8"], r"Linf eps 8 covers"),
+    ("eps-inf", lambda b: ["--adv.eps", "inf"], r"adv\.eps='inf' is not comma-separated numbers > 0"),
+    ("ema-decay-1", lambda b: ["--ema.enabled", "1", "--ema.decay", "1"],
+     r"ema\.decay='1' is not a finite float in \[0, 1\)"),
+    ("lr-inf", lambda b: ["--lr.lr", "inf"], r"lr\.lr='inf' is not a finite float > 0"),
+    ("mixup-nan", lambda b: ["--augment.mixup", "nan"], r"augment\.mixup='nan' is not a finite float >= 0"),
+    ("grad-clip-inf", lambda b: ["--training.grad_clip", "inf"], r"training\.grad_clip='inf'"),
+    ("warmup-nan", lambda b: ["--lr.warmup_epochs", "nan"], r"lr\.warmup_epochs='nan'"),
+    # family 4: class lists
+    ("val-classes-reordered", lambda b: _betons(b["val"], b["root"] / "reordered.beton"),
+     r"train data .* and val data .*reordered\.beton\.classes\.json\) list different classes \(label 0 is '0' in "
+     r"one and '9' in the other\).*--cfg\.classes_from"),
+    ("val-more-classes", lambda b: _betons(b["val"], b["root"] / "twelve.beton"), r"has 10 classes but val data .* 12"),
+    ("num-classes-smaller", lambda b: ["--data.num_classes", "7"],
+     r"the demo dataset has 10 classes but data\.num_classes has 7: leave data\.num_classes at 0"),
+    ("num-classes-larger", lambda b: ["--data.num_classes", "12"], r"data\.num_classes has 12"),
+    ("resume-other-class-names", lambda b: _train_argv(b["run"], b["demo_root"]) + ["--training.resume",
+                                                                                    str(b["root"] / "named.pt")],
+     r"cannot resume: checkpoint .*named\.pt and the demo dataset list different classes"),
+    # family 8: what run_train.sh's preflight (--validate-only) checks before torchrun
+    ("init-checkpoint-other-arch", lambda b: ["--validate-only", "--model.arch", "resnet10t", "--model.init_checkpoint",
+                                              str(b["ckpt"])],
+     r"model\.init_checkpoint .*last\.pt: .*holds a 'convnext_micro_cvst' model, not 'resnet10t'"),
+    ("init-checkpoint-other-classes", lambda b: ["--validate-only", "--model.init_checkpoint",
+                                                 str(b["root"] / "classes12.pt")],
+     r"model\.init_checkpoint .*classes12\.pt: .*shape mismatches: head\.fc"),
+    ("init-checkpoint-other-class-names", lambda b: ["--validate-only", "--model.init_checkpoint",
+                                                     str(b["root"] / "named.pt")],
+     r"model\.init_checkpoint .*named\.pt: .*list different classes"),
+    ("init-checkpoint-text", lambda b: ["--validate-only", "--model.init_checkpoint", str(b["root"] / "text.pt")],
+     r"model\.init_checkpoint .*text\.pt: cannot read checkpoint"),
+    ("init-checkpoint-missing", lambda b: ["--validate-only", "--model.init_checkpoint", str(b["root"] / "nope.pt")],
+     r"model\.init_checkpoint .*nope\.pt"),
 ]
 
 
 def _yaml(b: dict, content: dict) -> str:
     path = b["root"] / f"cfg_{hashlib.sha256(repr(content).encode()).hexdigest()[:8]}.yaml"
     path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def _text(b: dict, content: str) -> str:
+    """A config file of exactly this text (for what yaml.safe_dump cannot write: a key given twice)."""
+    path = b["root"] / f"raw_{hashlib.sha256(content.encode()).hexdigest()[:8]}.yaml"
+    path.write_text(content)
     return str(path)
 
 
@@ -314,6 +391,19 @@ EVAL_CASES = [
      r"is a folder, not a checkpoint file"),
     ("data-folder-without-classes", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "no_classes")),
      r"Couldn't find any class folder .*one subfolder of images per class"),
+    # issue 21: a radius in 0-255 units, and a checkpoint on data with other classes
+    ("linf-eps-in-255-units", lambda b, o: _ev(b, o, "--arch", ARCH, "--eps", "4"),
+     r"Linf eps 4 covers the whole image box at 32 px.*4/255 = 0\.0157, not 4"),
+    ("l2-eps-in-255-units", lambda b, o: _ev(b, o, "--arch", ARCH, "--norm", "L2", "--eps", "510"),
+     r"L2 eps 510 covers the whole image box at 32 px"),
+    ("checkpoint-on-more-classes", lambda b, o: _ev(b, o, "--checkpoint", str(b["ckpt"]), "--data",
+                                                    str(b["root"] / "twelve.beton")),
+     r"checkpoint .*last\.pt has 10 classes but data .*twelve\.beton has 12"),
+    ("checkpoint-fewer-classes-than-data", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"] / "classes12.pt"),
+                                                            "--data", str(b["val"])),
+     r"classes12\.pt has 12 classes but data .* has 10"),
+    ("checkpoint-other-class-names", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"] / "named.pt")),
+     r"checkpoint .*named\.pt and data .* list different classes \(label 0 is '9' in one and '0'"),
 ]
 
 
@@ -364,6 +454,112 @@ def test_default_result_name_keeps_apart_what_defines_the_evaluation(bad, tmp_pa
     assert output("--checkpoint", str(folder / "last.pt")) == output("--checkpoint", str(folder / "last.pt"))
 
 
+def test_a_warning_for_an_implausible_l2_radius(bad, capsys, tmp_path):
+    """An L2 radius below the box's diameter but far above any usual one (30 at 32 px: a mean change of 138/255 per
+    pixel value) trains, with a loud warning naming the 0-255 confusion."""
+    from rat.train.__main__ import main
+
+    code, stderr = _call(main, ["--validate-only", "--logging.folder", str(tmp_path / "run"), "--data.demo_root",
+                                str(bad["demo_root"]), "--adv.norm", "L2", "--adv.eps", "30", "--resolution.min_res",
+                                "32", "--resolution.max_res", "32"], capsys)
+    assert code == 0, stderr
+    assert re.search(r"adv\.eps: L2 eps 30 at 32 px allows a mean change of 138/255 .*0-255 units", stderr), stderr
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_not(bad, capsys, tmp_path):
+    """Two trainings on one folder: the second is refused while the first (here: a process holding the run's lock)
+    lives; once it is killed, its lock file no longer blocks."""
+    from rat.train.__main__ import RUN_LOCK, main
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from rat.io import FileLock
+        assert FileLock({str(run / RUN_LOCK)!r}).try_acquire()
+        print("held", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, env=_env())
+    assert holder.stdout.readline().strip() == "held"
+    argv = ["--logging.folder", str(run), "--data.demo_root", str(bad["demo_root"])]
+    try:
+        for extra in (["--validate-only"], []):  # run_train.sh's check, then the run itself
+            code, stderr = _call(main, [*extra, *argv], capsys)
+            lines = _error_lines(stderr)
+            assert code == 2 and len(lines) == 1, stderr
+            assert re.search(rf"run folder .*run is in use by another training \(pid {holder.pid} on .*\): wait "
+                             "for it", lines[0]), lines[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / RUN_LOCK).exists()
+    code, stderr = _call(main, ["--validate-only", *argv], capsys)
+    assert code == 0, stderr
+    assert not (run / RUN_LOCK).exists()
+
+
+def _train_small(run: Path, demo_root: Path, *extra: str):
+    return train_in_process(["--logging.folder", str(run), "--data.demo_root", str(demo_root), "--resolution.min_res",
+                             "32", "--resolution.max_res", "32", "--training.batch_size", "16", "--training.precision",
+                             "fp32", "--validation.robust_n_ex", "0", "--validation.batch_size", "100",
+                             "--logging.progress", "0", "--data.num_workers", "1", "--data.in_memory", "0", *extra])
+
+
+def test_ctrl_c_on_python_m_rat_train_saves_and_says_how_to_resume(demo_betons, tmp_path):
+    """SIGINT (Ctrl-C) to ``python -m rat.train`` (here: this process, which runs its ``main``) mid-epoch: the run saves
+    and says how to resume in one line, like SIGTERM. The folder held an attempt that died before its first checkpoint:
+    ``--training.resume auto`` starts afresh and moves that attempt's metrics aside instead of appending to them."""
+    import threading
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = '{"kind": "step", "epoch": 0, "step": 1, "loss": 9.0}\n'
+    (run / "metrics.jsonl").write_text(stale)
+
+    def interrupt() -> None:
+        deadline = time.time() + 120
+        metrics = run / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text() not in ("", stale)):
+            time.sleep(0.05)  # the stale file is moved aside first
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    proc = _train_small(run, demo_betons[0].parent, "--training.epochs", "2", "--training.limit_batches", "100",
+                        "--logging.log_every", "1", "--training.resume", "auto")
+    thread.join()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"SIGINT: checkpoint saved at epoch 0, batch \d+.*; resume with --training.resume auto",
+                     proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    state = load_checkpoint_file(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and state["batches_done"] > 0
+    assert [p.read_text() for p in run.glob("metrics.*.jsonl")] == [stale]  # set aside, not appended to
+    assert stale not in (run / "metrics.jsonl").read_text()
+
+
+def test_a_full_disk_under_metrics_jsonl_stops_with_nothing_lost(demo_betons, tmp_path):
+    """metrics.jsonl on a full disk (a link to /dev/full: every write fails with ENOSPC, as on a full disk): the epoch
+    ends, its checkpoint is written, the run stops in one line (exit 1), and the resumed run writes the lost epoch
+    record back from the checkpoint."""
+    from rat.logging import read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")
+    argv = ["--training.epochs", "2", "--training.limit_batches", "2", "--logging.log_every", "100"]
+    proc = _train_small(run, demo_betons[0].parent, *argv)
+    lines = _error_lines(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and re.search(r"could not append to .*metrics\.jsonl \(No space left on device\): "
+                                         r"stopped at the end of epoch 1; .*last\.pt holds the run so far.*resume "
+                                         r"with --training\.resume auto", lines[0]), lines[0]
+    assert load_checkpoint_file(run / "checkpoints" / "last.pt")["epoch"] == 1
+    (run / "metrics.jsonl").unlink()  # space freed
+    proc = _train_small(run, demo_betons[0].parent, *argv, "--training.resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"] == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # runner_aa_eval.py
 
@@ -406,6 +602,13 @@ RUNNER_FILE_CASES = [
      r"output_dir .*jobs\.yaml is not writable"),
     ("inputs-missing", "output_dir: OUT\njobs: [{name: m, checkpoint: nope.pt, data: nope.beton}]\n",
      r"job 'm': checkpoint nope\.pt does not exist \(and 1 more missing input\(s\)\): fix the path in the jobs"),
+    ("duplicate-key-in-job", "output_dir: OUT\njobs: [{checkpoint: a.pt, data: v, n_ex: 5, n_ex: 500}]\n",
+     r"cannot read jobs file .*jobs\.yaml: key 'n_ex' is given twice"),
+    ("duplicate-top-level-key", "output_dir: OUT\njobs: [{checkpoint: a.pt, data: v}]\noutput_dir: /tmp/other\n",
+     r"key 'output_dir' is given twice \(lines 1 and 3\)"),
+    ("duplicate-defaults-key",
+     "output_dir: OUT\ndefaults:\n  n_ex: 5\n  n_ex: 50\njobs: [{checkpoint: a.pt, data: v}]\n",
+     r"key 'n_ex' is given twice \(lines 3 and 4\)"),
 ]
 
 
@@ -461,6 +664,16 @@ WRITE_CASES = [
     ("classes-from-missing", lambda b, t: ["--cfg.data_dir", str(t / "classes"), "--cfg.write_path",
                                            str(t / "o.beton"), "--cfg.classes_from", str(t / "nope.beton")],
      r"nope\.beton does not exist"),
+    ("duplicate-key-config", lambda b, t: ["-C", _text(b, f"cfg:\n  data_dir: {t / 'classes'}\n  write_path: "
+                                                          f"{t / 'o.beton'}\n  data_dir: {t / 'flat'}\n")],
+     r"key 'data_dir' is given twice \(lines 2 and 4\)"),
+    ("compress-probability-nan", lambda b, t: ["--cfg.data_dir", str(t / "classes"), "--cfg.write_path",
+                                               str(t / "o.beton"), "--cfg.compress_probability", "nan"],
+     r"--cfg\.compress_probability"),
+    ("symlink-loop", lambda b, t: ["--cfg.data_dir", str(t / "looped"), "--cfg.write_path", str(t / "o.beton")],
+     r"looped/a/up leads back into .*looped .* through a symbolic link.*remove the link"),
+    ("one-file-twice", lambda b, t: ["--cfg.data_dir", str(t / "twice"), "--cfg.write_path", str(t / "o.beton")],
+     r"twice/b/same\.png and .*twice/a/x\.png are the same file"),
 ]
 
 
@@ -471,9 +684,63 @@ def test_write_ffcv_bad_input_is_one_line(case, bad, capsys, tmp_path):
     (tmp_path / "flat" / "a.txt").write_text("x")
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "test_faults.py", tmp_path / "classes" / "cat" / "not_an_image.JPEG")
+    for name in ("looped", "twice"):  # a/x.png, b/y.png; then a link back up, or a second path to a/x.png
+        for cls, image in (("a", "x.png"), ("b", "y.png")):
+            (tmp_path / name / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / name / cls / image)
+    (tmp_path / "looped" / "a" / "up").symlink_to("..")
+    (tmp_path / "twice" / "b" / "same.png").symlink_to(tmp_path / "twice" / "a" / "x.png")
     _, make_argv, expected = case
+    argv = make_argv(bad, tmp_path)
     before = _snapshot(bad["root"]) | _snapshot(tmp_path)
-    code, stderr = _call(write_ffcv.main, make_argv(bad, tmp_path), capsys)
+    code, stderr = _call(write_ffcv.main, argv, capsys)
+    _assert_one_clear_line(code, stderr, expected, before, _snapshot(bad["root"]) | _snapshot(tmp_path))
+
+
+def test_write_ffcv_scales_16_bit_images_to_8_bits(capsys, tmp_path):
+    """A 16-bit greyscale PNG (Pillow's I;16) is stored as round(v * 255 / 65535), not clipped to 0 and 255 as
+    ``convert('RGB')`` would."""
+    from rat.data import read_beton_item
+
+    write_ffcv = _tool("write_ffcv")
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp_path / "data" / "a" / "ramp.png")
+    with Image.open(tmp_path / "data" / "a" / "ramp.png") as img:
+        assert img.mode == "I;16"
+    code, stderr = _call(write_ffcv.main, ["--cfg.data_dir", str(tmp_path / "data"), "--cfg.write_path",
+                                           str(tmp_path / "o.beton"), "--cfg.write_mode", "raw",
+                                           "--cfg.num_workers", "1"], capsys)
+    assert code == 0, stderr
+    image, label = read_beton_item(tmp_path / "o.beton", 0)
+    expected = np.floor(ramp.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert label == 0 and np.array_equal(image, np.repeat(expected[..., None], 3, axis=2))
+    assert len(np.unique(image)) == 64
+
+
+QUANT_CASES = [
+    ("calib-data-yaml", lambda b, t: ["ptq", "--qmodel.checkpoint", str(b["ckpt"]), "--qdata.calib_data",
+                                      str(REPO / "configs" / "demo.yaml"), "--ptq.format", "int8", "--ptq.output",
+                                      str(t / "q.pt")],
+     r"qdata\.calib_data=.*demo\.yaml is not a usable \.beton"),
+    ("duplicate-key-config", lambda b, t: ["ptq", "-C", _text(b, "ptq:\n  format: int8\n  format: int4\n")],
+     r"key 'format' is given twice \(lines 2 and 3\)"),
+    ("eps-nan", lambda b, t: ["sweep", "--qattack.eps", "nan"], r"qattack\.eps='nan' is not a finite float"),
+    ("lr-inf", lambda b, t: ["generate", "--generate.lr", "inf"], r"generate\.lr='inf' is not a finite float > 0"),
+]
+
+
+@pytest.mark.parametrize("case", QUANT_CASES, ids=[c[0] for c in QUANT_CASES])
+def test_quant_bad_input_is_one_line(case, bad, capsys, tmp_path):
+    import torch.utils.cpp_extension  # noqa: F401  (its first import logs a CUDA warning, not rat.quant's output)
+
+    from rat.quant.__main__ import main
+
+    capsys.readouterr()
+    _, make_argv, expected = case
+    argv = make_argv(bad, tmp_path)
+    before = _snapshot(bad["root"]) | _snapshot(tmp_path)
+    code, stderr = _call(main, argv, capsys)
     _assert_one_clear_line(code, stderr, expected, before, _snapshot(bad["root"]) | _snapshot(tmp_path))
 
 
@@ -750,19 +1017,25 @@ def test_run_train_sh_refuses_a_bad_config_before_torchrun(tmp_path):
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_run_train_sh_sigterm_saves_and_says_how_to_resume(tmp_path, demo_betons):
-    """A real signal to the user entry point: run_train.sh forwards it to the worker, which saves mid-epoch (the
-    first epoch of 280 batches is far longer than the wait for its first metrics line) and exits cleanly."""
+def test_run_train_sh_ctrl_c_and_scancel_save_and_say_how_to_resume(tmp_path, demo_betons):
+    """Real signals to the user entry point's whole process group, as a terminal's Ctrl-C (SIGINT) and then scancel
+    (SIGTERM) send them: torchrun ignores both (no SignalException traceback, no killed workers), the worker saves
+    mid-epoch (the first epoch of 280 batches is far longer than the wait for its first metrics line), says how to
+    resume in one line and exits cleanly."""
     run = tmp_path / "run"
     cmd = ["bash", str(REPO / "run_train.sh"), "--data.demo_root", str(demo_betons[0].parent), "--logging.folder",
            str(run), "--resolution.min_res", "32", "--resolution.max_res", "32", "--training.batch_size", "16",
            "--training.epochs", "3", "--training.precision", "fp32", "--validation.robust_n_ex", "0",
            "--logging.progress", "0", "--logging.log_every", "1", "--data.num_workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    stderr = sigterm_after_first_metrics(proc, run / "metrics.jsonl")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    stderr = signal_group_after_first_metrics(proc, run / "metrics.jsonl", [signal.SIGINT, signal.SIGTERM])
     assert proc.returncode == 0, stderr[-3000:]
-    assert "checkpoint saved" in stderr and "resume with --training.resume auto" in stderr
+    saved = r"SIG(INT|TERM): checkpoint saved at epoch 0, batch \d+.*; resume with --training.resume auto"
+    assert len(re.findall(saved, stderr)) == 1, stderr[-3000:]
     assert "SignalException" not in stderr and "Traceback" not in stderr
+    assert [line for line in _error_lines(stderr) if "WARNING" in line or "ERROR" in line] == \
+        [line for line in _error_lines(stderr) if "checkpoint saved" in line], stderr[-3000:]
     state = load_checkpoint_file(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and state["batches_done"] > 0  # saved mid-epoch
     # the resumed run finishes that epoch after at most 20 batches in all

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rat.attacks import DEFAULT_EPS, NORMS
+from rat.attacks import DEFAULT_EPS, NORMS, check_eps
 from rat.eval.autoattack import (
     AUTOATTACK_VERSION,
     attack_settings,
@@ -387,6 +387,31 @@ def _check_spec(spec: EvalSpec) -> None:
         raise ValueError(f"resolution must be positive, got {spec.resolution}")
 
 
+def _check_data_classes(spec: EvalSpec, source: _ModelSource) -> None:
+    """A checkpoint's classes (their number, and their names when the checkpoint records them) against the data's:
+    a label the model cannot predict, or one that means another class, would count silently as an error or a hit.
+
+    Raises:
+        ClassMismatchError: they differ (a ValueError: bad input).
+    """
+    from rat.data.meta import check_classes, read_classes
+
+    recorded = (source.checkpoint or {}).get("classes")
+    count = source.model_kwargs.get("num_classes")
+    if spec.checkpoint is None or (count is None and recorded is None):
+        return
+    data = Path(spec.data)
+    if data.is_dir():
+        from torchvision.datasets.folder import find_classes
+
+        names, where = find_classes(str(data))[0], f"data folder {data}"
+    else:
+        names, where = read_classes(data), f"data {data}"
+    fix = "evaluate on the data the model was trained for (or pass the matching --checkpoint)"
+    check_classes(recorded if isinstance(recorded, list) else int(count), names,
+                  expected_from=f"checkpoint {spec.checkpoint}", actual_from=where, fix=fix)
+
+
 @dataclasses.dataclass
 class ResolvedEval:
     """An ``EvalSpec`` with every default filled in (eps, resolution, output, name) and its model source read."""
@@ -412,6 +437,10 @@ def resolve(spec: EvalSpec) -> ResolvedEval:
     eps = float(spec.eps) if spec.eps is not None else DEFAULT_EPS[spec.norm]
     resolution = spec.resolution or source.train_resolution or DEFAULT_RESOLUTION
     check_input_size(source.arch, resolution, **source.model_kwargs)
+    warning = check_eps(spec.norm, eps, resolution)  # ValueError: a radius that covers the whole image
+    if warning:
+        _logger.warning("--eps: %s", warning)
+    _check_data_classes(spec, source)
     filled = dataclasses.replace(spec, eps=eps, resolution=resolution)
     identity = evaluation_identity(filled, source, attacks)
     output = Path(spec.output) if spec.output is not None else default_output(filled, identity)

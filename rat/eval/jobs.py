@@ -23,6 +23,7 @@ from rat.eval.autoattack import ALL_ATTACKS, VERSIONS, resolve_attacks
 from rat.eval.data import SUBSETS
 from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS, default_model_name
 from rat.eval.results import eps_tag, format_eps, parse_eps
+from rat.io import read_yaml
 
 __all__ = ["FIELDS", "Job", "JobsError", "Task", "expand_jobs", "load_jobs_file", "parse_threat", "task_command",
            "tasks_for"]
@@ -331,7 +332,7 @@ def load_jobs_file(path: str | Path, output_dir: str | Path | None = None) -> tu
     """
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = read_yaml(path)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise JobsError(f"cannot read jobs file {path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(config, dict) or not isinstance(config.get("jobs"), list) or not config["jobs"]:

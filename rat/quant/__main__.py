@@ -121,6 +121,14 @@ def _data_paths(cfg: dict[str, Any]) -> tuple[str, str]:
         if path and not Path(path).exists():
             raise ConfigError(f"qdata.{key}={path} does not exist: pass a .beton or an ImageNet-style folder (one "
                               "subfolder of images per class), or leave it empty for the demo data")
+        if path and Path(path).is_file():  # a file must be a rat beton (a folder is listed when it is read)
+            from rat.data import read_beton_info
+
+            try:
+                read_beton_info(path)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(f"qdata.{key}={path} is not a usable .beton (pass a beton or an image folder): "
+                                  f"{exc}") from exc
     if ("calib_data" in data and not calib) or ("data" in data and not val):
         train_beton, val_beton = _demo_paths(data["demo_root"])
         calib, val = calib or str(train_beton), val or str(val_beton)

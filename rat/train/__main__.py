@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import random
 import signal
 import sys
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,9 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from rat.attacks import Attack
 from rat.config import ConfigError, TrainSpec, dump_config, make_config
 from rat.data import read_beton_info, read_classes
-from rat.io import OutputError, check_writable
-from rat.logging import MetricsWriter, logging_scope, setup_logging
-from rat.models import CheckpointError
+from rat.data.demo import DEMO_CLASSES
+from rat.data.meta import ClassMismatchError, check_classes, classes_path
+from rat.io import FileLock, OutputError, check_writable
+from rat.logging import MetricsError, MetricsWriter, logging_scope, read_metrics, setup_logging
+from rat.models import CheckpointError, create_model, load_checkpoint_file
 from rat.models.preflight import InputSizeError, UnknownArchError, check_arch, check_input_size
 from rat.train.build import (
     Augmentation,
@@ -50,7 +55,14 @@ from rat.train.checkpoint import (
     remove_failed_writes,
     save_on_primary,
 )
-from rat.train.distributed import DistInfo, barrier, batchnorm_stats, cleanup_distributed, init_distributed
+from rat.train.distributed import (
+    DistInfo,
+    barrier,
+    batchnorm_stats,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
 from rat.train.engine import EpochHooks, StepOptions, evaluate, robust_accuracy, train_one_epoch
 from rat.train.optim import build_optimizer, lr_at, resolution_at
 from rat.train.state import TrainState
@@ -65,6 +77,68 @@ class TrainingStopped(RuntimeError):
 
 class RunFinished(Exception):
     """``training.resume`` points at a run that has already trained all its epochs; nothing to do."""
+
+
+RUN_LOCK = ".rat-train.lock"  # in the run folder, held (flock) by rank 0 for the run's lifetime
+
+
+def claim_run_folder(run_dir: Path) -> FileLock:
+    """Check that the run folder can be written and take its lock (held until released; the kernel drops it when the
+    holder dies, however it dies, so a dead run's lock never blocks).
+
+    Raises:
+        OutputError: the folder cannot be written, or another training holds it.
+    """
+    check_writable(run_dir / "checkpoints", "run folder (logging.folder)")
+    lock = FileLock(run_dir / RUN_LOCK)
+    if not lock.try_acquire():
+        raise OutputError(f"run folder {run_dir} is in use by another training ({lock.holder()}): wait for it to "
+                          "finish, or start this run in another --logging.folder")
+    return lock
+
+
+def _run_records(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` belongs to a run already: its checkpoints, params.json, a non-empty metrics.jsonl."""
+    found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    found += [name for name in ("params.json", "metrics.jsonl") if (run_dir / name).is_file()
+              and (run_dir / name).stat().st_size]
+    return found
+
+
+def _data_classes(spec: TrainSpec) -> tuple[list[str], str]:
+    """The training data's class names and where they come from; the train and val classes files must agree (names
+    and order), else every val label would mean another class.
+
+    Raises:
+        ClassMismatchError: the val beton lists other classes than the train beton.
+    """
+    data = spec.data
+    if not data.train_dataset:
+        return DEMO_CLASSES, "the demo dataset"
+    train_from = f"train data ({classes_path(data.train_dataset)})"
+    classes = read_classes(data.train_dataset)
+    check_classes(classes, read_classes(data.val_dataset), expected_from=train_from,
+                  actual_from=f"val data ({classes_path(data.val_dataset)})",
+                  fix=f"write the val beton with the train classes (tools/write_ffcv.py --cfg.classes_from "
+                      f"{data.train_dataset})")
+    return classes, train_from
+
+
+def _check_checkpoint_classes(path: Path | str, checkpoint: dict[str, Any], classes: list[str], classes_from: str,
+                              num_classes: int, key: str) -> None:
+    """A checkpoint to resume or start from against this run's classes: the names it records (if any), and the class
+    count of its model.
+
+    Raises:
+        ClassMismatchError: they differ.
+    """
+    fix = f"{key} needs a checkpoint trained on the same classes"
+    recorded = checkpoint.get("classes")
+    if isinstance(recorded, list):
+        check_classes(recorded, classes, expected_from=f"checkpoint {path}", actual_from=classes_from, fix=fix)
+    count = (checkpoint.get("model_kwargs") or {}).get("num_classes")
+    if isinstance(count, int):
+        check_classes(count, num_classes, expected_from=f"checkpoint {path}", actual_from="this run's model", fix=fix)
 
 
 def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
@@ -94,18 +168,32 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
                 read_beton_info(beton)
             except (ValueError, FileNotFoundError) as exc:
                 raise ConfigError(f"data.{name}: {exc}") from exc
+    try:
+        classes, classes_from = _data_classes(spec)
+        num_classes = data.num_classes or len(classes)
+        check_classes(len(classes), num_classes, expected_from=classes_from, actual_from="data.num_classes",
+                      fix="leave data.num_classes at 0 (= the data's class count)")
+    except ClassMismatchError as exc:
+        raise ConfigError(str(exc)) from exc
     for key, value in (("resolution.min_res", spec.resolution.min_res), ("resolution.max_res", spec.resolution.max_res),
                        ("validation.resolution", spec.validation.resolution)):
         if value:
             try:
-                check_input_size(arch, value, num_classes=data.num_classes or 1000)
+                check_input_size(arch, value, num_classes=num_classes)
             except InputSizeError as exc:
                 raise ConfigError(f"{key}={value}: {exc}") from exc
+    if spec.model.init_checkpoint:
+        _check_init_checkpoint(spec, classes, classes_from, num_classes)
     if spec.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logging.tensorboard=1 needs the tensorboard package: pip install tensorboard (or "
                           "rat[tensorboard]), or set --logging.tensorboard 0")
-    run_dir = Path(spec.logging.folder)
-    check_writable(run_dir / "checkpoints", "run folder (logging.folder)")
+    run_dir = Path(spec.logging.folder)  # writable and locked: claim_run_folder, before these checks
+    if not spec.training.resume:
+        used = _run_records(run_dir)
+        if used:
+            raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(used[:4])}"
+                              f"{', ...' if len(used) > 4 else ''}): continue it with --training.resume auto, or "
+                              "start a new run in another --logging.folder")
     resumed = load_resume_checkpoint(spec.training.resume, run_dir)
     if resumed is None:
         return None
@@ -117,8 +205,12 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
     refused, allowed = config_changes(recorded, spec.to_dict())
     if refused:
         raise ConfigError(f"cannot resume {path} with a different configuration: {'; '.join(refused)}. Resume with "
-                          f"the recorded settings (-C {run_dir / 'params.json'}), or start a new run in another "
-                          "--logging.folder")
+                          f"the recorded settings (-C {run_dir / 'params.json'} --training.resume auto), or start a "
+                          "new run in another --logging.folder")
+    try:
+        _check_checkpoint_classes(path, state, classes, classes_from, num_classes, "training.resume")
+    except ClassMismatchError as exc:
+        raise ConfigError(f"cannot resume: {exc}") from exc
     if allowed:
         _logger.warning("resuming %s with changed settings: %s", path, "; ".join(allowed))
     epochs = spec.training.epochs
@@ -128,23 +220,59 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
     return resumed
 
 
+def _check_init_checkpoint(spec: TrainSpec, classes: list[str], classes_from: str, num_classes: int) -> None:
+    """``model.init_checkpoint`` loads into this run's model: built on the meta device (no memory, no compute) and
+    loaded strictly, as the run will; and it was trained on the same classes when it records them.
+
+    Raises:
+        ConfigError: unreadable, another architecture, other shapes or other classes.
+    """
+    path = spec.model.init_checkpoint
+    kwargs = model_kwargs(spec.model, num_classes, spec.resolution.max_res)
+    try:
+        checkpoint = load_checkpoint_file(path)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that copying into meta parameters is a no-op
+            create_model(spec.model.arch, checkpoint=checkpoint, **kwargs)
+        if isinstance(checkpoint.get("classes"), list):
+            check_classes(checkpoint["classes"], classes, expected_from=f"checkpoint {path}", actual_from=classes_from,
+                          fix="model.init_checkpoint needs a checkpoint trained on the same classes")
+    except (CheckpointError, ClassMismatchError, ValueError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"model.init_checkpoint {path}: {' '.join(str(exc).split())}") from exc
+
+
+class MetricsWriteFailed(OSError):
+    """metrics.jsonl could not be appended to (a full disk); the run stops after saving a checkpoint."""
+
+
 class _RunHooks(EpochHooks):
-    """SIGTERM (cluster pre-emption) sets a flag: the epoch stops after the step in flight, and the run saves a
-    checkpoint and exits. Step records go to metrics.jsonl (written by rank 0 only)."""
+    """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) set a flag: the epoch stops after the step in flight, and the
+    run saves a checkpoint and exits. Step records go to metrics.jsonl (written by rank 0 only); a record that cannot
+    be written stops the run the same way (``write_error``)."""
 
     def __init__(self, writer: MetricsWriter):
         self.writer = writer
-        self.sigterm = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.signal: str | None = None
+        self.write_error: str | None = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.sigterm = True
+        self.signal = self.signal or signal.Signals(signum).name  # the first one: a forwarded SIGTERM may follow
 
     def stop_requested(self) -> bool:
-        return self.sigterm
+        return self.signal is not None or self.write_error is not None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl; a failure (full disk) is kept in ``write_error`` and stops the run."""
+        try:
+            self.writer.write(record)
+        except OSError as exc:
+            self.write_error = self.write_error or f"could not append to {self.writer.path} " \
+                                                   f"({exc.strerror or exc})"
 
     def log(self, record: dict[str, Any]) -> None:
-        self.writer.write({"kind": "step", **record})
+        self.write({"kind": "step", **record})
 
 
 @dataclass
@@ -160,6 +288,7 @@ class _Run:
     loaders: Loaders
     options: StepOptions
     eval_models: list[tuple[str, nn.Module, Attack | None]]  # (metrics prefix, model, its robust-accuracy attack)
+    classes: list[str]  # the data's class names in label order (recorded in every checkpoint)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -217,7 +346,7 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
     if ema is not None:
         eval_models.append(("ema_", ema.module, build_eval_attack(spec.adv, spec.validation, ema.module, seed)))
     return _Run(spec, info, hooks, state, AdversarialTask(model, attack, augmentation.criterion, spec.adv.mixed_loss),
-                augmentation, loaders, options, eval_models)
+                augmentation, loaders, options, eval_models, classes)
 
 
 def global_batch(spec: TrainSpec, world_size: int) -> int:
@@ -226,17 +355,13 @@ def global_batch(spec: TrainSpec, world_size: int) -> int:
 
 
 def _resume(run: _Run, path: Path, checkpoint: dict[str, Any]) -> None:
-    """Continue from ``checkpoint`` (read and checked against the configuration by :func:`preflight`).
+    """Continue from ``checkpoint`` (read and checked against the configuration and the data's classes by
+    :func:`preflight`).
 
     Raises:
-        ConfigError: the checkpoint was trained on another number of classes, or its policy does not fit this run's.
+        ConfigError: the checkpoint's policy does not fit this run's.
     """
     state = run.state
-    recorded_classes = (checkpoint.get("model_kwargs") or {}).get("num_classes")
-    num_classes = state.model_kwargs["num_classes"]
-    if recorded_classes != num_classes:
-        raise ConfigError(f"cannot resume {path}: it has {recorded_classes} classes but the data now has "
-                          f"{num_classes}; resume with the data it was trained on")
     try:
         state.load_state_dict(checkpoint)
     except ValueError as err:
@@ -248,8 +373,8 @@ def _resume(run: _Run, path: Path, checkpoint: dict[str, Any]) -> None:
 def _checkpoint(run: _Run, names: list[str]) -> None:
     """Every rank: the state's checkpoint (a collective); rank 0 writes it under ``names`` and as last.pt, and a
     failed write stops every rank (``save_on_primary``)."""
-    path = save_on_primary(run.state.state_dict(), run.checkpoint_dir, names, primary=run.info.is_primary,
-                           keep=run.spec.logging.keep_checkpoints)
+    path = save_on_primary({**run.state.state_dict(), "classes": run.classes}, run.checkpoint_dir, names,
+                           primary=run.info.is_primary, keep=run.spec.logging.keep_checkpoints)
     if path is not None:
         _logger.info("checkpoint written: %s", path)
 
@@ -281,15 +406,18 @@ def _train(run: _Run) -> dict[str, Any]:
         result = train_one_epoch(run.task, run.loaders.train, state, run.options, augment=run.augmentation.augment,
                                  mixup=run.augmentation.mixup, hooks=run.hooks, resolution=res)
         if result.stop_reason == "nonfinite":
+            last = run.checkpoint_dir / "last.pt"
+            intact = f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was written"
             raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {result.step}: stopped without applying "
-                                  f"that update; the last good checkpoint in {run.checkpoint_dir} is intact "
-                                  "(lower lr.lr, enable training.grad_clip, or use training.precision bf16/fp32)")
-        if result.stop_reason == "sigterm":
+                                  f"that update; {intact} (lower lr.lr, enable training.grad_clip, or use "
+                                  "training.precision bf16/fp32)")
+        if result.stop_reason == "sigterm":  # a signal or a failed metrics write, on some rank
             _checkpoint(run, [])
-            _logger.warning("SIGTERM: checkpoint saved at epoch %d, batch %d (optimizer step %d%s); resume with "
-                            "--training.resume auto", epoch, result.batches, result.step,
-                            ", after finishing the step's micro-batches: a resume continues at this step boundary"
-                            if spec.training.grad_accum > 1 else "")
+            _stop_if_metrics_lost(run, f"epoch {epoch}, batch {result.batches}")
+            _logger.warning("%s: checkpoint saved at epoch %d, batch %d (optimizer step %d%s); resume with "
+                            "--training.resume auto", run.hooks.signal or "stopped", epoch, result.batches,
+                            result.step, ", after finishing the step's micro-batches: a resume continues at this "
+                            "step boundary" if spec.training.grad_accum > 1 else "")
             return {"stopped": "sigterm", **state.metrics}
         state.epoch, state.batches_done = epoch + 1, 0
         state.average_batchnorm()  # with per-rank BatchNorm statistics: their mean, before validation and checkpoint
@@ -308,22 +436,74 @@ def _train(run: _Run) -> dict[str, Any]:
         if is_best:
             state.best = metrics[robust_key]
         state.metrics = metrics
-        run.hooks.writer.write(metrics)
+        run.hooks.write(metrics)
         _logger.info("epoch %d: %s", state.epoch, " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
             if k != "kind" and not isinstance(v, dict)))
-        if last or state.epoch % spec.training.save_every == 0 or is_best:
+        lost = broadcast_object(run.hooks.write_error) is not None
+        if last or state.epoch % spec.training.save_every == 0 or is_best or lost:
             _checkpoint(run, [f"epoch_{state.epoch:04d}.pt"] + (["best.pt"] if is_best else []))
+        _stop_if_metrics_lost(run, f"the end of epoch {state.epoch}")
     return state.metrics
 
 
+def _stop_if_metrics_lost(run: _Run, where: str) -> None:
+    """After the checkpoint that follows a failed metrics.jsonl write (rank 0's, known to every rank): stop.
+
+    Raises:
+        TrainingStopped: on every rank; the checkpoint holds the epoch record, which a resume writes back.
+    """
+    error = broadcast_object(run.hooks.write_error)
+    if error is not None:
+        raise TrainingStopped(f"{error}: stopped at {where}; {run.checkpoint_dir / 'last.pt'} holds the run so far "
+                              "(a resume writes its epoch record back): free disk space and resume with "
+                              "--training.resume auto")
+
+
+def _set_aside_unsaved_attempt(run_dir: Path) -> None:
+    """A fresh start (``--training.resume auto`` without a checkpoint) in a folder whose earlier attempt died before
+    its first checkpoint: move that attempt's metrics.jsonl aside instead of appending a second run to it."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file() and path.stat().st_size:
+        aside = path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        os.replace(path, aside)
+        _logger.warning("%s held the records of an earlier attempt that saved no checkpoint: moved to %s", path, aside)
+
+
+def _restore_epoch_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append a resumed checkpoint's epoch record to metrics.jsonl when a failed write (a full disk) lost it."""
+    path = run_dir / "metrics.jsonl"
+    if record.get("kind") != "epoch":
+        return
+    try:
+        epochs = [r.get("epoch") for r in read_metrics(path) if r.get("kind") == "epoch"] if path.exists() else []
+    except MetricsError:
+        return  # a damaged file is plot_run's to report; never rewritten here
+    if record.get("epoch") not in epochs:
+        MetricsWriter(path).write(record)
+        _logger.warning("metrics.jsonl lacked the record of epoch %s (a failed write): appended it from the "
+                        "checkpoint", record.get("epoch"))
+
+
 def run(spec: TrainSpec) -> dict[str, Any]:
-    """Train as configured; returns the final metrics (rank 0's view)."""
+    """Train as configured; returns the final metrics (rank 0's view). Rank 0 holds the run folder's lock throughout
+    (taken before the checks, so that two runs started on one folder at once cannot both pass them)."""
+    run_dir = Path(spec.logging.folder)
+    lock = claim_run_folder(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _run_locked(spec, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(spec: TrainSpec, run_dir: Path) -> dict[str, Any]:
     resumed = preflight(spec)
     info = init_distributed(spec.training.device, spec.dist.backend)
-    run_dir = Path(spec.logging.folder)
     if info.is_primary:
         remove_failed_writes(run_dir / "checkpoints")
+        if resumed is None:
+            _set_aside_unsaved_attempt(run_dir)
     barrier()
     setup_logging(info.rank, run_dir / "train.log")
     _seed_everything(spec.training.seed + info.rank)
@@ -331,6 +511,8 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     trainer = _build(spec, info, hooks)
     if resumed is not None:
         _resume(trainer, *resumed)
+        if info.is_primary:
+            _restore_epoch_record(run_dir, resumed[1].get("metrics") or {})
     if spec.logging.tensorboard and info.is_primary:
         hooks.writer.open_tensorboard(run_dir / "tensorboard",
                                       resumed_at=trainer.state.step if resumed is not None else None)
@@ -359,10 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     validate_only = "--validate-only" in argv
     if validate_only:
         argv.remove("--validate-only")
+    setup_logging(int(os.environ.get("RANK", "0")))  # the checks' warnings (run() adds train.log)
     try:
         spec = TrainSpec.from_config(make_config(argv, prog="python -m rat.train"))
         if validate_only:
-            preflight(spec)
+            with claim_run_folder(Path(spec.logging.folder)):
+                preflight(spec)
             return 0
         metrics = run(spec)
     except RunFinished as done:
@@ -374,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, CheckpointWriteError) as err:
         print(f"rat.train: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started (from then on it saves a checkpoint and stops)
+        print("rat.train: interrupted before training started: nothing was saved; run the same command again",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         cleanup_distributed()
     if "top1" in metrics:
