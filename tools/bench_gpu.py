@@ -4,7 +4,8 @@ Prints one JSON object per measurement (and writes them all to ``--out`` as JSON
 inputs already on the device (uniform [0, 1] pixels, channels_last), so the figures are the model + attack + update
 cost without the data loader; the trainer's own engine (``rat.train.engine.train_one_epoch``) runs the steps, with
 timm ``Mixup`` (mixup 0.8 / cutmix 1.0, label smoothing 0.1) and ``SoftTargetCrossEntropy`` as in the paper configs.
-The batched RandAugment / random erasing of ``rat.data`` is left out (it needs ffcv at import).
+The batched RandAugment / random erasing of ``rat.data`` is left out (it needs ffcv at import). ``tools/gpu_check.py``
+times the same steps side by side with a plain PyTorch loop, with ``torch.compile`` off and on, and the loader.
 
 Measurements (``--model`` at ``--res`` px, batch ``--batch-size``, ``--precision`` autocast, channels_last):
 

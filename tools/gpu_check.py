@@ -2,7 +2,7 @@
 
 Run from the repository root, after the offline install of ``tools/gpu_wheels.sh`` (docs/benchmarks.md, "GPU check")::
 
-    python tools/gpu_check.py --out gpu_check                   # on one H200: about 6 minutes
+    python tools/gpu_check.py --out gpu_check                   # on one H200: about 6 min (estimated)
     python tools/gpu_check.py --out /tmp/dry --device cpu --tiny  # the dry run of every code path, here on the CPU
 
 Sections (``--sections``, all by default), each recorded in ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` as soon as
