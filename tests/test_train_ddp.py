@@ -181,7 +181,8 @@ def two_process_run(once, demo_betons) -> Path:
              "--training.limit_batches", "2", "--training.batch_size", "8", "--training.grad_accum", "2",
              "--validation.resolution", "48",
              "--validation.robust_n_ex", "10", "--data.num_workers", "1", "--logging.progress", "0",
-             "--augment.policy", "adversarial", "--aaa.num_policies", "2", "--aaa.batch_fraction", "0.5"],
+             "--logging.tensorboard", "1", "--augment.policy", "adversarial", "--aaa.num_policies", "2",
+             "--aaa.batch_fraction", "0.5"],
             capture_output=True, text=True, timeout=600, env=subprocess_env(NPROC="2"), cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -190,7 +191,7 @@ def two_process_run(once, demo_betons) -> Path:
 
 def test_run_train_sh_two_processes_write_one_checkpoint(two_process_run):
     """Rank 0 writes one checkpoint holding both ranks' RNG states, after checking the replicas (model and policy
-    controller) are identical; validation shards are reduced across ranks exactly."""
+    controller) are identical; validation shards are reduced across ranks exactly; rank 0 alone writes TensorBoard."""
     state = torch.load(two_process_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["replicas_in_sync"] == 2 and state["step"] == 6
     assert len(state["rng"]) == 2  # one RNG state per rank
@@ -202,6 +203,15 @@ def test_run_train_sh_two_processes_write_one_checkpoint(two_process_run):
     records = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "epoch"][-1]
     assert last["n"] == 300 and last["robust_n"] == 10
+    # TensorBoard: one event file (rank 0 only), every epoch record's numbers as scalars at its global step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((two_process_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(two_process_run / "tensorboard"))
+    events.Reload()
+    epochs = [r for r in records if r["kind"] == "epoch" and "top1" in r]  # validated epochs (demo.yaml: every 2)
+    assert [(e.step, e.value) for e in events.Scalars("epoch/top1")] == [(r["step"], pytest.approx(r["top1"]))
+                                                                        for r in epochs]
 
 
 def test_two_ranks_keep_one_policy_controller(two_process_run):
