@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/quant_bench"))
     parser.add_argument("--models", nargs="+", default=list(BN_MODELS), choices=list(MODELS))
-    parser.add_argument("--train-steps", type=int, default=400, help="FGSM-RS training steps per model")
+    parser.add_argument("--train-steps", type=int, default=800, help="FGSM-RS training steps per model")
     parser.add_argument("--n-ex", type=int, default=300, help="val images of each sweep point (the demo val set has "
                         "300)")
     parser.add_argument("--n-iter", type=int, default=5, help="APGD-CE steps of the robust accuracy")
