@@ -242,7 +242,8 @@ def test_use_ema_must_be_a_real_boolean():
 
 
 @pytest.mark.ffcv
-def test_runner_hands_its_tasks_to_submitit(tmp_path: Path, demo_betons, tmp_path_factory: pytest.TempPathFactory):
+def test_runner_hands_its_tasks_to_submitit(tmp_path: Path, demo_betons, tmp_path_factory: pytest.TempPathFactory,
+                                            capsys: pytest.CaptureFixture):
     """--launcher submitit-local: a sharded job's shards as SLURM jobs through submitit's local executor; the merged
     result equals one in-process evaluation of the whole job, the summary table is written, and a second run skips
     what is finished without submitting anything (failures through submitit: test_runner_on_cpu_slots)."""
@@ -256,13 +257,12 @@ def test_runner_hands_its_tasks_to_submitit(tmp_path: Path, demo_betons, tmp_pat
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "aa"), "defaults": settings, "jobs": [
         {"checkpoint": str(ckpt), "name": "convnext", "threats": ["L2:0.1"], "resolutions": [32], "shards": 2}]}))
-    cmd = [sys.executable, str(REPO / "runner_aa_eval.py"), "--jobs", str(jobs), "--launcher", "submitit-local",
-           "--slurm-gpus", "0", "--slurm-cpus", "1", "--poll-interval", "0.2"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert len(re.findall(r"start on local job slot", first.stderr)) == 2
-    assert "2 done, 0 skipped (already finished), 0 failed" in first.stderr
+    argv = ["--jobs", str(jobs), "--launcher", "submitit-local", "--slurm-gpus", "0", "--slurm-cpus", "1",
+            "--poll-interval", "0.2"]
+    assert main(argv) == 0  # the runner in this process; the jobs are submitit's processes
+    first = capsys.readouterr().err
+    assert len(re.findall(r"start on local job slot", first)) == 2
+    assert "2 done, 0 skipped (already finished), 0 failed" in first
     out = tmp_path / "aa"
     merged = load_result(out / "convnext" / "L2-0.1_r32_fast_n8.json")
     assert merged["shard"] is None and len(merged["merged_from"]) == 2
@@ -279,6 +279,7 @@ def test_runner_hands_its_tasks_to_submitit(tmp_path: Path, demo_betons, tmp_pat
                                                                      whole["robust_accuracy"])
     assert "| convnext | L2 ε=0.1 | 32 |" in (out / "summary.md").read_text()
     assert not list(out.rglob("*.lock"))
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert second.returncode == 0 and second.stderr.count("skip (finished)") == 2
-    assert "start on" not in second.stderr and "0 done, 2 skipped (already finished), 0 failed" in second.stderr
+    assert main(argv) == 0
+    second = capsys.readouterr().err
+    assert second.count("skip (finished)") == 2
+    assert "start on" not in second and "0 done, 2 skipped (already finished), 0 failed" in second
