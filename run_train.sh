@@ -42,9 +42,9 @@ fi
 
 # torchrun answers SIGTERM/SIGINT with a SignalException traceback and kills its workers; the workers answer them by
 # saving a checkpoint. So torchrun is started with both signals ignored (inherited across exec, and
-# --signals-to-handle keeps it from installing its own handlers for them): Ctrl-C in a terminal and a SIGTERM to the
-# whole process group (scancel) reach the workers only, and a signal to this script is forwarded to them; torchrun
-# then sees its workers finish normally.
+# --signals-to-handle keeps it from installing its own handlers for them); torchrun starts its workers in their own
+# session, so a signal this script gets (Ctrl-C in a terminal, scancel's SIGTERM) is forwarded to them, and torchrun
+# sees its workers finish normally.
 trap '' TERM INT
 "$PYTHON" -m torch.distributed.run --signals-to-handle SIGHUP,SIGQUIT "${launch[@]}" -m rat.train "$@" &
 torchrun_pid=$!

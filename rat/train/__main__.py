@@ -258,7 +258,11 @@ class _RunHooks(EpochHooks):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signal = self.signal or signal.Signals(signum).name  # the first one: a forwarded SIGTERM may follow
+        self.signal = self.signal or signal.Signals(signum).name
+        # The run is stopping: later signals (run_train.sh forwards Ctrl-C as SIGTERM; scancel repeats it) are
+        # ignored, also while the interpreter shuts down, when Python would restore their default (kill) action.
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_IGN)
 
     def stop_requested(self) -> bool:
         return self.signal is not None or self.write_error is not None
