@@ -1020,8 +1020,9 @@ def test_run_train_sh_refuses_a_bad_config_before_torchrun(tmp_path):
 def test_run_train_sh_ctrl_c_and_scancel_save_and_say_how_to_resume(tmp_path, demo_betons):
     """Real signals to the user entry point's whole process group, as a terminal's Ctrl-C (SIGINT) and then scancel
     (SIGTERM) send them: torchrun ignores both (no SignalException traceback, no killed workers), run_train.sh forwards
-    them to the worker (which torchrun starts in a session of its own), the worker saves mid-epoch (the first epoch of 280 batches is far longer than the wait for its first metrics line), says how to
-    resume in one line and exits cleanly."""
+    them to the worker (which torchrun starts in a session of its own), the worker saves mid-epoch (the first epoch of
+    280 batches is far longer than the wait for its first metrics line), says how to resume in one line and exits
+    cleanly."""
     run = tmp_path / "run"
     cmd = ["bash", str(REPO / "run_train.sh"), "--data.demo_root", str(demo_betons[0].parent), "--logging.folder",
            str(run), "--resolution.min_res", "32", "--resolution.max_res", "32", "--training.batch_size", "16",
