@@ -65,7 +65,7 @@ def _sizes(tiny: bool) -> dict[str, Any]:
                 "e2e_workers": 1, "e2e_robust_n": 16, "eval_n": 16, "loader_images": 64, "loader_batch": 16,
                 "loader_seconds": 1.0, "num_classes": 10}
     return {"models": ["convnext_tiny_cvst", "vit_base_patch16_cvst"], "res": 224, "batch": 128, "steps": 10,
-            "warmup": 3, "e2e_arch": "convnext_micro_cvst", "e2e_res": 64, "e2e_batch": 64, "e2e_limit": 10,
+            "warmup": 3, "e2e_arch": "convnext_micro_cvst", "e2e_res": 64, "e2e_batch": 64, "e2e_limit": 20,
             "e2e_workers": 8, "e2e_robust_n": 128, "eval_n": 256, "loader_images": 2048, "loader_batch": 128,
             "loader_seconds": 10.0, "num_classes": 1000}
 
