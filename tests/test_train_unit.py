@@ -503,3 +503,29 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(capsys, caplo
     assert len(lines) == 20 and lines[0].startswith("images: 50/1000 (5%)")
     assert lines[-1].startswith("images: 1000/1000 (100%)") and "ETA 00:00" in lines[-1]
     assert "\r" not in capsys.readouterr().err
+
+
+def test_checkpoint_retention_keeps_the_newest_epochs_best_and_last(tmp_path, caplog):
+    """keep=2 over 5 epochs (best at epoch 2): epoch_0004.pt, epoch_0005.pt, best.pt and last.pt remain; a write that
+    fails deletes nothing; a damaged last.pt resumes from the newest epoch file kept."""
+    from rat.train.checkpoint import CheckpointWriteError, save_training_checkpoint
+
+    caplog.set_level("INFO", logger="rat.train.checkpoint")
+    folder = tmp_path / "checkpoints"
+    for epoch in range(1, 6):
+        save_training_checkpoint({"epoch": epoch}, folder, [f"epoch_{epoch:04d}.pt"] + (["best.pt"] * (epoch == 2)),
+                                 keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt", "last.pt"]
+    assert torch.load(folder / "best.pt", weights_only=True)["epoch"] == 2
+    assert "deleted epoch_0003.pt (logging.keep_checkpoints=2)" in caplog.text
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(CheckpointWriteError):
+        save_training_checkpoint({"epoch": Unpicklable()}, folder, ["epoch_0006.pt"], keep=1)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt", "last.pt"]
+    (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:100])  # a copy cut short
+    path, state = load_resume_checkpoint("auto", tmp_path)
+    assert path == folder / "epoch_0005.pt" and state == {"epoch": 5}
