@@ -168,6 +168,8 @@ TRAIN_CASES = [
     ("one-eps-for-two-norms", lambda b: ["--adv.norm", "Linf,L1", "--adv.eps", "0.0157"],
      r"adv\.eps gives one radius for the norms Linf,L1.*give one per norm"),
     ("no-decoding-thread", lambda b: ["--data.num_workers", "0"], r"data\.num_workers='0'"),
+    ("sync-bn-on-cpu", lambda b: ["--model.sync_bn", "1", "--training.device", "cpu"],
+     r"model\.sync_bn 1 needs CUDA devices .*use --model\.sync_bn 0"),
     ("zero-n-iter", lambda b: ["--adv.n_iter", "0"], r"adv\.n_iter='0' is not comma-separated ints >= 1"),
     ("unknown-arch", lambda b: ["--model.arch", "convnext_micro_cvs"], r"closest registered: convnext_micro_cvst"),
     ("resolution-16", lambda b: ["--resolution.min_res", "16", "--resolution.max_res", "16"],
@@ -584,6 +586,10 @@ RUNNER_CASES = [
     ("name-with-slash", {"name": "a/b"}, r"name: 'a/b' must be letters"),
     ("unknown-key", {"resolution": 224}, r"unknown key\(s\) resolution"),
     ("checkpoint-and-checkpoints", {"checkpoints": ["b.pt"]}, r"give checkpoint or checkpoints, not both"),
+    ("eps-in-255-units", {"threats": ["Linf:4"], "resolutions": [224]},
+     r"threat model Linf: Linf eps 4 covers the whole image box at 224 px"),
+    ("l2-eps-too-large-for-the-resolution", {"threats": ["L2:100"], "resolutions": [224, 32]},
+     r"L2 eps 100 covers the whole image box at 32 px"),
 ]
 RUNNER_FILE_CASES = [
     ("defaults-list", "output_dir: OUT\ndefaults: [1, 2]\njobs: [{checkpoint: a.pt, data: v}]\n",

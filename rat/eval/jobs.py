@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rat.attacks import DEFAULT_EPS, NORMS
+from rat.attacks import DEFAULT_EPS, NORMS, check_eps
 from rat.eval.autoattack import ALL_ATTACKS, VERSIONS, resolve_attacks
 from rat.eval.data import SUBSETS
 from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS, default_model_name
@@ -304,6 +304,10 @@ def _expand_entry(where: str, entry: dict[str, Any], output_dir: Path) -> list[J
             raise JobsError(f"{where}: name {name!r} must be letters, digits and ._+- (it names a folder)")
         for norm, eps in entry["threats"]:
             for resolution in entry["resolutions"]:
+                try:
+                    check_eps(norm, eps, resolution)  # each evaluation logs the warning of an implausible one
+                except ValueError as exc:
+                    raise JobsError(f"{where}: threat model {norm}: {exc}") from exc
                 for version in entry["versions"]:
                     try:
                         attacks = resolve_attacks(version, entry["attacks"] if version == "custom" else None)
