@@ -7,8 +7,7 @@ checksum of every parameter after training. Then a checkpoint write that fails o
 file): what each rank saw. Then a BatchNorm model (resnet10t, each rank normalizing its own batch): an epoch of 3 steps
 straight, and one stopped after 1 step, checkpointed and resumed on fresh states (other initial weights). Then
 gradient accumulation: 2 steps of 2 micro-batches per rank on fixed images (the test compares them with 1 process of 4
-micro-batches). Then, with 2 CUDA devices only, SyncBatchNorm's statistics of one forward pass. Last, the
-trainer's refusal of SyncBatchNorm on CPU processes.
+micro-batches). Last, with 2 CUDA devices only, SyncBatchNorm's statistics of one forward pass.
 """
 from __future__ import annotations
 
@@ -146,19 +145,6 @@ def sync_batchnorm(info: DistInfo) -> dict[str, list] | None:
     return _values(batchnorm_stats(module))
 
 
-def sync_batchnorm_refusal(info: DistInfo) -> str | None:
-    """The trainer's answer to ``--model.sync_bn 1`` on CPU processes (its ``_build``, which refuses before building
-    anything): the ConfigError's message (``rat.train`` prints it as one line and exits with status 2)."""
-    from rat.config import ConfigError, TrainSpec, make_config
-    from rat.train.__main__ import _build
-
-    try:
-        _build(TrainSpec.from_config(make_config(["--model.sync_bn", "1", "--training.device", "cpu"])), info, None)
-    except ConfigError as err:
-        return str(err)
-    return None
-
-
 def main(train_beton: str, index_beton: str, out_dir: str) -> None:
     info = init_distributed("cpu", "gloo")
     shards = read_shards(index_beton)
@@ -183,8 +169,7 @@ def main(train_beton: str, index_beton: str, out_dir: str) -> None:
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(
         {"order": order, "checksums": checksums, "steps": result.step, "batches_per_epoch": len(loader),
          "shards": shards, "write_error": write_error, "batchnorm": batchnorm_resume(out_dir, info),
-         "accumulated": accumulation(info), "sync_batchnorm": sync_batchnorm(info),
-         "sync_batchnorm_on_cpu": sync_batchnorm_refusal(info)}))
+         "accumulated": accumulation(info), "sync_batchnorm": sync_batchnorm(info)}))
     cleanup_distributed()
 
 

@@ -160,12 +160,6 @@ def test_sync_batchnorm_statistics_are_those_of_the_global_batch(two_ranks):
                                        value.double().flatten(), rtol=1e-4, atol=1e-5)
 
 
-def test_sync_batchnorm_on_cpu_processes_is_refused_in_one_line(two_ranks):
-    messages = [r["sync_batchnorm_on_cpu"] for r in two_ranks]
-    assert messages[0] == messages[1] and "\n" not in messages[0]
-    assert messages[0].startswith("model.sync_bn 1 needs CUDA devices") and "--model.sync_bn 0" in messages[0]
-
-
 @pytest.fixture(scope="module")
 def two_process_run(once, demo_betons) -> Path:
     """One run of the user entry point, run_train.sh with NPROC=2 on CPU, serves every check below (a torchrun start

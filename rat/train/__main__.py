@@ -154,6 +154,10 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
         OutputError: the run folder cannot be written.
         RunFinished: the resumed run has trained all its epochs.
     """
+    if spec.model.sync_bn and (spec.training.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("model.sync_bn 1 needs CUDA devices (torch's SyncBatchNorm has no CPU implementation): on "
+                          "the CPU use --model.sync_bn 0, which averages the processes' BatchNorm statistics at every "
+                          "epoch end and checkpoint")
     arch = spec.model.arch
     try:
         check_arch(arch)
@@ -309,10 +313,6 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
     """Data, model (created → SyncBatchNorm → device → channels_last → DDP → EMA), optimizer, scaler, augmentation,
     attack, loaders; the state at step 0."""
     training = spec.training
-    if spec.model.sync_bn and info.distributed and info.device.type != "cuda":
-        raise ConfigError("model.sync_bn 1 needs CUDA devices (torch's SyncBatchNorm has no CPU implementation): on "
-                          "the CPU use --model.sync_bn 0, which averages the processes' BatchNorm statistics at every "
-                          "epoch end and checkpoint")
     seed = training.seed + info.rank
     train_path, val_path = dataset_paths(spec.data, info)
     classes = read_classes(train_path)
