@@ -170,8 +170,6 @@ TRAIN_CASES = [
     ("no-decoding-thread", lambda b: ["--data.num_workers", "0"], r"data\.num_workers='0'"),
     ("sync-bn-on-cpu", lambda b: ["--model.sync_bn", "1", "--training.device", "cpu"],
      r"model\.sync_bn 1 needs CUDA devices .*use --model\.sync_bn 0"),
-    ("sync-bn-on-cpu", lambda b: ["--model.sync_bn", "1", "--training.device", "cpu"],
-     r"model\.sync_bn 1 needs CUDA devices .*use --model\.sync_bn 0"),
     ("zero-n-iter", lambda b: ["--adv.n_iter", "0"], r"adv\.n_iter='0' is not comma-separated ints >= 1"),
     ("unknown-arch", lambda b: ["--model.arch", "convnext_micro_cvs"], r"closest registered: convnext_micro_cvst"),
     ("resolution-16", lambda b: ["--resolution.min_res", "16", "--resolution.max_res", "16"],
