@@ -107,6 +107,12 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
         (root / f"{name}.beton.classes.json").write_text(json.dumps({**info, "classes": names}))
     (root / "not_a_folder").write_text("a file")
     (root / "other.json").write_text(json.dumps({"hello": "world"}))
+    for name in ("looped", "twice"):  # image folders: a/x.png, b/y.png; then a link back up, or a second path to x
+        for cls, image in (("a", "x.png"), ("b", "y.png")):
+            (root / name / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(root / name / cls / image)
+    (root / "looped" / "a" / "up").symlink_to("..")
+    (root / "twice" / "b" / "same.png").symlink_to(root / "twice" / "a" / "x.png")
     return files
 
 
@@ -392,7 +398,11 @@ EVAL_CASES = [
     ("checkpoint-is-a-folder", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"])),
      r"is a folder, not a checkpoint file"),
     ("data-folder-without-classes", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "no_classes")),
-     r"Couldn't find any class folder .*one subfolder of images per class"),
+     r"no_classes has no class sub-directories.*one subfolder of images per class"),
+    ("data-folder-symlink-loop", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "looped")),
+     r"looped/a/up leads back into .*looped .* through a symbolic link.*remove the link"),
+    ("data-folder-one-file-twice", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "twice")),
+     r"twice/b/same\.png and .*twice/a/x\.png are the same file"),
     # issue 21: a radius in 0-255 units, and a checkpoint on data with other classes
     ("linf-eps-in-255-units", lambda b, o: _ev(b, o, "--arch", ARCH, "--eps", "4"),
      r"Linf eps 4 covers the whole image box at 32 px.*4/255 = 0\.0157, not 4"),

@@ -16,9 +16,10 @@ Subsets (``--subset``), the same for every model, threat model and resolution, s
 
 Preprocessing is RobustBench's for ImageNet at resolution ``r`` (``AA_eval.py`` / ``load_imagenet``): the decoded image
 as a PIL image, ``torchvision.transforms.Resize(floor(r / 0.875), BICUBIC)`` (short side; PIL's bicubic with its
-antialiasing), ``CenterCrop(r)``, ``ToTensor()``. A folder is read with torchvision's ``ImageFolder`` (PIL decoding,
-``convert('RGB')``). A beton is read sample by sample (:class:`rat.data.BetonImages`: the stored pixels, not the FFCV
-loader's crop-and-resize) and goes through the same transform, so a beton that stores the original pixels
+antialiasing), ``CenterCrop(r)``, ``ToTensor()``. A folder is read as torchvision's ``ImageFolder`` reads it (PIL
+decoding, ``convert('RGB')``), listed by real path (:func:`rat.data.list_image_folder`: symbolic link loops and files
+reached twice refused). A beton is read sample by sample (:class:`rat.data.BetonImages`: the stored pixels, not the
+FFCV loader's crop-and-resize) and goes through the same transform, so a beton that stores the original pixels
 (``tools/write_ffcv.py --cfg.split=val``: raw, full size) gives exactly the folder's tensors. JPEG-compressed or
 downscaled betons do not (the result records how the beton stores its images, and the log warns).
 """
@@ -87,7 +88,7 @@ def _file_names(path: Path) -> list[str] | None:
 
         files = read_beton_info(path).get("files")
         return [str(f) for f in files] if isinstance(files, list) else None
-    dataset = _image_folder(path, None)
+    dataset = _FolderDataset(path, None)
     return [Path(p).relative_to(path).as_posix() for p, _ in dataset.samples]
 
 
@@ -96,7 +97,7 @@ def _num_classes(path: Path) -> int:
         from rat.data import read_classes
 
         return len(read_classes(path))
-    return len(_image_folder(path, None).classes)
+    return len(_FolderDataset(path, None).classes)
 
 
 def select_subset(path: str | Path, n_ex: int, subset: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
@@ -208,14 +209,30 @@ def _eval_transform(resolution: int):
     ])
 
 
-def _image_folder(path: Path, resolution: int | None):
-    from torchvision import datasets
+class _FolderDataset(torch.utils.data.Dataset):
+    """An ImageNet-style val folder as ``torchvision.datasets.ImageFolder`` reads it (same samples, order, classes and
+    PIL decoding, ``convert('RGB')``), listed by :func:`rat.data.list_image_folder`: by real path, so a symbolic link
+    loop or one file reached twice is refused, as when the folder is written to a beton."""
 
-    try:
-        return datasets.ImageFolder(str(path), transform=None if resolution is None else _eval_transform(resolution))
-    except FileNotFoundError as exc:  # torchvision: no class folder, or no image file in any of them
-        raise FileNotFoundError(f"{exc} (an ImageNet-style val folder holds one subfolder of images per class): pass "
-                                "--data such a folder or a val .beton") from exc
+    def __init__(self, path: Path, resolution: int | None):
+        from rat.data import list_image_folder
+
+        try:
+            self.samples, self.classes = list_image_folder(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} (an ImageNet-style val folder holds one subfolder of images per class): "
+                                    "pass --data such a folder or a val .beton") from exc
+        self.transform = None if resolution is None else _eval_transform(resolution)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from torchvision.datasets.folder import default_loader
+
+        file, label = self.samples[index]
+        image = default_loader(file)
+        return (image if self.transform is None else self.transform(image)), label
 
 
 class _BetonDataset(torch.utils.data.Dataset):
@@ -245,7 +262,7 @@ def dataset_size(path: str | Path) -> int:
         from rat.data.meta import check_beton
 
         return check_beton(path)
-    return len(_image_folder(path, None))
+    return len(_FolderDataset(path, None))
 
 
 def _rechunk(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -297,7 +314,7 @@ def iter_eval_batches(
         return
     from torch.utils.data import DataLoader, Subset
 
-    dataset = _BetonDataset(path, resolution) if _is_beton(path) else _image_folder(path, resolution)
+    dataset = _BetonDataset(path, resolution) if _is_beton(path) else _FolderDataset(path, resolution)
     loader = DataLoader(Subset(dataset, [int(i) for i in indices]), batch_size=max(sizes), shuffle=False,
                         num_workers=num_workers)
     stream = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()) for x, y in loader)
