@@ -438,10 +438,17 @@ def _declare_quant_model() -> None:
     )
 
 
-def _declare_quant_data(eval_data: bool, calib: bool) -> None:
+def _declare_quant_data(eval_data: bool, calib: bool, split: bool = False) -> None:
     params = {"demo_root": Param(str, "where the demo betons live; empty = ~/.cache/rat/demo", default=""),
               "num_workers": Param(_int(0), "loader workers", default=2)}
-    if eval_data:
+    if eval_data and split:  # estimate: the score part of the guide/score split (docs/quant.md)
+        params["data"] = Param(str, "val .beton or ImageNet-style folder, the one generate's guide images came "
+                               "from; empty = the demo val set", default="")
+        params["n_ex"] = Param(_int(1), "scoring images: the next n_ex of rat.eval's seeded order after the guide "
+                               "part", default=200)
+        params["guide_n"] = Param(_int(-1), "images of the guide part the scoring images skip; -1 = the generated "
+                                  "set's recorded guide part", default=-1)
+    elif eval_data:
         params["data"] = Param(str, "val .beton or ImageNet-style folder; empty = the demo val set", default="")
         params["n_ex"] = Param(_int(1), "evaluation images (the fixed subset of rat.eval)", default=300)
     if calib:
@@ -513,16 +520,22 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
     def generate() -> None:
         _declare_quant_model()
         _declare_quant_attack()
-        Section("qdata", "Your own images, only to record activation statistics of a model without BatchNorm").params(
+        Section("qdata", "Real images: the guide part that sets the adjustment's targets, and your own unlabeled "
+                "images for the activation statistics of a model without BatchNorm").params(
+            data=Param(str, "val .beton or ImageNet-style folder the guide part comes from; empty = the demo val set",
+                       default=""),
+            guide_n=Param(_int(1), "guide images: the first guide_n of rat.eval's seeded order of qdata.data "
+                          "(estimate scores only on images after them)", default=100),
+            demo_root=Param(str, "where the demo betons live; empty = ~/.cache/rat/demo", default=""),
             stats_data=Param(str, ".beton or folder; empty for BatchNorm models", default=""),
             stats_n=Param(_int(1), "images to record statistics on", default=256),
             num_workers=Param(_int(0), "loader workers", default=2),
         )
         Section("generate", "Train and adjust the label-conditioned generator").params(
-            target_clean=Param(_float(-1, 100), "the model's real clean accuracy in % (from your test set); -1 = not "
-                               "given (needed when rounds > 0)", default=-1.0),
-            target_robust=Param(_float(-1, 100), "its real robust accuracy in % (same threat model as qattack); -1 = "
-                                "not given", default=-1.0),
+            target_clean=Param(_float(-1, 100), "the model's real clean accuracy in %, measured on the guide part "
+                               "(qdata.guide_n images of qdata.data); -1 = rat measures it there", default=-1.0),
+            target_robust=Param(_float(-1, 100), "its real robust accuracy in % on the guide part (APGD, qattack's "
+                                "threat model); -1 = rat measures it there", default=-1.0),
             steps=Param(_int(1), "stage-1 training steps", default=400),
             rounds=Param(_int(0), "adjustment rounds (0 = no adjustment)", default=8),
             steps_per_round=Param(_int(1), "generator steps per adjustment round", default=40),
@@ -541,7 +554,7 @@ def declare_quant_sections(subcommand: str) -> Callable[[], None]:
 
     def estimate() -> None:
         _declare_quant_model()
-        _declare_quant_data(eval_data=True, calib=False)
+        _declare_quant_data(eval_data=True, calib=False, split=True)
         _declare_quant_attack()
         _declare_quant_scheme()
         Section("estimate", "Clean/robust accuracy of FP and quantized models on a generated set").params(

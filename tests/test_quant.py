@@ -500,12 +500,16 @@ def test_estimate_reports_relative_accuracy_and_pca(rat_checkpoint, demo_betons,
     figures of the seed; collapsed variants are left out of the ranking."""
     import numpy as np
 
+    from rat.eval.data import eval_subset
+
     gen = torch.Generator().manual_seed(0)
     generated = tmp_path / "gen.pt"
+    guide = {"data": str(demo_betons[1].resolve()), "dataset_size": 300, "n": 20,
+             "indices": eval_subset(300, 20).tolist()}  # as generate records it: estimate scores on other images
     torch.save({"images": torch.randint(0, 256, (40, 3, RES, RES), generator=gen, dtype=torch.uint8),
                 "labels": torch.arange(40) % 10,
                 "images_before": torch.randint(0, 256, (40, 3, RES, RES), generator=gen, dtype=torch.uint8),
-                "labels_before": torch.arange(40) % 10}, generated)
+                "labels_before": torch.arange(40) % 10, "meta": {"guide": guide}}, generated)
     out = tmp_path / "estimate.json"
     assert quant_main(["estimate", "--qmodel.checkpoint", str(rat_checkpoint), "--qmodel.device", "cpu",
                        "--qdata.data", str(demo_betons[1]), "--qdata.n_ex", "40", "--qdata.num_workers", "1",
@@ -523,3 +527,36 @@ def test_estimate_reports_relative_accuracy_and_pca(rat_checkpoint, demo_betons,
             assert rel[name]["r2"] == pytest.approx(np.corrcoef(rel[name]["generated"], rel[name]["real"])[0, 1] ** 2)
     assert (tmp_path / "estimate_relative.png").stat().st_size > 5000
     assert (tmp_path / "estimate_pca.png").stat().st_size > 5000
+
+
+def test_generate_guide_images_are_apart_from_estimate_scoring_images(rat_checkpoint, demo_betons, tmp_path, capsys):
+    """generate measures the adjustment's targets on the guide part (rat.eval's seeded subset of guide_n images) and
+    records it; estimate --estimate.real 1 scores on the images after it, and refuses scoring images that overlap."""
+    from rat.eval.data import dataset_size, eval_subset
+
+    val, generated = demo_betons[1], tmp_path / "gen.pt"
+    common = ["--qmodel.checkpoint", str(rat_checkpoint), "--qmodel.device", "cpu", "--qdata.data", str(val),
+              "--qdata.num_workers", "1", "--qattack.n_iter", "1"]
+    assert quant_main(["generate", *common, "--qdata.guide_n", "20", "--generate.steps", "2", "--generate.rounds",
+                       "1", "--generate.steps_per_round", "1", "--generate.batch_size", "8", "--generate.width", "8",
+                       "--generate.n_samples", "20", "--generate.progress", "0",
+                       "--generate.output", str(generated)]) == 0
+    assert "targets measured on the 20 guide images" in capsys.readouterr().out
+    meta = torch.load(generated, weights_only=True)["meta"]
+    guide = meta["guide"]
+    assert guide["indices"] == eval_subset(dataset_size(val), 20).tolist() and guide["targets"] == "measured"
+    assert 0 <= meta["target_clean"] <= 100 and 0 <= meta["target_robust"] <= meta["target_clean"]
+
+    out = tmp_path / "estimate.json"
+    estimate = ["estimate", *common, "--estimate.generated", str(generated), "--estimate.formats", "int8",
+                "--estimate.real", "1", "--qdata.n_ex", "20", "--estimate.output", str(out)]
+    assert quant_main([*estimate, "--qdata.guide_n", "10"]) == 2  # skips only 10 of the 20 guide images
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rat.quant: error: ") and "guided the generator" in err[0]  # first
+    assert not out.exists() and not (tmp_path / "estimate_relative.png").exists()
+
+    assert quant_main(estimate) == 0
+    summary = json.loads(out.read_text())
+    assert summary["guide"]["indices"] == guide["indices"] and len(summary["score"]["indices"]) == 20
+    assert not set(summary["score"]["indices"]) & set(guide["indices"])
+    assert summary["score"]["indices"] == sorted(set(eval_subset(dataset_size(val), 40)) - set(guide["indices"]))

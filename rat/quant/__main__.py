@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
@@ -72,12 +73,37 @@ def _demo_paths(configured: str) -> tuple[Path, Path]:
 def _images(path: str | Path, n: int, resolution: int, device: torch.device, num_workers: int, key: str,
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed ``n``-image subset (rat.eval's rule) of a beton or folder, as [0, 1] tensors on ``device``."""
-    from rat.eval.data import dataset_size, eval_subset, iter_eval_batches
+    from rat.eval.data import dataset_size, eval_subset
 
     total = dataset_size(path)
     if n > total:
         raise QuantizationError(f"{key}: {path} has {total} images, fewer than the {n} asked for: lower the count")
-    indices = eval_subset(total, n)
+    return _read_images(path, eval_subset(total, n), resolution, device, num_workers)
+
+
+def split_indices(total: int, guide_n: int, score_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The guide/score split of an evaluation source of ``total`` images (docs/quant.md): the guide part is rat.eval's
+    seeded subset of ``guide_n`` images, the score part the next ``score_n`` images of the same seeded order, so the
+    two share no image by construction.
+
+    Raises:
+        QuantizationError: the two parts do not fit in the source.
+    """
+    from rat.eval.data import eval_subset
+
+    if guide_n + score_n > total:
+        raise QuantizationError(f"the source has {total} images, fewer than the {guide_n} guide + {score_n} scoring "
+                                "images asked for: lower qdata.guide_n or qdata.n_ex")
+    guide = eval_subset(total, guide_n) if guide_n else np.zeros(0, dtype=np.int64)
+    score = np.setdiff1d(eval_subset(total, guide_n + score_n), guide) if score_n else np.zeros(0, dtype=np.int64)
+    return guide, score
+
+
+def _read_images(path: str | Path, indices: np.ndarray, resolution: int, device: torch.device, num_workers: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``indices`` of a beton or folder, as [0, 1] tensors on ``device``."""
+    from rat.eval.data import iter_eval_batches
+
     xs, ys = [], []
     for x, y in iter_eval_batches(path, indices, [len(indices)], resolution=resolution, device=device,
                                   num_workers=num_workers):
@@ -228,24 +254,39 @@ def run_fit(cfg: dict[str, Any]) -> int:
 
 
 def run_generate(cfg: dict[str, Any]) -> int:
+    from rat.eval.data import dataset_size
     from rat.quant.generator import adjust_generator, label_accuracy, record_norm_stats, sample, stat_targets
     from rat.quant.generator import train_generator as train
-    from rat.quant.sweep import batches
+    from rat.quant.sweep import accuracy, batches, robust_accuracy
 
     gen_cfg = cfg["generate"]
     output = _fresh_output(gen_cfg["output"], "generate.output")
-    if gen_cfg["rounds"] > 0 and (gen_cfg["target_clean"] < 0 or gen_cfg["target_robust"] < 0):
-        raise ConfigError("the adjustment needs the model's real accuracies: give generate.target_clean and "
-                          "generate.target_robust (in %), or generate.rounds 0")
+    target_clean, target_robust = gen_cfg["target_clean"], gen_cfg["target_robust"]
+    if (target_clean < 0) != (target_robust < 0):
+        raise ConfigError("give both generate.target_clean and generate.target_robust (measured on the guide part), "
+                          "or neither: rat then measures both on the guide part")
+    _, guide_path = _data_paths(cfg)
+    guide_total = dataset_size(guide_path)
+    guide_indices, _ = split_indices(guide_total, cfg["qdata"]["guide_n"], 0)
     device = _device(cfg["qmodel"]["device"])
     model, meta, resolution = _load_model(cfg["qmodel"], device)
+    spec = _attack_spec(cfg)
+    measured = gen_cfg["rounds"] > 0 and target_clean < 0
+    if measured:  # the adjustment's targets, on the guide part only (estimate scores on other images)
+        xr, yr = _read_images(guide_path, guide_indices, resolution, device, cfg["qdata"]["num_workers"])
+        bs = cfg["qmodel"]["batch_size"]
+        target_clean, target_robust = accuracy(model, xr, yr, bs), robust_accuracy(model, xr, yr, spec, bs)
+        del xr, yr
+    guide = {"data": str(Path(guide_path).resolve()), "dataset_size": guide_total, "n": len(guide_indices),
+             "indices": guide_indices.tolist(), "rule": "the first guide_n images of rat.eval's seeded order "
+             "(rat.eval.data.SUBSET_RULE with n_ex = guide_n)",
+             "targets": "measured" if measured else ("given" if target_clean >= 0 else "unused")}
     stats = None
     if cfg["qdata"]["stats_data"]:
         x, _ = _images(cfg["qdata"]["stats_data"], cfg["qdata"]["stats_n"], resolution, device,
                        cfg["qdata"]["num_workers"], "qdata.stats_n")
         stats = record_norm_stats(model, batches(x, cfg["qmodel"]["batch_size"]))
     targets = stat_targets(model, stats)
-    spec = _attack_spec(cfg)
     progress = gen_cfg["progress"]
     generator = train(model, targets, num_classes=model.num_classes, img_size=resolution, steps=gen_cfg["steps"],
                       batch_size=gen_cfg["batch_size"], lr=gen_cfg["lr"], mix=gen_cfg["mix"],
@@ -256,8 +297,8 @@ def run_generate(cfg: dict[str, Any]) -> int:
     # the stage-1 generator's images (before the adjustment), for estimate's PCA view
     before, before_labels = sample(generator, gen_cfg["n_samples"], mix, gen_cfg["seed"] + 1000, device)
     if gen_cfg["rounds"] > 0:
-        result = adjust_generator(model, generator, targets, target_clean=gen_cfg["target_clean"],
-                                  target_robust=gen_cfg["target_robust"], spec=spec, rounds=gen_cfg["rounds"],
+        result = adjust_generator(model, generator, targets, target_clean=target_clean,
+                                  target_robust=target_robust, spec=spec, rounds=gen_cfg["rounds"],
                                   steps_per_round=gen_cfg["steps_per_round"], batch_size=gen_cfg["batch_size"],
                                   lr=gen_cfg["lr"] / 2, mix=gen_cfg["mix"], stat_weight=gen_cfg["stat_weight"],
                                   tolerance=gen_cfg["tolerance"], seed=gen_cfg["seed"], progress=progress)
@@ -268,17 +309,46 @@ def run_generate(cfg: dict[str, Any]) -> int:
              "generator": {k: v.cpu() for k, v in generator.state_dict().items()},
              "meta": {"arch": meta["arch"], "checkpoint": meta["checkpoint"], "resolution": resolution, "mix": mix,
                       "beta": beta, "label_accuracy": label_acc, "history": history,
-                      "target_clean": gen_cfg["target_clean"], "target_robust": gen_cfg["target_robust"],
+                      "target_clean": target_clean, "target_robust": target_robust, "guide": guide,
                       "norm": spec.norm, "eps": spec.eps, "n_iter": spec.n_iter,
                       "statistics": "batchnorm" if stats is None else "recorded"}}
     from rat.io import atomic_write
 
     atomic_write(output, lambda handle: torch.save(state, handle))
     last = history[-1] if history else {}
+    if measured:
+        print(f"rat.quant generate: targets measured on the {guide['n']} guide images of {guide_path}: clean "
+              f"{target_clean:.2f}% robust {target_robust:.2f}%")
     print(f"rat.quant generate: label accuracy {label_acc:.1f}%, adjusted mix {mix:.3f} beta {beta:.3f}"
           + (f", FP on generated probe: clean {last['clean']:.2f}% robust {last['robust']:.2f}%" if last else "")
           + f" -> {output}")
     return 0
+
+
+def _score_part(cfg: dict[str, Any], gen_meta: dict[str, Any], generated: str) -> dict[str, Any]:
+    """The real images ``estimate.real`` scores on: the score part of the guide/score split of ``qdata.data``,
+    refused (ConfigError) unless it is provably disjoint from the guide images the generated set records."""
+    from rat.eval.data import dataset_size
+
+    guide = gen_meta.get("guide")
+    if not isinstance(guide, dict) or not isinstance(guide.get("indices"), list):
+        raise ConfigError(f"estimate.generated={generated} records no guide images, so real scoring could reuse "
+                          "the images its targets came from: regenerate it with python -m rat.quant generate")
+    _, data_path = _data_paths(cfg)
+    data = str(Path(data_path).resolve())
+    total = dataset_size(data_path)
+    if data != guide["data"] or total != guide["dataset_size"]:
+        raise ConfigError(f"qdata.data={data} ({total} images) is not the source of the generated set's guide images "
+                          f"({guide['data']}, {guide['dataset_size']} images): score on that source, whose images "
+                          "after the guide part are provably apart from it")
+    guide_n = guide["n"] if cfg["qdata"]["guide_n"] < 0 else cfg["qdata"]["guide_n"]
+    _, score = split_indices(total, guide_n, cfg["qdata"]["n_ex"])
+    shared = np.intersect1d(score, np.asarray(guide["indices"], dtype=np.int64))
+    if len(shared):
+        raise ConfigError(f"{len(shared)} of the {len(score)} scoring images (qdata.guide_n {guide_n}) are among the "
+                          f"{guide['n']} images that guided the generator's adjustment: set qdata.guide_n -1 (skip "
+                          "the recorded guide part)")
+    return {"data": data, "guide_n": guide_n, "n": len(score), "indices": score.tolist()}
 
 
 def run_estimate(cfg: dict[str, Any]) -> int:
@@ -306,6 +376,7 @@ def run_estimate(cfg: dict[str, Any]) -> int:
         raise ConfigError(f"estimate.generated: {exc} (write the set with python -m rat.quant generate)") from exc
     if "images" not in generated or "labels" not in generated:
         raise ConfigError(f"estimate.generated={est['generated']} is not a generated set (write one with generate)")
+    split = _score_part(cfg, generated.get("meta") or {}, est["generated"]) if est["real"] else None
     device = _device(cfg["qmodel"]["device"])
     model, meta, resolution = _load_model(cfg["qmodel"], device)
     xg = generated["images"].to(device).float() / 255
@@ -314,10 +385,9 @@ def run_estimate(cfg: dict[str, Any]) -> int:
         raise ConfigError(f"the generated set is {xg.shape[-1]} px but the model runs at {resolution}: set "
                           f"qmodel.resolution {xg.shape[-1]}")
     real = None
-    if est["real"]:
-        _, data_path = _data_paths(cfg)
-        real = _images(data_path, cfg["qdata"]["n_ex"], resolution, device, cfg["qdata"]["num_workers"],
-                       "qdata.n_ex")
+    if split is not None:
+        real = _read_images(split["data"], np.asarray(split["indices"]), resolution, device,
+                            cfg["qdata"]["num_workers"])
     spec, bs = _attack_spec(cfg), cfg["qmodel"]["batch_size"]
     amax = calibrate(model, batches(xg, bs))  # data-free: ranges from the generated images
     reference = copy.deepcopy(model)
@@ -334,6 +404,8 @@ def run_estimate(cfg: dict[str, Any]) -> int:
         _logger.info("%s", row)
     summary: dict[str, Any] = {"model": meta, "generated": est["generated"], "rows": rows,
                                "norm": spec.norm, "eps": spec.eps, "n_iter": spec.n_iter}
+    if split is not None:
+        summary["guide"], summary["score"] = (generated.get("meta") or {})["guide"], split
     if real is not None:
         collapsed_at = collapse_threshold(int(model.num_classes), len(real[1]))
         ranked = [rows[0], *(r for r in rows[1:] if r["real_clean_acc"] > collapsed_at)]  # collapsed ones left out
