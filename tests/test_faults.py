@@ -97,6 +97,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
     (run / "params.json").write_text(json.dumps({**config, "training": {**config["training"], "resume": ""}}))
     files["run"] = run
     files["ckpt"] = run / "checkpoints" / "last.pt"
+    shutil.copy(files["ckpt"], root / "moved.pt")  # the same run's checkpoint, outside its folder
     # the same checkpoint recording class names the data does not have (the demo's in reverse order), and a 12-class one
     torch.save({**state, "classes": [str(c) for c in range(9, -1, -1)]}, root / "named.pt")
     torch.save({**state, "model": create_model(ARCH, num_classes=12, img_size=32).state_dict(),
@@ -207,6 +208,10 @@ TRAIN_CASES = [
     ("used-folder-without-resume", lambda b: _train_argv(b["run"], b["demo_root"])[:-4] + ["--logging.progress", "0"],
      r"run folder .*run already holds a run \(last\.pt, params\.json\): continue it with --training\.resume auto, "
      r"or start a new run in another --logging\.folder"),
+    ("used-folder-resume-another-folders-checkpoint", lambda b: _train_argv(b["run"], b["demo_root"]) + [
+        "--training.resume", str(b["root"] / "moved.pt")],
+     r"already holds a run .* and training\.resume=.*moved\.pt is a checkpoint of another folder: continuing it "
+     r"here would mix two runs"),
     ("replay-params-json", lambda b: ["-C", str(b["run"] / "params.json"), "--logging.folder", str(b["run"])],
      r"already holds a run"),
     ("empty-logging-folder", lambda b: ["--logging.folder", ""], r"logging\.folder is empty"),
@@ -244,8 +249,8 @@ TRAIN_CASES = [
     ("num-classes-smaller", lambda b: ["--data.num_classes", "7"],
      r"the demo dataset has 10 classes but data\.num_classes has 7: leave data\.num_classes at 0"),
     ("num-classes-larger", lambda b: ["--data.num_classes", "12"], r"data\.num_classes has 12"),
-    ("resume-other-class-names", lambda b: _train_argv(b["run"], b["demo_root"]) + ["--training.resume",
-                                                                                    str(b["root"] / "named.pt")],
+    ("resume-other-class-names", lambda b: _train_argv(b["root"] / "fresh", b["demo_root"]) + [
+        "--training.resume", str(b["root"] / "named.pt")],
      r"cannot resume: checkpoint .*named\.pt and the demo dataset list different classes"),
     # family 8: what run_train.sh's preflight (--validate-only) checks before torchrun
     ("init-checkpoint-other-arch", lambda b: ["--validate-only", "--model.arch", "resnet10t", "--model.init_checkpoint",

@@ -192,12 +192,18 @@ def preflight(spec: TrainSpec) -> tuple[Path, dict[str, Any]] | None:
         raise ConfigError("logging.tensorboard=1 needs the tensorboard package: pip install tensorboard (or "
                           "rat[tensorboard]), or set --logging.tensorboard 0")
     run_dir = Path(spec.logging.folder)  # writable and locked: claim_run_folder, before these checks
-    if not spec.training.resume:
-        used = _run_records(run_dir)
-        if used:
-            raise ConfigError(f"run folder {run_dir} already holds a run ({', '.join(used[:4])}"
-                              f"{', ...' if len(used) > 4 else ''}): continue it with --training.resume auto, or "
-                              "start a new run in another --logging.folder")
+    used = _run_records(run_dir)
+    resume = spec.training.resume
+    # a used folder continues only its own run: auto, or an explicit checkpoint of its checkpoints/ folder
+    if used and resume != "auto" and not (resume and Path(resume).resolve().parent
+                                           == (run_dir / "checkpoints").resolve()):
+        held = f"run folder {run_dir} already holds a run ({', '.join(used[:4])}{', ...' if len(used) > 4 else ''})"
+        if not resume:
+            raise ConfigError(f"{held}: continue it with --training.resume auto, or start a new run in another "
+                              "--logging.folder")
+        raise ConfigError(f"{held} and training.resume={resume} is a checkpoint of another folder: continuing it "
+                          "here would mix two runs; resume it in its own or a new --logging.folder, or this folder's "
+                          "run with --training.resume auto")
     resumed = load_resume_checkpoint(spec.training.resume, run_dir)
     if resumed is None:
         return None
