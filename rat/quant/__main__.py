@@ -5,10 +5,12 @@ Subcommands (each with its own fastargs Sections in ``rat/config.py``; ``--help`
     python -m rat.quant ptq --qmodel.checkpoint runs/demo/checkpoints/best.pt --ptq.format int8 --ptq.output q.pt
     python -m rat.quant sweep --qmodel.checkpoint CKPT --sweep.output runs/quant/demo
     python -m rat.quant fit --fit.sweeps a/sweep.jsonl,b/sweep.jsonl --fit.output runs/quant/fit.png
-    python -m rat.quant generate --qmodel.checkpoint CKPT --generate.target_clean 90 --generate.target_robust 50 \\
-        --generate.output runs/quant/gen.pt
-    python -m rat.quant estimate --qmodel.checkpoint CKPT --estimate.generated runs/quant/gen.pt \\
+    python -m rat.quant generate --qmodel.checkpoint CKPT --qdata.guide_n 100 --generate.output runs/quant/gen.pt
+    python -m rat.quant estimate --qmodel.checkpoint CKPT --estimate.generated runs/quant/gen.pt --qdata.n_ex 200 \\
         --estimate.formats int8,int4,pot4 --estimate.real 1 --estimate.output runs/quant/estimate.json
+
+``generate`` measures its targets on the guide part of ``qdata.data`` (or takes them as given, measured there);
+``estimate.real`` scores only on the images after it and refuses any overlap (docs/quant.md).
 
 Bad input (unknown format, bits out of range, invalid e/m split, no quantizable layer, too few calibration images,
 an output that exists) is one ``rat.quant: error:`` line and exit status 2; nothing is written.

@@ -9,8 +9,9 @@ the full-precision model's clean and robust accuracy on its images track the rea
 2. **Adjust.** Training continues with a third term, ``beta`` times the cross-entropy on adversarially perturbed
    generated images (APGD on the model, perturbation detached, gradient into ``G`` through the image): it moves the
    generated images away from the decision boundary, raising the model's robust accuracy on them. Every round, the
-   model's clean and robust accuracy on a fixed probe set are compared with the real numbers the user gives
-   (``target_clean``, ``target_robust``, nothing else about the real data): ``beta`` rises while the robust accuracy
+   model's clean and robust accuracy on a fixed probe set are compared with the real numbers (``target_clean``,
+   ``target_robust``: measured on the guide part of the real data, which ``python -m rat.quant estimate`` never scores
+   on; nothing else about the real data): ``beta`` rises while the robust accuracy
    is too low, and the share of inter-class samples (labelled with their dominant class) rises while the clean
    accuracy is too high. The best round (smallest worse error) is kept.
 3. **Estimate.** The generated set (images + labels) stands in for the test set: clean and robust accuracy of the
