@@ -554,6 +554,11 @@ def test_generate_guide_images_are_apart_from_estimate_scoring_images(rat_checkp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rat.quant: error: ") and "guided the generator" in err[0]  # first
     assert not out.exists() and not (tmp_path / "estimate_relative.png").exists()
+    other = [*estimate, "--qdata.data", str(demo_betons[0])]  # another source: its images cannot be checked
+    assert quant_main(other) == 2 and "not the source of the generated set's guide" in capsys.readouterr().err
+    half = ["generate", *common, "--generate.target_clean", "50", "--generate.output", str(tmp_path / "g2.pt")]
+    assert quant_main(half) == 2 and "give both generate.target_clean" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "g2.pt").exists()
 
     assert quant_main(estimate) == 0
     summary = json.loads(out.read_text())
