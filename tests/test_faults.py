@@ -748,6 +748,21 @@ QUANT_CASES = [
      r"key 'format' is given twice \(lines 2 and 3\)"),
     ("eps-nan", lambda b, t: ["sweep", "--qattack.eps", "nan"], r"qattack\.eps='nan' is not a finite float"),
     ("lr-inf", lambda b, t: ["generate", "--generate.lr", "inf"], r"generate\.lr='inf' is not a finite float > 0"),
+    # the families' one mechanisms reach rat.quant too: eps (check_eps), classes (check_classes), folders by real path
+    ("sweep-eps-in-255-units", lambda b, t: ["sweep", "--qmodel.checkpoint", str(b["ckpt"]), "--qattack.eps", "4",
+                                             "--sweep.formats", "int8", "--sweep.output", str(t / "s")],
+     r"qattack\.eps: Linf eps 4 covers the whole image box at 32 px"),
+    ("sweep-checkpoint-on-more-classes", lambda b, t: ["sweep", "--qmodel.checkpoint", str(b["ckpt"]),
+                                                       "--qdata.data", str(b["root"] / "twelve.beton"),
+                                                       "--sweep.formats", "int8", "--sweep.output", str(t / "s")],
+     r"checkpoint .*last\.pt has 10 classes but data .*twelve\.beton has 12"),
+    ("sweep-checkpoint-other-class-names", lambda b, t: ["sweep", "--qmodel.checkpoint", str(b["root"] / "named.pt"),
+                                                         "--sweep.formats", "int8", "--sweep.output", str(t / "s")],
+     r"checkpoint .*named\.pt and data .* list different classes"),
+    ("ptq-calib-folder-symlink-loop", lambda b, t: ["ptq", "--qmodel.checkpoint", str(b["ckpt"]), "--qdata.calib_data",
+                                                    str(b["root"] / "looped"), "--ptq.format", "int8", "--ptq.output",
+                                                    str(t / "q.pt")],
+     r"qdata\.calib_data: .*looped/a/up leads back into .* through a symbolic link"),
 ]
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "CLASSES_FORMAT", "IMAGE_FIELD", "LABEL_FIELD", "BetonImages", "ClassMismatchError", "check_beton", "check_classes",
-    "classes_path", "read_beton_info", "read_beton_item", "read_classes",
+    "CLASSES_FORMAT", "IMAGE_FIELD", "LABEL_FIELD", "BetonImages", "ClassMismatchError", "check_beton",
+    "check_checkpoint_classes", "check_classes", "classes_path", "read_beton_info", "read_beton_item", "read_classes",
 ]
 
 IMAGE_FIELD = "image"
@@ -117,6 +117,30 @@ def check_classes(expected: Sequence[str] | int, actual: Sequence[str] | int, *,
         if str(a) != str(b):
             raise ClassMismatchError(f"{expected_from} and {actual_from} list different classes (label {label} is "
                                      f"{a!r} in one and {b!r} in the other): {fix}")
+
+
+def check_checkpoint_classes(checkpoint: dict[str, Any], checkpoint_from: str, data: str | Path, fix: str) -> None:
+    """:func:`check_classes` of a model checkpoint (the class names it records, else its head's ``num_classes``)
+    against the classes of ``data``, a beton (its classes file) or an image folder (its sorted class directories):
+    a label the model cannot predict, or one that means another class, would count silently as an error or a hit.
+    Nothing to check when the checkpoint records neither.
+
+    Raises:
+        ClassMismatchError: they differ.
+    """
+    recorded = checkpoint.get("classes")
+    count = (checkpoint.get("model_kwargs") or {}).get("num_classes")
+    if not isinstance(recorded, list) and not isinstance(count, int):
+        return
+    data = Path(data)
+    if data.is_dir():
+        from rat.data.sources import find_classes
+
+        names, where = find_classes(data), f"data folder {data}"
+    else:
+        names, where = read_classes(data), f"data {data}"
+    check_classes(recorded if isinstance(recorded, list) else count, names, expected_from=checkpoint_from,
+                  actual_from=where, fix=fix)
 
 
 class BetonImages:

@@ -394,22 +394,13 @@ def _check_data_classes(spec: EvalSpec, source: _ModelSource) -> None:
     Raises:
         ClassMismatchError: they differ (a ValueError: bad input).
     """
-    from rat.data.meta import check_classes, read_classes
+    from rat.data.meta import check_checkpoint_classes
 
-    recorded = (source.checkpoint or {}).get("classes")
-    count = source.model_kwargs.get("num_classes")
-    if spec.checkpoint is None or (count is None and recorded is None):
+    if spec.checkpoint is None:
         return
-    data = Path(spec.data)
-    if data.is_dir():
-        from torchvision.datasets.folder import find_classes
-
-        names, where = find_classes(str(data))[0], f"data folder {data}"
-    else:
-        names, where = read_classes(data), f"data {data}"
-    fix = "evaluate on the data the model was trained for (or pass the matching --checkpoint)"
-    check_classes(recorded if isinstance(recorded, list) else int(count), names,
-                  expected_from=f"checkpoint {spec.checkpoint}", actual_from=where, fix=fix)
+    check_checkpoint_classes({**(source.checkpoint or {}), "model_kwargs": source.model_kwargs},
+                             f"checkpoint {spec.checkpoint}", spec.data,
+                             fix="evaluate on the data the model was trained for (or pass the matching --checkpoint)")
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rat.attacks import check_eps
 from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
 from rat.logging import logging_scope, setup_logging
 from rat.models import CheckpointError
@@ -114,8 +115,11 @@ def _read_images(path: str | Path, indices: np.ndarray, resolution: int, device:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _load_model(qmodel: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], int]:
-    """The full-precision model, its checkpoint dict (without weights) and its resolution."""
+def _load_model(qmodel: dict[str, Any], device: torch.device, labeled: tuple[str, ...] = (),
+                ) -> tuple[torch.nn.Module, dict[str, Any], int]:
+    """The full-precision model, its checkpoint dict (without weights) and its resolution; the checkpoint's classes
+    are checked against those of each ``labeled`` source (whose labels will be compared with its predictions)."""
+    from rat.data.meta import ClassMismatchError, check_checkpoint_classes
     from rat.models import create_model_from_checkpoint, load_checkpoint_file
 
     if not qmodel["checkpoint"]:
@@ -124,6 +128,12 @@ def _load_model(qmodel: dict[str, Any], device: torch.device) -> tuple[torch.nn.
     if not isinstance(ckpt.get("arch"), str):
         raise CheckpointError(f"{qmodel['checkpoint']} does not name its architecture: rat.quant needs a rat trainer "
                               "checkpoint (arch + model_kwargs)")
+    for path in labeled:
+        try:
+            check_checkpoint_classes(ckpt, f"checkpoint {qmodel['checkpoint']}", path,
+                                     fix="score the model on the data it was trained for (or pass its checkpoint)")
+        except ClassMismatchError as exc:
+            raise ConfigError(str(exc)) from exc
     train_res = (ckpt.get("model_kwargs") or {}).get("img_size") or 224
     resolution = qmodel["resolution"] or int(train_res[-1] if isinstance(train_res, (list, tuple)) else train_res)
     model = create_model_from_checkpoint(ckpt, img_size=resolution, use_ema=bool(qmodel["use_ema"]))
@@ -133,11 +143,18 @@ def _load_model(qmodel: dict[str, Any], device: torch.device) -> tuple[torch.nn.
     return model, meta, resolution
 
 
-def _attack_spec(cfg: dict[str, Any]):
+def _attack_spec(cfg: dict[str, Any], resolution: int):
     from rat.quant.sweep import AttackSpec
 
     a = cfg["qattack"]
-    return AttackSpec(norm=a["norm"], eps=a["eps"] or DEFAULT_EPS[a["norm"]], n_iter=a["n_iter"],
+    eps = a["eps"] or DEFAULT_EPS[a["norm"]]
+    try:
+        warning = check_eps(a["norm"], eps, resolution)
+    except ValueError as exc:
+        raise ConfigError(f"qattack.eps: {exc}") from exc
+    if warning:
+        _logger.warning("qattack.eps: %s", warning)
+    return AttackSpec(norm=a["norm"], eps=eps, n_iter=a["n_iter"],
                       autoattack=a["autoattack"], seed=a["seed"])
 
 
@@ -157,6 +174,13 @@ def _data_paths(cfg: dict[str, Any]) -> tuple[str, str]:
             except (ValueError, FileNotFoundError) as exc:
                 raise ConfigError(f"qdata.{key}={path} is not a usable .beton (pass a beton or an image folder): "
                                   f"{exc}") from exc
+        elif path:  # a folder: listed as rat.eval lists it (by real path: links back into it refused)
+            from rat.data import list_image_folder
+
+            try:
+                list_image_folder(path)
+            except ValueError as exc:
+                raise ConfigError(f"qdata.{key}: {exc}") from exc
     if ("calib_data" in data and not calib) or ("data" in data and not val):
         train_beton, val_beton = _demo_paths(data["demo_root"])
         calib, val = calib or str(train_beton), val or str(val_beton)
@@ -202,13 +226,13 @@ def run_sweep_cmd(cfg: dict[str, Any]) -> int:
     if not sweep["same_grid"]:
         formats = [f for i, f in enumerate(formats) if same_grid_as(f, formats[:i]) is None]
     device = _device(cfg["qmodel"]["device"])
-    model, meta, resolution = _load_model(cfg["qmodel"], device)
     calib_path, data_path = _data_paths(cfg)
+    model, meta, resolution = _load_model(cfg["qmodel"], device, labeled=(data_path,))
     workers = cfg["qdata"]["num_workers"]
     calib, _ = _images(calib_path, cfg["qdata"]["calib_n"], resolution, device, workers, "qdata.calib_n")
     x, y = _images(data_path, cfg["qdata"]["n_ex"], resolution, device, workers, "qdata.n_ex")
     name = sweep["name"] or default_model_name(meta["checkpoint"], meta["arch"])
-    records = run_sweep(model, name=name, formats=formats, calib=calib, x=x, y=y, spec=_attack_spec(cfg),
+    records = run_sweep(model, name=name, formats=formats, calib=calib, x=x, y=y, spec=_attack_spec(cfg, resolution),
                         img_size=resolution, batch_size=cfg["qmodel"]["batch_size"], jsonl=folder / "sweep.jsonl",
                         progress=sweep["progress"], fold_bn=bool(cfg["qscheme"]["fold_bn"]),
                         quant_bias=bool(cfg["qscheme"]["quant_bias"]), bins=sweep["bins"],
@@ -271,8 +295,8 @@ def run_generate(cfg: dict[str, Any]) -> int:
     guide_total = dataset_size(guide_path)
     guide_indices, _ = split_indices(guide_total, cfg["qdata"]["guide_n"], 0)
     device = _device(cfg["qmodel"]["device"])
-    model, meta, resolution = _load_model(cfg["qmodel"], device)
-    spec = _attack_spec(cfg)
+    model, meta, resolution = _load_model(cfg["qmodel"], device, labeled=(guide_path,))
+    spec = _attack_spec(cfg, resolution)
     measured = gen_cfg["rounds"] > 0 and target_clean < 0
     if measured:  # the adjustment's targets, on the guide part only (estimate scores on other images)
         xr, yr = _read_images(guide_path, guide_indices, resolution, device, cfg["qdata"]["num_workers"])
@@ -380,7 +404,7 @@ def run_estimate(cfg: dict[str, Any]) -> int:
         raise ConfigError(f"estimate.generated={est['generated']} is not a generated set (write one with generate)")
     split = _score_part(cfg, generated.get("meta") or {}, est["generated"]) if est["real"] else None
     device = _device(cfg["qmodel"]["device"])
-    model, meta, resolution = _load_model(cfg["qmodel"], device)
+    model, meta, resolution = _load_model(cfg["qmodel"], device, labeled=(split["data"],) if split else ())
     xg = generated["images"].to(device).float() / 255
     yg = generated["labels"].to(device)
     if xg.shape[-1] != resolution:
@@ -390,7 +414,7 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     if split is not None:
         real = _read_images(split["data"], np.asarray(split["indices"]), resolution, device,
                             cfg["qdata"]["num_workers"])
-    spec, bs = _attack_spec(cfg), cfg["qmodel"]["batch_size"]
+    spec, bs = _attack_spec(cfg, resolution), cfg["qmodel"]["batch_size"]
     amax = calibrate(model, batches(xg, bs))  # data-free: ranges from the generated images
     reference = copy.deepcopy(model)
     folded = fold_batchnorm(reference, xg[:bs]) if cfg["qscheme"]["fold_bn"] else {}
