@@ -780,6 +780,38 @@ def test_quant_bad_input_is_one_line(case, bad, capsys, tmp_path):
     _assert_one_clear_line(code, stderr, expected, before, _snapshot(bad["root"]) | _snapshot(tmp_path))
 
 
+def _shard(index: int, **overrides) -> dict:
+    """Shard ``index`` of 2 of one evaluation of 2 images (image ``index + 1``)."""
+    flags = {k: "1" if k == "clean" else "0" for k in ("clean", "apgd-ce", "apgd-t", "fab-t", "square")}
+    return _result(shard={"index": index, "count": 2}, n_ex=2, time_s=1.0, wall_s=1.0,
+                   per_example={"indices": [index + 1], **flags}, **overrides)
+
+
+MERGE_CASES = [  # --output is never a different result (nor one of the shards), as for rat.eval --output
+    ("output-other-evaluation", ["--output", "PREV"], r"prev\.json holds the result of a different evaluation "
+                                                       r"\(differs in .*seed.*refusing to replace it"),
+    ("output-is-a-shard", ["--output", "S0"], r"s0\.json holds the result of a different evaluation \(differs in "
+                                              r"shard\)"),
+    ("output-not-a-result", ["--output", "OTHER"], r"other\.json is not a rat\.eval/1 result; refusing to overwrite"),
+    ("unknown-flag", ["--output", "NEW", "--bogus"], r"unrecognized arguments: --bogus \(see --help\)"),
+]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_merge_bad_input_is_one_line(case, capsys, tmp_path):
+    from rat.eval.merge import main
+
+    _, extra, expected = case
+    files = {"S0": _shard(0, seed=6), "S1": _shard(1, seed=6), "PREV": _result(shard=None), "OTHER": {"hello": 1}}
+    for name, content in files.items():
+        (tmp_path / f"{name.lower()}.json").write_text(json.dumps(content))
+    argv = [str(tmp_path / "s0.json"), str(tmp_path / "s1.json"),
+            *[str(tmp_path / f"{a.lower()}.json") if a in (*files, "NEW") else a for a in extra]]
+    before = _snapshot(tmp_path)
+    code, stderr = _call(main, argv, capsys)
+    _assert_one_clear_line(code, stderr, expected, before, _snapshot(tmp_path))
+
+
 EXPORT_CASES = [
     ("norm-l3", _result(norm="L3"), [], r"norm 'L3' is not one of"),
     ("robust-170-percent", _result(robust_accuracy=1.7), [], r"robust_accuracy=1\.7"),

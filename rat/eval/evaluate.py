@@ -284,7 +284,7 @@ def _software_versions(device: torch.device) -> dict[str, Any]:
 
 
 # --- What defines an evaluation: its default file name, and the check that a result is never replaced by another's.
-_IDENTITY_KEYS = ("arch", "model_kwargs", "checkpoint_sha256", "use_ema", "norm", "eps", "resolution", "version",
+IDENTITY_KEYS = ("arch", "model_kwargs", "checkpoint_sha256", "use_ema", "norm", "eps", "resolution", "version",
                   "attacks", "n_ex", "batch_size", "precision", "seed", "shard", "n_iter", "n_queries", "data")
 
 
@@ -328,7 +328,7 @@ def check_output(output: Path, identity: dict[str, Any]) -> None:
         existing = load_result(output)
     except ResultError as exc:
         raise ValueError(f"{exc}; refusing to overwrite it: pass another --output, or move it away") from exc
-    differs = [k for k in _IDENTITY_KEYS if k in existing and existing[k] != identity[k]]
+    differs = [k for k in IDENTITY_KEYS if k in existing and existing[k] != identity[k]]
     if differs:
         raise ValueError(f"{output} holds the result of a different evaluation (differs in {', '.join(differs)}); "
                          "refusing to replace it: pass another --output, or move it away")
@@ -351,7 +351,7 @@ def finished_result(output: Path, identity: dict[str, Any], subset_name: str) ->
     if not output.exists():
         return None
     existing = load_result(output)
-    if all(k in existing for k in _IDENTITY_KEYS) and (existing.get("subset") or {}).get("name") == subset_name:
+    if all(k in existing for k in IDENTITY_KEYS) and (existing.get("subset") or {}).get("name") == subset_name:
         return existing
     return None
 
