@@ -825,6 +825,8 @@ EXPORT_CASES = [
     ("model-name-slash", _result(), ["--model-name", "a/b"], r"--model-name 'a/b'"),
     ("reported-170", _result(), ["--reported", "170"], r"--reported 170: a robust accuracy in %"),
     ("out-dir-under-file", _result(), ["--out-dir", "FILE/x"], r"cannot write"),
+    ("entry-of-another-result", _result(robust_accuracy=0.3), ["--out-dir", "INFO"],
+     r"imagenet/Linf/Rat2026_ConvNeXt\.json already holds a different entry for Rat2026_ConvNeXt; refusing to replace"),
     ("missing-file", None, [], r"no result file"),
     ("not-json", "{", [], r"is not valid JSON"),
 ]
@@ -840,7 +842,9 @@ def test_export_bad_input_is_one_line(case, capsys, tmp_path):
     elif isinstance(content, str):
         path.write_text(content)
     (tmp_path / "file").write_text("x")
-    extra = [a.replace("FILE", str(tmp_path / "file")) for a in extra]
+    (tmp_path / "done" / "imagenet" / "Linf").mkdir(parents=True)  # the entry of an earlier export of _result()
+    (tmp_path / "done" / "imagenet" / "Linf" / "Rat2026_ConvNeXt.json").write_text("{}\n")
+    extra = [a.replace("FILE", str(tmp_path / "file")).replace("INFO", str(tmp_path / "done")) for a in extra]
     argv = [str(path), "--model-name", "Rat2026_ConvNeXt", "--out-dir", str(tmp_path / "info"), *extra]
     before = _snapshot(tmp_path)
     code, stderr = _call(export.main, argv, capsys)

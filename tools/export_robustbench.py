@@ -161,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(text)
         return 0
     path = args.out_dir / args.dataset / result["norm"] / f"{args.model_name}.json"
+    if path.is_file() and path.read_text() != text:  # never replace another result's entry without a word
+        _logger.error("%s already holds a different entry for %s; refusing to replace it: remove it first, or pass "
+                      "another --model-name or --out-dir", path, args.model_name)
+        return EXIT_BAD_INPUT
     try:
         atomic_write(path, lambda handle: handle.write(text), mode="w")
     except OSError as exc:
