@@ -19,16 +19,17 @@ from typing import IO, Any
 
 import yaml
 
-__all__ = ["DuplicateKeyError", "FileLock", "OutputError", "atomic_write", "check_writable", "pid_alive", "read_yaml",
-           "remove_stale_temps"]
+__all__ = ["DuplicateKeyError", "FileLock", "OutputError", "atomic_write", "check_writable", "pid_alive", "read_json",
+           "read_yaml", "remove_stale_temps"]
 
 
 class OutputError(OSError):
     """An output folder or file that cannot be written; the message names it and the fix."""
 
 
-class DuplicateKeyError(yaml.YAMLError):
-    """A YAML mapping that gives one key twice (PyYAML would keep the last value without a word)."""
+class DuplicateKeyError(yaml.YAMLError, ValueError):
+    """A YAML mapping or JSON object that gives one key twice (PyYAML and ``json`` would keep the last value without a
+    word)."""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -64,6 +65,27 @@ def read_yaml(path: str | Path) -> Any:
         yaml.YAMLError: the file is not valid YAML.
     """
     return yaml.load(Path(path).read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"key {key!r} is given twice in one object, and only the last would count")
+        seen.add(key)
+    return dict(pairs)
+
+
+def read_json(path: str | Path) -> Any:
+    """The content of a JSON file that people may edit (a result, a classes file), refusing a key given twice in one
+    object as :func:`read_yaml` does; every such JSON file rat reads goes through here.
+
+    Raises:
+        OSError, UnicodeDecodeError: the file cannot be read as text.
+        DuplicateKeyError: an object gives a key twice (the message names it).
+        json.JSONDecodeError: the file is not valid JSON.
+    """
+    return json.loads(Path(path).read_text(), object_pairs_hook=_unique_pairs)
 
 
 def _umask() -> int:

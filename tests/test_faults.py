@@ -106,6 +106,8 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
     for name, names in (("reordered", info["classes"][::-1]), ("twelve", [*info["classes"], "x", "y"])):
         shutil.copy(val, root / f"{name}.beton")
         (root / f"{name}.beton.classes.json").write_text(json.dumps({**info, "classes": names}))
+    shutil.copy(val, root / "twice.beton")  # a classes file edited by hand: a second "classes" list
+    (root / "twice.beton.classes.json").write_text(json.dumps(info)[:-1] + f', "classes": {json.dumps(names)}}}')
     (root / "not_a_folder").write_text("a file")
     (root / "other.json").write_text(json.dumps({"hello": "world"}))
     for name in ("looped", "twice"):  # image folders: a/x.png, b/y.png; then a link back up, or a second path to x
@@ -419,6 +421,8 @@ EVAL_CASES = [
     ("checkpoint-fewer-classes-than-data", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"] / "classes12.pt"),
                                                             "--data", str(b["val"])),
      r"classes12\.pt has 12 classes but data .* has 10"),
+    ("classes-file-duplicate-key", lambda b, o: _ev(b, o, "--arch", ARCH, "--data", str(b["root"] / "twice.beton")),
+     r"classes file .*twice\.beton\.classes\.json is unreadable \(key 'classes' is given twice in one object"),
     ("checkpoint-other-class-names", lambda b, o: _ev(b, o, "--checkpoint", str(b["root"] / "named.pt")),
      r"checkpoint .*named\.pt and data .* list different classes \(label 0 is '9' in one and '0'"),
 ]
@@ -829,6 +833,8 @@ EXPORT_CASES = [
      r"imagenet/Linf/Rat2026_ConvNeXt\.json already holds a different entry for Rat2026_ConvNeXt; refusing to replace"),
     ("missing-file", None, [], r"no result file"),
     ("not-json", "{", [], r"is not valid JSON"),
+    ("duplicate-key", json.dumps(_result())[:-1] + ', "robust_accuracy": 0.9}', [],
+     r"key 'robust_accuracy' is given twice in one object"),
 ]
 
 

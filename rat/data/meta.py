@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from rat.io import DuplicateKeyError, read_json
+
 __all__ = [
     "CLASSES_FORMAT", "IMAGE_FIELD", "LABEL_FIELD", "BetonImages", "ClassMismatchError", "check_beton",
     "check_checkpoint_classes", "check_classes", "classes_path", "read_beton_info", "read_beton_item", "read_classes",
@@ -47,8 +49,8 @@ def read_beton_info(beton_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"classes file {side} is missing next to {beton_path}: rewrite the beton with "
                                 "tools/write_ffcv.py (it writes both)")
     try:
-        info = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        info = read_json(side)
+    except (OSError, json.JSONDecodeError, DuplicateKeyError) as exc:
         raise ValueError(f"classes file {side} is unreadable ({exc}): rewrite the beton with tools/write_ffcv.py") \
             from exc
     if not isinstance(info, dict) or info.get("format") != CLASSES_FORMAT or not isinstance(info.get("classes"), list):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rat.config import NORMS
+from rat.io import DuplicateKeyError, read_json
 
 __all__ = [
     "RESULT_FORMAT", "ResultError", "eps_tag", "format_eps", "load_result", "merge_results", "parse_eps",
@@ -70,12 +71,12 @@ def load_result(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        result = json.loads(path.read_text())
+        result = read_json(path)
     except FileNotFoundError as exc:
         raise ResultError(f"no result file {path}") from exc
     except OSError as exc:  # a folder on the way is a file, no permission, an I/O error
         raise ResultError(f"cannot read result file {path} ({exc.strerror or exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, DuplicateKeyError) as exc:
         raise ResultError(f"{path} is not valid JSON ({exc})") from exc
     if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT:
         raise ResultError(f"{path} is not a {RESULT_FORMAT} result")
