@@ -98,6 +98,8 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
     files["run"] = run
     files["ckpt"] = run / "checkpoints" / "last.pt"
     shutil.copy(files["ckpt"], root / "moved.pt")  # the same run's checkpoint, outside its folder
+    torch.save({"images": torch.zeros(24, 3, 32, 32, dtype=torch.uint8), "labels": torch.arange(24) % 12,
+                "meta": {"arch": ARCH, "resolution": 32}}, root / "generated12.pt")  # a 12-class model's set
     # the same checkpoint recording class names the data does not have (the demo's in reverse order), and a 12-class one
     torch.save({**state, "classes": [str(c) for c in range(9, -1, -1)]}, root / "named.pt")
     torch.save({**state, "model": create_model(ARCH, num_classes=12, img_size=32).state_dict(),
@@ -763,6 +765,10 @@ QUANT_CASES = [
     ("sweep-checkpoint-other-class-names", lambda b, t: ["sweep", "--qmodel.checkpoint", str(b["root"] / "named.pt"),
                                                          "--sweep.formats", "int8", "--sweep.output", str(t / "s")],
      r"checkpoint .*named\.pt and data .* list different classes"),
+    ("estimate-set-of-another-models-classes", lambda b, t: [
+        "estimate", "--qmodel.checkpoint", str(b["ckpt"]), "--estimate.generated", str(b["root"] / "generated12.pt"),
+        "--estimate.formats", "int8", "--estimate.output", str(t / "e.json")],
+     r"generated set .*generated12\.pt has 12 classes but checkpoint .*last\.pt has 10"),
     ("ptq-calib-folder-symlink-loop", lambda b, t: ["ptq", "--qmodel.checkpoint", str(b["ckpt"]), "--qdata.calib_data",
                                                     str(b["root"] / "looped"), "--ptq.format", "int8", "--ptq.output",
                                                     str(t / "q.pt")],

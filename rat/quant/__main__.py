@@ -334,6 +334,7 @@ def run_generate(cfg: dict[str, Any]) -> int:
              "images_before": (before * 255).round().to(torch.uint8).cpu(), "labels_before": before_labels.cpu(),
              "generator": {k: v.cpu() for k, v in generator.state_dict().items()},
              "meta": {"arch": meta["arch"], "checkpoint": meta["checkpoint"], "resolution": resolution, "mix": mix,
+                      "num_classes": int(model.num_classes),
                       "beta": beta, "label_accuracy": label_acc, "history": history,
                       "target_clean": target_clean, "target_robust": target_robust, "guide": guide,
                       "norm": spec.norm, "eps": spec.eps, "n_iter": spec.n_iter,
@@ -410,6 +411,19 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     if xg.shape[-1] != resolution:
         raise ConfigError(f"the generated set is {xg.shape[-1]} px but the model runs at {resolution}: set "
                           f"qmodel.resolution {xg.shape[-1]}")
+    from rat.data.meta import ClassMismatchError, check_classes
+
+    # a set generated for another model's classes; sets that do not record their count show it by a label too large
+    classes = (generated.get("meta") or {}).get("num_classes")
+    if not isinstance(classes, int) and len(yg) and int(yg.max()) >= model.num_classes:
+        classes = int(yg.max()) + 1
+    try:
+        if isinstance(classes, int):
+            check_classes(classes, int(model.num_classes), expected_from=f"generated set {est['generated']}",
+                          actual_from=f"checkpoint {cfg['qmodel']['checkpoint']}",
+                          fix="generate the set from this checkpoint (python -m rat.quant generate)")
+    except ClassMismatchError as exc:
+        raise ConfigError(str(exc)) from exc
     real = None
     if split is not None:
         real = _read_images(split["data"], np.asarray(split["indices"]), resolution, device,
