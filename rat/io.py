@@ -38,20 +38,21 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
-            first: dict[Any, int] = {}
+            first: dict[Any, tuple[int, int]] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
+                at = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 try:
                     seen = key in first
                 except TypeError:  # an unhashable key: SafeLoader's own error follows
                     continue
-                if seen:
-                    raise DuplicateKeyError(f"key {key!r} is given twice (lines {first[key]} and {line}), and only "
-                                            "the last would count")
-                first[key] = line
+                if seen:  # a one-line (JSON-style) mapping: the columns tell the two apart
+                    where = (f"lines {first[key][0]} and {at[0]}" if first[key][0] != at[0] else
+                             f"line {at[0]}, columns {first[key][1]} and {at[1]}")
+                    raise DuplicateKeyError(f"key {key!r} is given twice ({where}), and only the last would count")
+                first[key] = at
         return super().construct_mapping(node, deep=deep)
 
 

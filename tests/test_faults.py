@@ -633,6 +633,8 @@ RUNNER_FILE_CASES = [
      r"cannot read jobs file .*jobs\.yaml: key 'n_ex' is given twice"),
     ("duplicate-top-level-key", "output_dir: OUT\njobs: [{checkpoint: a.pt, data: v}]\noutput_dir: /tmp/other\n",
      r"key 'output_dir' is given twice \(lines 1 and 3\)"),
+    ("duplicate-key-json-jobs-file", '{"output_dir": "OUT", "jobs": [{"checkpoint": "a.pt", "data": "v", "n_ex": 5, '
+     '"n_ex": 50}]}\n', r"key 'n_ex' is given twice \(line 1, columns \d+ and \d+\)"),
     ("duplicate-defaults-key",
      "output_dir: OUT\ndefaults:\n  n_ex: 5\n  n_ex: 50\njobs: [{checkpoint: a.pt, data: v}]\n",
      r"key 'n_ex' is given twice \(lines 3 and 4\)"),
