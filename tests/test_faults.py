@@ -703,6 +703,9 @@ WRITE_CASES = [
      r"looped/a/up leads back into .*looped .* through a symbolic link.*remove the link"),
     ("one-file-twice", lambda b, t: ["--cfg.data_dir", str(t / "twice"), "--cfg.write_path", str(t / "o.beton")],
      r"twice/b/same\.png and .*twice/a/x\.png are the same file"),
+    ("write-path-is-a-checkpoint", lambda b, t: ["--cfg.data_dir", str(t / "clean"),
+                                                 "--cfg.write_path", str(b["ckpt"])],
+     r"output path .*last\.pt exists and is not a beton; refusing to replace it"),
 ]
 
 
@@ -713,7 +716,7 @@ def test_write_ffcv_bad_input_is_one_line(case, bad, capsys, tmp_path):
     (tmp_path / "flat" / "a.txt").write_text("x")
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "test_faults.py", tmp_path / "classes" / "cat" / "not_an_image.JPEG")
-    for name in ("looped", "twice"):  # a/x.png, b/y.png; then a link back up, or a second path to a/x.png
+    for name in ("looped", "twice", "clean"):  # a/x.png, b/y.png; then a link back up, or a second path to a/x.png
         for cls, image in (("a", "x.png"), ("b", "y.png")):
             (tmp_path / name / cls).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / name / cls / image)
@@ -872,6 +875,7 @@ PLOT_CASES = [
      r"line 2 is not JSON"),
     ("empty-metrics", "", r"holds no metrics yet"),
     ("out-is-folder", '{"kind": "step", "step": 1, "loss": 2, "lr": 0.1}\n', r"--out .* must be a PNG file"),
+    ("out-is-the-metrics", '{"kind": "step", "step": 1, "loss": 2, "lr": 0.1}\n', r"--out .*\.jsonl must be a PNG"),
 ]
 
 
@@ -883,7 +887,8 @@ def test_plot_bad_input_is_one_line(case, capsys, tmp_path):
     run.mkdir()
     if content != "nothing":
         (run / "metrics.jsonl").write_text(content)
-    argv = [str(run)] + (["--out", str(tmp_path)] if name == "out-is-folder" else [])
+    out = {"out-is-folder": tmp_path, "out-is-the-metrics": run / "metrics.jsonl"}.get(name)
+    argv = [str(run)] + (["--out", str(out)] if out else [])
     before = _snapshot(tmp_path)
     code, stderr = _call(plot_run.main, argv, capsys)
     _assert_one_clear_line(code, stderr, expected, before, _snapshot(tmp_path))

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot_run: error: {metrics} not found: give the run directory (--logging.folder) of a training run",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    if out.is_dir() or not out.parent.is_dir():
+    if out.is_dir() or not out.parent.is_dir() or out.suffix.lower() != ".png":
         print(f"plot_run: error: --out {out} must be a PNG file in an existing folder", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:

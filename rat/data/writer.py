@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rat.data._ffcv_compat import WriterProcessError, make_writer_class
-from rat.data.meta import CLASSES_FORMAT, IMAGE_FIELD, LABEL_FIELD, classes_path
+from rat.data.meta import CLASSES_FORMAT, IMAGE_FIELD, LABEL_FIELD, check_beton, classes_path
 from rat.data.sources import ArraySource, FileSource, list_image_folder, load_cifar, read_notes
 from rat.logging import progress_setting
 
@@ -106,6 +106,12 @@ def _check_output(out_path: Path) -> None:
         raise IsADirectoryError(f"output path {out_path} is a directory: pass a file name such as train.beton")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory {parent} is not writable: choose a writable --cfg.write_path")
+    if out_path.is_file() and out_path.suffix != ".beton":  # an earlier (even damaged) beton is rewritten; any other
+        try:  # file (a checkpoint, a result) is never replaced
+            check_beton(out_path)
+        except (ValueError, FileNotFoundError):
+            raise FileExistsError(f"output path {out_path} exists and is not a beton; refusing to replace it: pass "
+                                  "another --cfg.write_path, or move it away") from None
 
 
 def _run_writer(tmp_path: Path, source: Any, indices: list[int] | None, *, fields: dict, num_workers: int,
