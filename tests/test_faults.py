@@ -770,6 +770,9 @@ QUANT_CASES = [
     ("sweep-checkpoint-other-class-names", lambda b, t: ["sweep", "--qmodel.checkpoint", str(b["root"] / "named.pt"),
                                                          "--sweep.formats", "int8", "--sweep.output", str(t / "s")],
      r"checkpoint .*named\.pt and data .* list different classes"),
+    ("sweep-output-under-a-file", lambda b, t: ["sweep", "--qmodel.checkpoint", str(b["ckpt"]), "--sweep.formats",
+                                                "int8", "--sweep.output", str(b["root"] / "not_a_folder")],
+     r"sweep\.output: .*not_a_folder is a file, not a folder"),
     ("estimate-set-of-another-models-classes", lambda b, t: [
         "estimate", "--qmodel.checkpoint", str(b["ckpt"]), "--estimate.generated", str(b["root"] / "generated12.pt"),
         "--estimate.formats", "int8", "--estimate.output", str(t / "e.json")],

@@ -64,6 +64,9 @@ def _fresh_output(path: str, key: str) -> Path:
     out = Path(path)
     if out.exists():
         raise FileExistsError(f"{key}={out} exists: rat.quant never overwrites results, pick another path")
+    taken = next((p for p in out.parents if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise FileExistsError(f"{key}: {taken} is a file, not a folder, so {out} cannot be written: pick another path")
     return out
 
 
