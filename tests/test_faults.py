@@ -635,6 +635,8 @@ RUNNER_FILE_CASES = [
      r"key 'output_dir' is given twice \(lines 1 and 3\)"),
     ("duplicate-key-json-jobs-file", '{"output_dir": "OUT", "jobs": [{"checkpoint": "a.pt", "data": "v", "n_ex": 5, '
      '"n_ex": 50}]}\n', r"key 'n_ex' is given twice \(line 1, columns \d+ and \d+\)"),
+    ("data-folder-symlink-loop", "output_dir: OUT\njobs: [{name: m, checkpoint: OUT/jobs.yaml, data: OUT/looped}]\n",
+     r"job 'm': data .*looped: .*looped/a/up leads back into .* through a symbolic link"),
     ("duplicate-defaults-key",
      "output_dir: OUT\ndefaults:\n  n_ex: 5\n  n_ex: 50\njobs: [{checkpoint: a.pt, data: v}]\n",
      r"key 'n_ex' is given twice \(lines 3 and 4\)"),
@@ -654,7 +656,12 @@ def test_runner_bad_jobs_file_is_one_line(case, capsys, tmp_path):
     elif content is None:
         path.write_bytes(bytes(range(256)))
     else:
-        path.write_text(content.replace("OUT/jobs.yaml", str(path)).replace("OUT", str(out)))
+        path.write_text(content.replace("OUT/jobs.yaml", str(path)).replace("OUT/looped", str(tmp_path / "looped"))
+                        .replace("OUT", str(out)))
+    for cls in ("a", "b"):  # an image folder with a link back up
+        (tmp_path / "looped" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "looped" / cls / "x.png")
+    (tmp_path / "looped" / "a" / "up").symlink_to("..")
     before = _snapshot(tmp_path)
     code, stderr = _call(main, ["--jobs", str(path), "--cpu"], capsys)
     _assert_one_clear_line(code, stderr, expected, before, _snapshot(tmp_path))

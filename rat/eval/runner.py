@@ -120,14 +120,24 @@ def _jobs_from_args(args: argparse.Namespace) -> tuple[list[Job], Path]:
 
 def missing_inputs(tasks: Sequence[Task]) -> list[str]:
     """``job NAME: checkpoint|data PATH does not exist`` for each input of a task still to run that is not there
-    (paths as the evaluations will see them: relative to the current folder), each once, in task order."""
+    (paths as the evaluations will see them: relative to the current folder), each once, in task order; and a data
+    folder that rat.eval would refuse (listed by real path: a link back into it, one file reached twice)."""
+    from rat.data import list_image_folder
+
     missing: dict[str, None] = {}
+    listed: set[str] = set()
     for task in tasks:
         if is_finished(task):
             continue
         for kind, path in (("checkpoint", task.job.checkpoint), ("data", task.job.data)):
             if path and not Path(path).exists():
                 missing[f"job {task.job.name!r}: {kind} {path} does not exist"] = None
+            elif kind == "data" and path and Path(path).is_dir() and str(path) not in listed:
+                listed.add(str(path))
+                try:
+                    list_image_folder(path)
+                except (ValueError, FileNotFoundError) as exc:
+                    missing[f"job {task.job.name!r}: data {path}: {exc}"] = None
     return list(missing)
 
 
