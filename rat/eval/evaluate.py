@@ -314,8 +314,9 @@ def default_output(spec: EvalSpec, identity: dict[str, Any]) -> Path:
                      f"{shard}_{stem}{'-ema' if spec.use_ema else ''}_{fingerprint}.json")
 
 
-def check_output(output: Path, identity: dict[str, Any]) -> None:
-    """Refuse an output that is a folder, or a file holding anything but a result of this same evaluation.
+def check_output(output: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse an output that is a folder, or a file holding anything but a result of this same evaluation; returns
+    the result found there (None when there is no file yet).
 
     Raises:
         ValueError: the message names the file, what differs, and the fix.
@@ -323,7 +324,7 @@ def check_output(output: Path, identity: dict[str, Any]) -> None:
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder: pass a file name such as {output / 'result.json'}")
     if not output.exists():
-        return
+        return None
     try:
         existing = load_result(output)
     except ResultError as exc:
@@ -332,6 +333,7 @@ def check_output(output: Path, identity: dict[str, Any]) -> None:
     if differs:
         raise ValueError(f"{output} holds the result of a different evaluation (differs in {', '.join(differs)}); "
                          "refusing to replace it: pass another --output, or move it away")
+    return existing
 
 
 class OutputTakenError(ValueError):
@@ -347,10 +349,9 @@ def finished_result(output: Path, identity: dict[str, Any], subset_name: str) ->
     Raises:
         ValueError: ``output`` holds another evaluation's result or an unreadable file (:func:`check_output`).
     """
-    check_output(output, identity)
-    if not output.exists():
+    existing = check_output(output, identity)
+    if existing is None:
         return None
-    existing = load_result(output)
     if all(k in existing for k in IDENTITY_KEYS) and (existing.get("subset") or {}).get("name") == subset_name:
         return existing
     return None
