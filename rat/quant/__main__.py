@@ -29,6 +29,7 @@ import torch
 
 from rat.attacks import check_eps
 from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
+from rat.data.meta import ClassMismatchError
 from rat.logging import logging_scope, setup_logging
 from rat.models import CheckpointError
 from rat.quant.fit import FitError
@@ -40,7 +41,7 @@ _logger = logging.getLogger("rat.quant")
 
 _USAGE = f"usage: python -m rat.quant {{{','.join(QUANT_SUBCOMMANDS)}}} [--config-file F] [--section.param V ...]"
 _BAD_INPUT = (ConfigError, FormatError, QuantizationError, GeneratorError, CheckpointError, FitError,
-              FileNotFoundError, FileExistsError)
+              ClassMismatchError, FileNotFoundError, FileExistsError)
 _SUBCOMMAND_HELP = {
     "ptq": "quantize one checkpoint to one format",
     "sweep": "clean/robust accuracy and similarity of one model at every format",
@@ -122,7 +123,7 @@ def _load_model(qmodel: dict[str, Any], device: torch.device, labeled: tuple[str
                 ) -> tuple[torch.nn.Module, dict[str, Any], int]:
     """The full-precision model, its checkpoint dict (without weights) and its resolution; the checkpoint's classes
     are checked against those of each ``labeled`` source (whose labels will be compared with its predictions)."""
-    from rat.data.meta import ClassMismatchError, check_checkpoint_classes
+    from rat.data.meta import check_checkpoint_classes
     from rat.models import create_model_from_checkpoint, load_checkpoint_file
 
     if not qmodel["checkpoint"]:
@@ -132,11 +133,8 @@ def _load_model(qmodel: dict[str, Any], device: torch.device, labeled: tuple[str
         raise CheckpointError(f"{qmodel['checkpoint']} does not name its architecture: rat.quant needs a rat trainer "
                               "checkpoint (arch + model_kwargs)")
     for path in labeled:
-        try:
-            check_checkpoint_classes(ckpt, f"checkpoint {qmodel['checkpoint']}", path,
-                                     fix="score the model on the data it was trained for (or pass its checkpoint)")
-        except ClassMismatchError as exc:
-            raise ConfigError(str(exc)) from exc
+        check_checkpoint_classes(ckpt, f"checkpoint {qmodel['checkpoint']}", path,
+                                 fix="score the model on the data it was trained for (or pass its checkpoint)")
     train_res = (ckpt.get("model_kwargs") or {}).get("img_size") or 224
     resolution = qmodel["resolution"] or int(train_res[-1] if isinstance(train_res, (list, tuple)) else train_res)
     model = create_model_from_checkpoint(ckpt, img_size=resolution, use_ema=bool(qmodel["use_ema"]))
@@ -269,7 +267,8 @@ def run_fit(cfg: dict[str, Any]) -> int:
         raise FitError("fit.sweeps hold no quantized points: sweep some formats first")
     summary = fit_sweeps(records, fit["similarity"])  # refuses too few points before anything is written
     recorded = [s for s in FIT_SIMILARITIES if all(s in r for r in records)]
-    summary["all_similarities"] = {s: {t: fit_sweeps(records, s)[t] for t in TARGETS} for s in recorded}
+    fits = {s: summary if s == fit["similarity"] else fit_sweeps(records, s) for s in recorded}
+    summary["all_similarities"] = {s: {t: fits[s][t] for t in TARGETS} for s in recorded}
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     plot_fits(records, summary, output)
     output.with_suffix(".json").write_text(text)
@@ -414,19 +413,16 @@ def run_estimate(cfg: dict[str, Any]) -> int:
     if xg.shape[-1] != resolution:
         raise ConfigError(f"the generated set is {xg.shape[-1]} px but the model runs at {resolution}: set "
                           f"qmodel.resolution {xg.shape[-1]}")
-    from rat.data.meta import ClassMismatchError, check_classes
+    from rat.data.meta import check_classes
 
     # a set generated for another model's classes; sets that do not record their count show it by a label too large
     classes = (generated.get("meta") or {}).get("num_classes")
     if not isinstance(classes, int) and len(yg) and int(yg.max()) >= model.num_classes:
         classes = int(yg.max()) + 1
-    try:
-        if isinstance(classes, int):
-            check_classes(classes, int(model.num_classes), expected_from=f"generated set {est['generated']}",
-                          actual_from=f"checkpoint {cfg['qmodel']['checkpoint']}",
-                          fix="generate the set from this checkpoint (python -m rat.quant generate)")
-    except ClassMismatchError as exc:
-        raise ConfigError(str(exc)) from exc
+    if isinstance(classes, int):
+        check_classes(classes, int(model.num_classes), expected_from=f"generated set {est['generated']}",
+                      actual_from=f"checkpoint {cfg['qmodel']['checkpoint']}",
+                      fix="generate the set from this checkpoint (python -m rat.quant generate)")
     real = None
     if split is not None:
         real = _read_images(split["data"], np.asarray(split["indices"]), resolution, device,
