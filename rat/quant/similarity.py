@@ -86,16 +86,17 @@ def layer_params(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str,
     return {name: sum(int(t.numel()) for t in parts.values()) for name, parts in tensors.items()}
 
 
-def layer_flops(model: nn.Module, layer_names: list[str], img_size: int) -> dict[str, int]:
-    """Forward FLOPs (batch 1, torch's FlopCounterMode, 1 multiply-add = 2 FLOPs) of each named submodule."""
+def layer_flops(model: nn.Module, layer_names: list[str], img_size: int) -> tuple[dict[str, int], int]:
+    """Forward FLOPs (batch 1, torch's FlopCounterMode, 1 multiply-add = 2 FLOPs) of each named submodule, and the
+    whole model's multiply-accumulates (the total / 2), from one counted forward pass."""
     counts = count_module_flops(model, img_size)
     root = type(model).__name__
-    return {name: counts.get(f"{root}.{name}", 0) for name in layer_names}
+    return {name: counts.get(f"{root}.{name}", 0) for name in layer_names}, int(counts.get("Global", 0)) // 2
 
 
 def model_macs(model: nn.Module, img_size: int) -> int:
     """Multiply-accumulates of one forward pass at batch 1 (FlopCounterMode's total / 2)."""
-    return int(count_module_flops(model, img_size).get("Global", 0)) // 2
+    return layer_flops(model, [], img_size)[1]
 
 
 def model_similarity(fp: Mapping[str, Mapping[str, torch.Tensor]], quantized: Mapping[str, Mapping[str, torch.Tensor]],

@@ -24,7 +24,7 @@ from torch import nn
 from rat.logging import progress as report_progress
 from rat.quant.formats import QuantFormat, same_grid_as
 from rat.quant.ptq import calibrate, fold_batchnorm, layer_tensors, quantize_model
-from rat.quant.similarity import DEFAULT_BINS, layer_flops, layer_params, model_macs, model_similarity
+from rat.quant.similarity import DEFAULT_BINS, layer_flops, layer_params, model_similarity
 
 __all__ = ["AttackSpec", "FP_NAME", "HIST_PREFIX", "accuracy", "batches", "collapse_threshold", "evaluate_point",
            "robust_accuracy", "run_sweep", "write_csv"]
@@ -157,8 +157,7 @@ def run_sweep(model: nn.Module, *, name: str, formats: Sequence[QuantFormat], ca
     folded = fold_batchnorm(reference, calib[:batch_size]) if fold_bn else {}
     fp_tensors = layer_tensors(reference, folded)
     params = layer_params(fp_tensors)
-    flops = layer_flops(model, list(fp_tensors), img_size)
-    macs = model_macs(model, img_size)
+    flops, macs = layer_flops(model, list(fp_tensors), img_size)
     num_classes = int(getattr(model, "num_classes", 0) or int(y.max()) + 1)
     collapsed_at = collapse_threshold(num_classes, len(y))
     base = {"model": name, "n_ex": int(len(y)), "n_calib": int(len(calib)), "norm": spec.norm, "eps": spec.eps,
