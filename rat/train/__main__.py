@@ -61,6 +61,7 @@ from rat.train.distributed import (
     batchnorm_stats,
     broadcast_object,
     cleanup_distributed,
+    env_rank,
     init_distributed,
 )
 from rat.train.engine import EpochHooks, StepOptions, evaluate, robust_accuracy, train_one_epoch
@@ -423,7 +424,8 @@ def _train(run: _Run) -> dict[str, Any]:
                                   "training.precision bf16/fp32)")
         if result.stop_reason == "sigterm":  # a signal or a failed metrics write, on some rank
             _checkpoint(run, [])
-            _stop_if_metrics_lost(run, f"epoch {epoch}, batch {result.batches}")
+            _stop_if_metrics_lost(run, broadcast_object(run.hooks.write_error),
+                                  f"epoch {epoch}, batch {result.batches}")
             _logger.warning("%s: checkpoint saved at epoch %d, batch %d (optimizer step %d%s); resume with "
                             "--training.resume auto", run.hooks.signal or "stopped", epoch, result.batches,
                             result.step, ", after finishing the step's micro-batches: a resume continues at this "
@@ -450,20 +452,20 @@ def _train(run: _Run) -> dict[str, Any]:
         _logger.info("epoch %d: %s", state.epoch, " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
             if k != "kind" and not isinstance(v, dict)))
-        lost = broadcast_object(run.hooks.write_error) is not None
-        if last or state.epoch % spec.training.save_every == 0 or is_best or lost:
+        lost = broadcast_object(run.hooks.write_error)  # rank 0's metrics write, known to every rank
+        if last or state.epoch % spec.training.save_every == 0 or is_best or lost is not None:
             _checkpoint(run, [f"epoch_{state.epoch:04d}.pt"] + (["best.pt"] if is_best else []))
-        _stop_if_metrics_lost(run, f"the end of epoch {state.epoch}")
+        _stop_if_metrics_lost(run, lost, f"the end of epoch {state.epoch}")
     return state.metrics
 
 
-def _stop_if_metrics_lost(run: _Run, where: str) -> None:
-    """After the checkpoint that follows a failed metrics.jsonl write (rank 0's, known to every rank): stop.
+def _stop_if_metrics_lost(run: _Run, error: str | None, where: str) -> None:
+    """After the checkpoint that follows a failed metrics.jsonl write (``error``: rank 0's, broadcast to every rank):
+    stop.
 
     Raises:
         TrainingStopped: on every rank; the checkpoint holds the epoch record, which a resume writes back.
     """
-    error = broadcast_object(run.hooks.write_error)
     if error is not None:
         raise TrainingStopped(f"{error}: stopped at {where}; {run.checkpoint_dir / 'last.pt'} holds the run so far "
                               "(a resume writes its epoch record back): free disk space and resume with "
@@ -499,7 +501,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     """Train as configured; returns the final metrics (rank 0's view). Rank 0 holds the run folder's lock throughout
     (taken before the checks, so that two runs started on one folder at once cannot both pass them)."""
     run_dir = Path(spec.logging.folder)
-    lock = claim_run_folder(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    lock = claim_run_folder(run_dir) if env_rank() == 0 else None
     try:
         return _run_locked(spec, run_dir)
     finally:
@@ -551,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     validate_only = "--validate-only" in argv
     if validate_only:
         argv.remove("--validate-only")
-    setup_logging(int(os.environ.get("RANK", "0")))  # the checks' warnings (run() adds train.log)
+    setup_logging(env_rank())  # the checks' warnings (run() adds train.log)
     try:
         spec = TrainSpec.from_config(make_config(argv, prog="python -m rat.train"))
         if validate_only:

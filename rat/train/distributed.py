@@ -38,7 +38,7 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     GPU and gloo on CPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -85,6 +85,12 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun sets it (``RANK``; 0 for a plain ``python -m rat.train``), readable before the
+    process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def barrier() -> None:
