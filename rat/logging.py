@@ -28,9 +28,6 @@ class _StderrHandler(logging.StreamHandler):
     """A console handler that writes to ``sys.stderr`` as it is when a record is emitted, not as it was when the
     handler was made (a redirected or captured stream may have been closed since)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr

@@ -370,7 +370,7 @@ def _markdown(report: dict[str, Any]) -> str:
             lines += ["```", section["error"], "```", ""]
         if name == "tests":
             lines += [f"`{section.get('command', '')}`: {section.get('passed', 0)} passed, "
-                      f"{section.get('failed', section.get('failures', 0))} failed, {section.get('errors', 0)} errors, "
+                      f"{section.get('failures', 0)} failed, {section.get('errors', 0)} errors, "
                       f"{section.get('skipped', 0)} skipped", ""]
         elif name == "e2e":
             keys = ("sigterm_returncode", "sigterm_said", "resume_returncode", "checkpoint", "epochs",
