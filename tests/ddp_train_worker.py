@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from process_support import fixed_images, layernorm_classifier
+from process_support import fixed_images, layernorm_classifier, stop_after_checks
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -53,17 +53,6 @@ def _values(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
     return {name: t.detach().double().flatten().tolist() for name, t in tensors.items() if t.is_floating_point()}
 
 
-class _StopAfter(EpochHooks):
-    """A stop request (as SIGTERM) after ``steps`` optimizer steps."""
-
-    def __init__(self, steps: int):
-        self.steps, self.calls = steps, 0
-
-    def stop_requested(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.steps
-
-
 def batchnorm_resume(out_dir: str, info: DistInfo) -> dict:
     """resnet10t with an EMA, APGD-1, on 3 batches of 8 fixed 32 px images per rank (each rank its own): one epoch
     straight; the same stopped after 1 step, checkpointed (BN statistics averaged over the ranks in the file) and
@@ -94,7 +83,7 @@ def batchnorm_resume(out_dir: str, info: DistInfo) -> dict:
     epoch(straight, task)
     straight.average_batchnorm()
     stopped, task = fresh(0)
-    epoch(stopped, task, _StopAfter(1))
+    epoch(stopped, task, stop_after_checks(1))
     own = _values(batchnorm_stats(stopped.module))
     folder = Path(out_dir, "batchnorm", "checkpoints")
     save_on_primary(stopped.state_dict(), folder, [], primary=info.is_primary)

@@ -18,6 +18,22 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def stop_after_checks(n: int):
+    """Epoch hooks whose stop request (as SIGTERM's) comes at the ``n``-th check: ``train_one_epoch`` checks once per
+    loader batch (micro-batch), and stops at the end of the optimizer step in progress."""
+    from rat.train.engine import EpochHooks
+
+    class StopAfterChecks(EpochHooks):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def stop_requested(self) -> bool:
+            self.calls += 1
+            return self.calls >= n
+
+    return StopAfterChecks()
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a test's subprocess: rat importable, one OpenMP thread (the cores are shared with the other
     xdist worker), and this interpreter for the shell scripts (``run_train.sh`` reads ``PYTHON``), plus ``extra``."""

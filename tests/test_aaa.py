@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from process_support import train_in_process
+from process_support import stop_after_checks, train_in_process
 from torch import nn
 
 from rat.config import ConfigError, make_config
 from rat.data import augment as aug
 from rat.data.policy import AAA_OPS, AdversarialAugment, PolicyController, PolicySpace, policy_from_state
-from rat.train.engine import EpochHooks
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -321,15 +320,6 @@ def test_a_policy_checkpoint_is_resumed_only_with_the_rules_it_was_trained_with(
         AdversarialAugment(PolicySpace(), num_policies=4).load_state_dict(eight)
 
 
-class _StopAfter(EpochHooks):
-    def __init__(self, steps: int):
-        self.calls, self.steps = 0, steps
-
-    def stop_requested(self) -> bool:
-        self.calls += 1
-        return self.calls == self.steps
-
-
 def _policy_state(init_seed: int):
     """A tiny TrainState with the default (epoch-schedule) policy, M = 3, and its task."""
     from rat.attacks import create_attack
@@ -359,7 +349,7 @@ def test_epoch_schedule_resumes_exactly_from_a_mid_epoch_checkpoint() -> None:
     straight, task = _policy_state(0)
     train_one_epoch(task, batches, straight, options)
     first, task = _policy_state(0)
-    assert train_one_epoch(task, batches, first, options, hooks=_StopAfter(2)).stop_reason == "sigterm"
+    assert train_one_epoch(task, batches, first, options, hooks=stop_after_checks(2)).stop_reason == "sigterm"
     assert first.policy.updates == 0 and first.policy.loss_steps == 2
     checkpoint = first.state_dict()
     resumed, task = _policy_state(1)

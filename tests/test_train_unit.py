@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from process_support import fixed_images, layernorm_classifier
+from process_support import fixed_images, layernorm_classifier, stop_after_checks
 from torch import nn
 
 from rat.train.checkpoint import config_changes, load_resume_checkpoint, rng_state, save_atomic, set_rng_state
@@ -399,17 +399,6 @@ def test_grad_accum_equals_one_step_of_the_whole_batch():
     assert _max_relative_difference(small.module, _accum_state(1).module) > 1e-3  # the steps did change the weights
 
 
-class _StopAtMicroBatch(EpochHooks):
-    """A stop request (SIGTERM) that arrives while the ``n``-th micro-batch is trained."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def stop_requested(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.n
-
-
 def test_a_stop_in_the_middle_of_an_accumulation_resumes_at_the_step_boundary_exactly(tmp_path):
     """A stop request during micro-batch 2 of 4 finishes the optimizer step first (the checkpoint stands at its
     boundary, batches_done 4), and a fresh state resumed from that checkpoint on disk ends the epoch exactly as an
@@ -419,7 +408,7 @@ def test_a_stop_in_the_middle_of_an_accumulation_resumes_at_the_step_boundary_ex
     straight = _accum_state(4)
     _accum_epoch(straight, _images(64, 8), 4)
     stopped = _accum_state(4)
-    result = _accum_epoch(stopped, _images(64, 8), 4, _StopAtMicroBatch(2))
+    result = _accum_epoch(stopped, _images(64, 8), 4, stop_after_checks(2))
     assert (result.stop_reason, stopped.step, stopped.batches_done, result.batches) == ("sigterm", 1, 4, 4)
     save_atomic(stopped.state_dict(), tmp_path / "last.pt")
     resumed = _accum_state(4)
