@@ -474,11 +474,9 @@ def test_collapsed_model_loses_all_robustness(trained, tmp_path):
                         progress=False)
     fp, int2 = records
     assert int2["collapsed"] == (int2["clean_acc"] <= collapse_threshold(10, 300))
-    if int2["collapsed"]:
-        assert int2["robust_loss"] == 1.0
-    else:
-        assert int2["robust_loss"] == pytest.approx((fp["robust_acc"] - int2["robust_acc"]) / fp["robust_acc"])
-    print(fp["clean_acc"], fp["robust_acc"], int2["clean_acc"], int2["robust_acc"], int2["collapsed"])
+    # the seeded model: FP 83.3 % clean / 0.0 % robust, INT2 9.3 % clean (chance) / 3.7 % robust
+    assert int2["collapsed"] and int2["robust_acc"] > fp["robust_acc"]
+    assert int2["robust_loss"] == 1.0
 
 
 def test_rat_eval_records_the_quantization(rat_checkpoint, demo_betons, tmp_path):
