@@ -149,7 +149,8 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
             loss = result.loss
             flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
                                  torch.full((), float(hooks.stop_requested()), device=loss.device)])
-            flags = all_reduce_sum(flags).tolist()  # the step's one host synchronisation (the non-finite stop)
+            # one host synchronisation per loader batch (the non-finite stop): once per step without accumulation
+            flags = all_reduce_sum(flags).tolist()
             if flags[1] > 0:
                 stop_reason = "nonfinite"
                 break
