@@ -12,9 +12,9 @@ Public API (see docs/data.md):
 
 The modules, one job each, in the order data flows: ``sources`` (ImageFolder listing, CIFAR archives, the indexable
 sources the writer reads), ``meta`` (a beton's fields and classes file, reading samples back), ``writer`` (the atomic
-write), ``ffcv`` (the loaders), ``augment`` (batched augmentation); ``_ffcv_compat`` holds every workaround for
-ffcv 1.0.2's internals and checks the installed version. ``rat.data.demo`` (the embedded demo dataset) and
-``rat.data.policy`` (Adversarial AutoAugment) build on these and are imported on their own.
+write), ``crop`` (the evaluation crop ratio), ``loaders`` (the FFCV loaders), ``augment`` (batched augmentation);
+``_ffcv_compat`` holds every workaround for ffcv 1.0.2's internals and checks the installed version. ``rat.data.demo``
+(the embedded demo dataset) and ``rat.data.policy`` (Adversarial AutoAugment) build on these and load on their own.
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ import importlib
 from typing import Any
 
 from rat.data.augment import BatchAugment, build_augment, build_mixup
+from rat.data.crop import VAL_CROP_RATIO
 
 # The loaders and writers import ffcv (and numba), which takes seconds and a compiled extension; augmentation,
 # the adversarial policy and everything else that only needs torch must not pay for it (nor fail without it, e.g.
 # on a GPU machine without ffcv). So those names load on first use (PEP 562).
 _FFCV_NAMES = {
-    "VAL_CROP_RATIO": "rat.data.ffcv", "build_train_loader": "rat.data.ffcv", "build_val_loader": "rat.data.ffcv",
+    "build_train_loader": "rat.data.loaders", "build_val_loader": "rat.data.loaders",
     "list_image_folder": "rat.data.sources",
     **{name: "rat.data.meta" for name in ("BetonImages", "read_beton_info", "read_beton_item", "read_classes")},
     **{name: "rat.data.writer" for name in (
@@ -41,4 +42,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rat.data' has no attribute {name!r}")
 
 
-__all__ = ["BatchAugment", "build_augment", "build_mixup", *_FFCV_NAMES]
+__all__ = ["VAL_CROP_RATIO", "BatchAugment", "build_augment", "build_mixup", *_FFCV_NAMES]

@@ -1,6 +1,6 @@
 """Everything rat does around ffcv 1.0.2's behaviour, in one place, with the version it was written for.
 
-The loaders (:mod:`rat.data.ffcv`) and the writer (:mod:`rat.data.writer`) use ffcv through these:
+The loaders (:mod:`rat.data.loaders`) and the writer (:mod:`rat.data.writer`) use ffcv through these:
 
 * :func:`check_pipeline` (run by :func:`make_loader` on every pipeline): ffcv 1.0.2 hangs forever while building a
   ``Loader`` whose pipeline has a jitted op after a non-jitted one (e.g. ``NormalizeImage`` after ``ToTensor`` on CPU;

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 
-from rat.data.ffcv import VAL_CROP_RATIO
+from rat.data.crop import VAL_CROP_RATIO
 
 from .checkpoint import filter_state_dict, remap_reference_stem
 from .layers import ConvStem
@@ -36,7 +36,8 @@ PAPER = {
                   "Threat Models",
     "origin_url": "https://github.com/nmndeep/revisiting-at",
     # What timm's resolve_data_config hands a user: the evaluation protocol's centre crop (RobustBench's ImageNet
-    # preprocessing, Resize(floor(r / 0.875), bicubic) + CenterCrop(r)), whose one owner is rat.data.VAL_CROP_RATIO.
+    # preprocessing, Resize(floor(r / 0.875), bicubic) + CenterCrop(r));
+    # its one owner is rat.data.crop.VAL_CROP_RATIO.
     "crop_pct": VAL_CROP_RATIO, "interpolation": "bicubic",
 }
 

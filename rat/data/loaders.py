@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from rat.data._ffcv_compat import make_loader, seeded_resized_crop_class, use_reproducible_quasi_random
+from rat.data.crop import VAL_CROP_RATIO
 from rat.data.meta import IMAGE_FIELD, LABEL_FIELD
 
-__all__ = ["VAL_CROP_RATIO", "TrainLoader", "ValLoader", "build_train_loader", "build_val_loader"]
+__all__ = ["TrainLoader", "ValLoader", "build_train_loader", "build_val_loader"]
 
 _logger = logging.getLogger(__name__)
 
-VAL_CROP_RATIO = 224 / 256
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 
