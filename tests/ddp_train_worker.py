@@ -121,11 +121,11 @@ def sync_batchnorm(info: DistInfo) -> dict[str, list] | None:
     BN statistics. None without the devices."""
     if torch.cuda.device_count() < info.world_size:
         return None
-    from rat.config import TrainSpec, make_config
     from rat.train.build import build_model, model_kwargs
+    from rat.train.spec import TrainSpec, make_train_config
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    spec = TrainSpec.from_config(make_config(["--model.arch", "resnet10t", "--model.sync_bn", "1"]))
+    spec = TrainSpec.from_config(make_train_config(["--model.arch", "resnet10t", "--model.sync_bn", "1"]))
     torch.manual_seed(0)
     module, _ = build_model(spec.model, model_kwargs(spec.model, 10, 32), torch.device("cuda", info.rank),
                             distributed=True)

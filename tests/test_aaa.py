@@ -15,9 +15,10 @@ from PIL import Image, ImageDraw
 from process_support import stop_after_checks, train_in_process
 from torch import nn
 
-from rat.config import ConfigError, make_config
+from rat.config import ConfigError
 from rat.data import augment as aug
 from rat.data.policy import AAA_OPS, AdversarialAugment, PolicyController, PolicySpace, policy_from_state
+from rat.train.spec import make_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -400,10 +401,10 @@ def test_the_heavy_recipe_composes_with_the_policy() -> None:
     """--augment.policy adversarial with --augment.heavy 1 keeps mixup/cutmix (within groups) and soft targets."""
     from timm.loss import SoftTargetCrossEntropy
 
-    from rat.config import TrainSpec
     from rat.train.build import build_augmentation
+    from rat.train.spec import TrainSpec
 
-    spec = TrainSpec.from_config(make_config(["--augment.policy", "adversarial", "--augment.heavy", "1",
+    spec = TrainSpec.from_config(make_train_config(["--augment.policy", "adversarial", "--augment.heavy", "1",
                                               "--aaa.num_policies", "4"]))
     built = build_augmentation(spec.augment, spec.aaa, num_classes=10, label_smoothing=0.1, seed=0, run_seed=0,
                                world_size=1)
@@ -423,9 +424,9 @@ def test_the_heavy_recipe_composes_with_the_policy() -> None:
 ])
 def test_bad_policy_config_is_one_clear_error(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        make_config(["--augment.policy", "adversarial", *argv])
+        make_train_config(["--augment.policy", "adversarial", *argv])
     assert message in str(info.value) and "\n" not in str(info.value)
-    make_config(["--aaa.ops", "Rotate,Sheer"])  # not checked unless the policy is used
+    make_train_config(["--aaa.ops", "Rotate,Sheer"])  # not checked unless the policy is used
 
 
 # -- the trainer -------------------------------------------------------------------------------------------------

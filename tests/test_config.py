@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rat.config import ConfigError, TrainSpec, config_to_dict, dump_config, make_config, threat_models
+from rat.config import ConfigError, config_to_dict, dump_config
+from rat.train.spec import TrainSpec, make_train_config, threat_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,38 +22,38 @@ def _yaml(tmp_path: Path, content: dict, name: str = "c.yaml") -> str:
 
 
 def test_defaults_then_yaml_then_cli(tmp_path):
-    assert make_config([])["training.epochs"] == 1
+    assert make_train_config([])["training.epochs"] == 1
     first = _yaml(tmp_path, {"training": {"epochs": 3, "batch_size": 8}, "adv": {"attack": "apgd"}}, "a.yaml")
     second = _yaml(tmp_path, {"training": {"epochs": 4}}, "b.yaml")
-    config = make_config(["-C", first, "--config-file", second, "--adv.attack", "fgsm"])
+    config = make_train_config(["-C", first, "--config-file", second, "--adv.attack", "fgsm"])
     assert config["training.epochs"] == 4  # the later file wins
     assert config["training.batch_size"] == 8  # kept from the first file
     assert config["adv.attack"] == "fgsm"  # the flag wins over both files
-    assert make_config(["-C", first, "--training.epochs", "7"])["training.epochs"] == 7
+    assert make_train_config(["-C", first, "--training.epochs", "7"])["training.epochs"] == 7
 
 
 def test_dotted_keys_in_yaml_are_accepted(tmp_path):
-    config = make_config(["-C", _yaml(tmp_path, {"lr": {"lr": 0.5}, "adv.norm": "L2"})])
+    config = make_train_config(["-C", _yaml(tmp_path, {"lr": {"lr": 0.5}, "adv.norm": "L2"})])
     assert config["lr.lr"] == 0.5 and config["adv.norm"] == "L2"
 
 
 def test_unknown_yaml_key_is_rejected_with_its_name(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'training\.epoch'.*did you mean 'training\.epochs'"):
-        make_config(["-C", _yaml(tmp_path, {"training": {"epoch": 3}})])
+        make_train_config(["-C", _yaml(tmp_path, {"training": {"epoch": 3}})])
     with pytest.raises(ConfigError, match=r"unknown key 'nosuchsection\.x'"):
-        make_config(["-C", _yaml(tmp_path, {"nosuchsection": {"x": 1}})])
+        make_train_config(["-C", _yaml(tmp_path, {"nosuchsection": {"x": 1}})])
 
 
 def test_binary_config_file_is_refused_by_name(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match=r"config file .*model\.pt is not a text file"):
-        make_config(["-C", str(path)])
+        make_train_config(["-C", str(path)])
 
 
 def test_unknown_flag_is_rejected():
     with pytest.raises(SystemExit) as excinfo:
-        make_config(["--training.epoch", "3"])
+        make_train_config(["--training.epoch", "3"])
     assert excinfo.value.code == 2
 
 
@@ -71,31 +72,31 @@ def test_unknown_flag_is_rejected():
 ])
 def test_bad_values_name_the_parameter(argv, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        make_config(argv)
+        make_train_config(argv)
 
 
 def test_flag_zero_means_off(tmp_path):
     """fastargs' bool turns "0" into True; rat's 0/1 flags must not."""
-    assert make_config(["--ema.enabled", "0"])["ema.enabled"] == 0
-    assert make_config(["-C", _yaml(tmp_path, {"ema": {"enabled": 1}})])["ema.enabled"] == 1
+    assert make_train_config(["--ema.enabled", "0"])["ema.enabled"] == 0
+    assert make_train_config(["-C", _yaml(tmp_path, {"ema": {"enabled": 1}})])["ema.enabled"] == 1
 
 
 def test_environment_variables_are_not_read(monkeypatch):
     monkeypatch.setenv("training.epochs", "9")
-    assert make_config([])["training.epochs"] == 1
+    assert make_train_config([])["training.epochs"] == 1
 
 
 def test_dumped_config_reloads_identically(tmp_path):
-    config = make_config(["--adv.attack", "apgd", "--adv.norm", "Linf,L1", "--training.epochs", "3"])
+    config = make_train_config(["--adv.attack", "apgd", "--adv.norm", "Linf,L1", "--training.epochs", "3"])
     dump_config(config_to_dict(config), tmp_path / "params.json")
-    reloaded = make_config(["-C", str(tmp_path / "params.json")])
+    reloaded = make_train_config(["-C", str(tmp_path / "params.json")])
     assert config_to_dict(reloaded) == config_to_dict(config)
     assert json.loads((tmp_path / "params.json").read_text())["adv"]["norm"] == "Linf,L1"
 
 
 def test_configs_are_isolated():
-    make_config(["--training.epochs", "5"])
-    assert make_config([])["training.epochs"] == 1
+    make_train_config(["--training.epochs", "5"])
+    assert make_train_config([])["training.epochs"] == 1
 
 
 def test_threat_models_defaults_and_lists():
@@ -106,7 +107,7 @@ def test_threat_models_defaults_and_lists():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_key_is_declared(path):
-    make_config(["-C", str(path)])
+    make_train_config(["-C", str(path)])
 
 
 def test_train_spec_is_the_resolved_config_typed_and_frozen(tmp_path):
@@ -114,7 +115,7 @@ def test_train_spec_is_the_resolved_config_typed_and_frozen(tmp_path):
     that checkpoints record and resumes compare), each value of its field's type, frozen, and replayed by
     ``-C params.json``."""
     yaml_file = _yaml(tmp_path, {"lr": {"lr": 1}, "training": {"epochs": 3}, "adv": {"norm": ["Linf", "L1"]}})
-    config = make_config(["-C", yaml_file, "--adv.attack", "apgd", "--ema.enabled", "1"])
+    config = make_train_config(["-C", yaml_file, "--adv.attack", "apgd", "--ema.enabled", "1"])
     spec = TrainSpec.from_config(config)
     resolved = config_to_dict(config)
     assert spec.to_dict() == resolved
@@ -128,4 +129,4 @@ def test_train_spec_is_the_resolved_config_typed_and_frozen(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.training.epochs = 4
     dump_config(spec.to_dict(), tmp_path / "params.json")
-    assert TrainSpec.from_config(make_config(["-C", str(tmp_path / "params.json")])) == spec
+    assert TrainSpec.from_config(make_train_config(["-C", str(tmp_path / "params.json")])) == spec

@@ -29,9 +29,10 @@ import yaml
 from PIL import Image
 from process_support import signal_group_after_first_metrics, subprocess_env, train_in_process
 
-from rat.config import config_to_dict, make_config
+from rat.config import config_to_dict
 from rat.io import FileLock, atomic_write, pid_alive
 from rat.models import create_model, load_checkpoint_file
+from rat.train.spec import make_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "convnext_micro_cvst"
@@ -86,7 +87,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory, demo_betons) -> dict[str, Path
     (root / "mismatch.beton.classes.json").write_text(json.dumps({**info, "num_samples": 5}))
     # A rat trainer checkpoint (random weights) whose recorded config is that of _train_argv's run.
     run = root / "run"
-    config = config_to_dict(make_config(_train_argv(run, val.parent)))
+    config = config_to_dict(make_train_config(_train_argv(run, val.parent)))
     model = create_model(ARCH, num_classes=10, img_size=32)
     state = {"model": model.state_dict(), "model_ema": None, "arch": ARCH,
              "model_kwargs": {"num_classes": 10, "normalize": True, "img_size": 32}, "config": config, "epoch": 1,

@@ -268,12 +268,12 @@ def small_val(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("family", _families(), ids=lambda family: "+".join(p.stem for p in family))
 def test_shipped_configs_train(tmp_path, demo_betons, small_val, family):
-    from rat.config import make_config
     from rat.models import create_model
+    from rat.train.spec import make_train_config
 
     smallest: dict[str, tuple[str, Path]] = {}  # model class -> (its smallest registered model, a config)
     for path in family:
-        config = make_config(["-C", str(path)])
+        config = make_train_config(["-C", str(path)])
         arch, res = config["model.arch"], config["resolution.max_res"]
         with torch.device("meta"):
             model = create_model(arch, num_classes=10, img_size=res)

@@ -12,47 +12,54 @@ from torch import nn
 
 from rat.train.checkpoint import config_changes, load_resume_checkpoint, rng_state, save_atomic, set_rng_state
 from rat.train.engine import EpochHooks, EpochResult, StepOptions, train_one_epoch
-from rat.train.optim import build_optimizer, lr_at, param_groups, resolution_at
+from rat.train.optim import build_optimizer, param_groups
+from rat.train.spec import LRSpec, ResolutionSpec
 from rat.train.state import TrainState
 from rat.train.task import AdversarialTask
 
 SPE = 10  # steps per epoch
 
 
+def _lr(epochs: int, **fields):
+    """``LRSpec(**fields).lr_at`` for ``epochs`` epochs of SPE steps (the unused fields at their defaults)."""
+    spec = LRSpec(**{"min_lr": 5e-6, "step_ratio": 0.1, "step_length": 30, **fields})
+    return lambda step: spec.lr_at(step, SPE, epochs=epochs)
+
+
 def test_cosine_schedule_hits_its_values():
-    kwargs = dict(epochs=100, lr=1e-3, schedule="cosine", warmup_epochs=20, min_lr=5e-6)
+    lr_at = _lr(100, lr=1e-3, schedule="cosine", warmup_epochs=20, min_lr=5e-6)
     total, warmup = 100 * SPE, 20 * SPE
-    assert lr_at(0, SPE, **kwargs) == pytest.approx(1e-3 / warmup)  # first update: linear warm-up from 0
-    assert lr_at(warmup // 2 - 1, SPE, **kwargs) == pytest.approx(0.5e-3)
-    assert lr_at(warmup - 1, SPE, **kwargs) == pytest.approx(1e-3)  # peak exactly at lr_peak_epoch
+    assert lr_at(0) == pytest.approx(1e-3 / warmup)  # first update: linear warm-up from 0
+    assert lr_at(warmup // 2 - 1) == pytest.approx(0.5e-3)
+    assert lr_at(warmup - 1) == pytest.approx(1e-3)  # peak exactly at lr_peak_epoch
     middle = warmup + (total - warmup) // 2 - 1
-    assert lr_at(middle, SPE, **kwargs) == pytest.approx((1e-3 + 5e-6) / 2)
-    assert lr_at(total - 1, SPE, **kwargs) == pytest.approx(5e-6)  # ends at min_lr as in the paper
-    values = [lr_at(s, SPE, **kwargs) for s in range(warmup - 1, total)]
+    assert lr_at(middle) == pytest.approx((1e-3 + 5e-6) / 2)
+    assert lr_at(total - 1) == pytest.approx(5e-6)  # ends at min_lr as in the paper
+    values = [lr_at(s) for s in range(warmup - 1, total)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after the peak
 
 
 def test_step_and_cyclic_schedules():
-    step = dict(epochs=90, lr=0.1, schedule="step", warmup_epochs=0, step_ratio=0.1, step_length=30)
-    assert lr_at(0, SPE, **step) == pytest.approx(0.1)
-    assert lr_at(30 * SPE - 1, SPE, **step) == pytest.approx(0.1)
-    assert lr_at(30 * SPE, SPE, **step) == pytest.approx(0.01)
-    assert lr_at(60 * SPE, SPE, **step) == pytest.approx(0.001)
-    cyclic = dict(epochs=10, lr=0.5, schedule="cyclic", warmup_epochs=2)
-    assert lr_at(2 * SPE - 1, SPE, **cyclic) == pytest.approx(0.5)
-    assert lr_at(6 * SPE - 1, SPE, **cyclic) == pytest.approx(0.25)
-    assert lr_at(10 * SPE - 1, SPE, **cyclic) == pytest.approx(0.0)
+    step = _lr(90, lr=0.1, schedule="step", warmup_epochs=0, step_ratio=0.1, step_length=30)
+    assert step(0) == pytest.approx(0.1)
+    assert step(30 * SPE - 1) == pytest.approx(0.1)
+    assert step(30 * SPE) == pytest.approx(0.01)
+    assert step(60 * SPE) == pytest.approx(0.001)
+    cyclic = _lr(10, lr=0.5, schedule="cyclic", warmup_epochs=2)
+    assert cyclic(2 * SPE - 1) == pytest.approx(0.5)
+    assert cyclic(6 * SPE - 1) == pytest.approx(0.25)
+    assert cyclic(10 * SPE - 1) == pytest.approx(0.0)
 
 
 def test_progressive_resolution():
-    ramp = dict(min_res=160, max_res=224, start_ramp=10, end_ramp=20, step=32)
-    assert resolution_at(0, **ramp) == 160
-    assert resolution_at(10, **ramp) == 160
-    assert resolution_at(15, **ramp) == 192
-    assert resolution_at(20, **ramp) == 224
-    assert resolution_at(99, **ramp) == 224
-    assert all(resolution_at(e, **ramp) % 32 == 0 for e in range(30))
-    assert resolution_at(3, min_res=64, max_res=64, start_ramp=0, end_ramp=0) == 64
+    ramp = ResolutionSpec(min_res=160, max_res=224, start_ramp=10, end_ramp=20, step=32)
+    assert ramp.resolution_at(0) == 160
+    assert ramp.resolution_at(10) == 160
+    assert ramp.resolution_at(15) == 192
+    assert ramp.resolution_at(20) == 224
+    assert ramp.resolution_at(99) == 224
+    assert all(ramp.resolution_at(e) % 32 == 0 for e in range(30))
+    assert ResolutionSpec(min_res=64, max_res=64, start_ramp=0, end_ramp=0, step=32).resolution_at(3) == 64
 
 
 class _Tiny(nn.Module):
@@ -327,14 +334,15 @@ def test_train_one_epoch_steps_skips_and_stops():
 def test_fgsm_takes_one_step_whatever_n_iter_says():
     """adv.n_iter is recorded as given; the FGSM attack built from the spec takes one step."""
     pytest.importorskip("ffcv")
-    from rat.config import TrainSpec, make_config
     from rat.train.build import build_attack
+    from rat.train.spec import TrainSpec, make_train_config
 
-    spec = TrainSpec.from_config(make_config(["--adv.attack", "fgsm", "--adv.n_iter", "3"]))
+    spec = TrainSpec.from_config(make_train_config(["--adv.attack", "fgsm", "--adv.n_iter", "3"]))
     assert spec.to_dict()["adv"]["n_iter"] == "3"
     assert spec.adv.threat_models == [("Linf", 4 / 255, 1)]
     assert build_attack(spec.adv, _classifier(0), seed=0).n_iter == 1
-    apgd = TrainSpec.from_config(make_config(["--adv.attack", "apgd", "--adv.n_iter", "3,2", "--adv.norm", "Linf,L2"]))
+    apgd = TrainSpec.from_config(make_train_config(["--adv.attack", "apgd", "--adv.n_iter", "3,2",
+                                                    "--adv.norm", "Linf,L2"]))
     assert [a.n_iter for a in build_attack(apgd.adv, _classifier(0), seed=0).attacks] == [3, 2]
 
 
@@ -425,9 +433,9 @@ def test_a_stop_in_the_middle_of_an_accumulation_resumes_at_the_step_boundary_ex
 def test_fused_adamw_and_cudnn_benchmark_are_settings_a_resume_may_change():
     """``--training.fused 1`` builds torch's fused AdamW (default: the multi-tensor one, as before), and neither it nor
     ``--training.cudnn_benchmark`` (speed only) blocks a resume."""
-    from rat.config import TrainSpec, make_config
+    from rat.train.spec import TrainSpec, make_train_config
 
-    spec = TrainSpec.from_config(make_config(["--training.fused", "1", "--training.cudnn_benchmark", "1"]))
+    spec = TrainSpec.from_config(make_train_config(["--training.fused", "1", "--training.cudnn_benchmark", "1"]))
     assert (spec.training.fused, spec.training.cudnn_benchmark) == (1, 1)
     module = _classifier(0)
     assert build_optimizer(module, "adamw", 1e-3, 0.05, fused=bool(spec.training.fused)).defaults["fused"] is True

@@ -14,7 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from rat.config import NORMS
+from rat.attacks import NORMS
 from rat.io import DuplicateKeyError, read_json
 
 __all__ = [

@@ -1,6 +1,6 @@
 """``python -m rat.quant SUBCOMMAND``: post-training quantization, sweeps, fits and data-free robustness estimation.
 
-Subcommands (each with its own fastargs Sections in ``rat/config.py``; ``--help`` after the subcommand lists them)::
+Subcommands (each with its own fastargs Sections, rat/quant/sections.py; ``--help`` after the subcommand lists them)::
 
     python -m rat.quant ptq --qmodel.checkpoint runs/demo/checkpoints/best.pt --ptq.format int8 --ptq.output q.pt
     python -m rat.quant sweep --qmodel.checkpoint CKPT --sweep.output runs/quant/demo
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rat.attacks import check_eps
-from rat.config import DEFAULT_EPS, QUANT_SUBCOMMANDS, ConfigError, config_to_dict, declare_quant_sections, make_config
+from rat.attacks import DEFAULT_EPS, check_eps
+from rat.config import ConfigError, config_to_dict, make_config
 from rat.data.meta import ClassMismatchError
 from rat.logging import logging_scope, setup_logging
 from rat.models import CheckpointError
@@ -36,6 +36,7 @@ from rat.quant.fit import FitError
 from rat.quant.formats import FORMATS, FormatError, parse_format, same_grid_as, sweep_grid
 from rat.quant.generator import GeneratorError
 from rat.quant.ptq import QuantizationError
+from rat.quant.sections import QUANT_SUBCOMMANDS, declare_quant_sections
 
 _logger = logging.getLogger("rat.quant")
 

@@ -1,7 +1,7 @@
 """``python -m rat.train``: config → run spec → build → (resume) → epochs of adversarial training → checkpoints.
 
 Launch through ``run_train.sh`` (torchrun) for one or many processes; ranks come from torchrun's environment. ``main``
-reads the configuration once into a frozen :class:`rat.config.TrainSpec`; everything below takes the spec's Sections or
+reads the configuration once into a frozen :class:`TrainSpec`; everything below takes the spec's Sections or
 plain arguments. A run is built (:func:`_build`: data, model, EMA, DDP, optimizer, augmentation, attack, loaders, held
 by one :class:`~rat.train.state.TrainState` and one :class:`~rat.train.task.AdversarialTask`), resumed from a
 checkpoint through ``TrainState.load_state_dict`` (:func:`_resume`), then trained epoch by epoch (:func:`_train`), with
@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rat.attacks import Attack
-from rat.config import ConfigError, TrainSpec, dump_config, make_config
+from rat.config import ConfigError, dump_config
 from rat.data import read_beton_info, read_classes
 from rat.data.demo import DEMO_CLASSES
 from rat.data.meta import ClassMismatchError, check_classes, classes_path
@@ -65,7 +65,8 @@ from rat.train.distributed import (
     init_distributed,
 )
 from rat.train.engine import EpochHooks, StepOptions, evaluate, robust_accuracy, train_one_epoch
-from rat.train.optim import build_optimizer, lr_at, resolution_at
+from rat.train.optim import build_optimizer
+from rat.train.spec import TrainSpec, make_train_config
 from rat.train.state import TrainState
 from rat.train.task import AdversarialTask
 
@@ -348,7 +349,7 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
                        local_bn=info.distributed and not spec.model.sync_bn and bool(batchnorm_stats(module)),
                        global_batch=global_batch(spec, info.world_size))
     options = StepOptions(
-        lr=partial(lr_at, steps_per_epoch=loaders.steps_per_epoch, epochs=training.epochs, **asdict(spec.lr)),
+        lr=partial(spec.lr.lr_at, steps_per_epoch=loaders.steps_per_epoch, epochs=training.epochs),
         steps_per_epoch=loaders.steps_per_epoch, grad_accum=training.grad_accum, precision=training.precision,
         grad_clip=training.grad_clip,
         eps_warmup_epochs=spec.adv.eps_warmup_epochs, log_every=spec.logging.log_every,
@@ -411,7 +412,7 @@ def _train(run: _Run) -> dict[str, Any]:
     spec, state = run.spec, run.state
     epochs, every = spec.training.epochs, spec.validation.every
     for epoch in range(state.epoch, epochs):
-        res = resolution_at(epoch, **asdict(spec.resolution))
+        res = spec.resolution.resolution_at(epoch)
         run.loaders.train.set_resolution(res)
         run.loaders.train.set_epoch(epoch)
         result = train_one_epoch(run.task, run.loaders.train, state, run.options, augment=run.augmentation.augment,
@@ -555,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--validate-only")
     setup_logging(env_rank())  # the checks' warnings (run() adds train.log)
     try:
-        spec = TrainSpec.from_config(make_config(argv, prog="python -m rat.train"))
+        spec = TrainSpec.from_config(make_train_config(argv, prog="python -m rat.train"))
         if validate_only:
             with claim_run_folder(Path(spec.logging.folder)):
                 preflight(spec)

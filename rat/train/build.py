@@ -1,11 +1,11 @@
 """From the run spec to the objects of a run: datasets, model, attacks, augmentation, loaders.
 
-Each builder takes the Sections it needs (frozen dataclasses of :class:`rat.config.TrainSpec`) and plain arguments;
+Each builder takes the Sections it needs (frozen dataclasses of :class:`rat.train.spec.TrainSpec`) and plain arguments;
 none reads the config.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from rat.attacks import Attack, create_attack
-from rat.config import AAASpec, AdvSpec, AugmentSpec, ConfigError, DataSpec, ModelSpec, TrainSpec, ValidationSpec
+from rat.config import ConfigError
 from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info
 from rat.data.augment import BatchRandomErasing, GroupMixup
 from rat.data.demo import demo_root as default_demo_root
@@ -23,7 +23,7 @@ from rat.data.demo import ensure_demo_betons
 from rat.data.policy import AdversarialAugment
 from rat.models import create_model, dynamic_size_kwargs
 from rat.train.distributed import DistInfo, all_reduce_sum, barrier
-from rat.train.optim import resolution_at
+from rat.train.spec import AAASpec, AdvSpec, AugmentSpec, DataSpec, ModelSpec, TrainSpec, ValidationSpec
 
 
 def dataset_paths(data: DataSpec, info: DistInfo) -> tuple[Path, Path]:
@@ -163,7 +163,7 @@ def build_loaders(spec: TrainSpec, train_path: Path, val_path: Path, info: DistI
                           f"{training.batch_size} each of the {info.world_size} process(es) reads per epoch from "
                           f"{train_path}: lower training.grad_accum or training.batch_size")
     steps_per_epoch = min(training.limit_batches, steps) if training.limit_batches else steps
-    resolution = validation.resolution or resolution_at(training.epochs - 1, **asdict(spec.resolution))
+    resolution = validation.resolution or spec.resolution.resolution_at(training.epochs - 1)
     num_val = read_beton_info(val_path)["num_samples"]
     common = {"batch_size": validation.batch_size, "resolution": resolution, "device": info.device,
               "num_workers": data.num_workers, "distributed": info.distributed}

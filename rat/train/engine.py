@@ -44,7 +44,7 @@ class StepOptions:
 
     Attributes:
         lr: the learning rate of global step ``step`` (0-based), a pure function of the step (see
-            ``rat.train.optim.lr_at``), so that a resumed run needs no scheduler state.
+            ``rat.train.spec.LRSpec.lr_at``), so that a resumed run needs no scheduler state.
         steps_per_epoch: optimizer steps per epoch (at most the loader's length // ``grad_accum``); ``None`` = the
             whole loader.
         grad_accum: micro-batches (loader batches) per optimizer step; a last group of fewer is not trained (as a

@@ -1,7 +1,6 @@
-"""Optimizer with weight-decay-free parameter groups, and the per-iteration learning-rate schedules."""
+"""Optimizer with weight-decay-free parameter groups (the schedules are the specs' :meth:`rat.train.spec.LRSpec.lr_at`
+and :meth:`rat.train.spec.ResolutionSpec.resolution_at`)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -38,41 +37,3 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     raise ValueError(f"unknown optimizer {name!r}: use 'adamw' or 'sgd'")
-
-
-def lr_at(step: int, steps_per_epoch: int, *, epochs: int, lr: float, schedule: str, warmup_epochs: float,
-          min_lr: float = 5e-6, step_ratio: float = 0.1, step_length: int = 30) -> float:
-    """Learning rate for global iteration ``step`` (0-based).
-
-    Warm-up: linear from 0 to ``lr`` at ``warmup_epochs`` (the paper's ``lr_peak_epoch``). Then
-
-    * ``cosine``: half cosine from ``lr`` down to ``min_lr`` at the end of training (the paper: 5e-6);
-    * ``step``: ``lr * step_ratio ** (epoch // step_length)``;
-    * ``cyclic``: linear from ``lr`` down to 0 at the end (the triangular schedule of ffcv-imagenet).
-
-    A pure function of the step, so a resumed run needs no scheduler state (and timm has no triangular schedule).
-    """
-    total = epochs * steps_per_epoch
-    warmup = warmup_epochs * steps_per_epoch
-    t = step + 1  # the lr used for the update that completes step `t` of `total`
-    if warmup > 0 and t <= warmup:
-        return lr * t / warmup
-    if schedule == "cosine":
-        progress = (t - warmup) / max(total - warmup, 1)
-        return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "step":
-        return lr * step_ratio ** (step // (step_length * steps_per_epoch))
-    if schedule == "cyclic":
-        return lr * max(total - t, 0) / max(total - warmup, 1)
-    raise ValueError(f"unknown lr schedule {schedule!r}: use cosine, step or cyclic")
-
-
-def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
-    """Progressive resizing (0-based ``epoch``): ``min_res`` up to ``start_ramp``, growing linearly to ``max_res`` at
-    ``end_ramp``, rounded down to a multiple of ``step`` and kept within [min_res, max_res]."""
-    if end_ramp <= start_ramp:
-        res = float(max_res if epoch >= end_ramp else min_res)
-    else:
-        frac = min(max((epoch - start_ramp) / (end_ramp - start_ramp), 0.0), 1.0)
-        res = min_res + frac * (max_res - min_res)
-    return min(max(int(res) // step * step, min_res), max_res)
