@@ -442,7 +442,7 @@ def _ev(b: dict, output: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("case", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
 def test_eval_bad_input_is_one_line(case, bad, capsys, tmp_path):
-    from rat.eval.__main__ import main
+    from rat.eval.cli import main
 
     _, make_argv, expected = case
     output = tmp_path / "out" / "result.json"
@@ -455,8 +455,9 @@ def test_eval_bad_input_is_one_line(case, bad, capsys, tmp_path):
 
 def test_default_result_name_keeps_apart_what_defines_the_evaluation(bad, tmp_path):
     """Evaluating epoch_0002.pt must not replace last.pt's result in the same folder (nor EMA, seed, precision...)."""
-    from rat.eval.__main__ import build_parser, spec_from_args
+    from rat.eval.cli import build_parser
     from rat.eval.evaluate import resolve
+    from rat.eval.spec import spec_from_args
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
@@ -493,7 +494,8 @@ def test_a_warning_for_an_implausible_l2_radius(bad, capsys, tmp_path):
 def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_not(bad, capsys, tmp_path):
     """Two trainings on one folder: the second is refused while the first (here: a process holding the run's lock)
     lives; once it is killed, its lock file no longer blocks."""
-    from rat.train.__main__ import RUN_LOCK, main
+    from rat.train.__main__ import main
+    from rat.train.preflight import RUN_LOCK
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -646,7 +648,7 @@ RUNNER_FILE_CASES = [
 
 @pytest.mark.parametrize("case", RUNNER_CASES + RUNNER_FILE_CASES, ids=[c[0] for c in RUNNER_CASES + RUNNER_FILE_CASES])
 def test_runner_bad_jobs_file_is_one_line(case, capsys, tmp_path):
-    from rat.eval.runner import main
+    from rat.eval.sweep.runner import main
 
     _, content, expected = case
     out = tmp_path / "aa"
