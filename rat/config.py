@@ -25,7 +25,7 @@ import math
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from fastargs import Config, Param, Section, set_current_config
@@ -34,6 +34,8 @@ from fastargs.validation import And, Checker, InRange
 from rat.cli import ArgumentParser
 from rat.io import DuplicateKeyError, read_yaml
 from rat.logging import progress_setting
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -156,6 +158,14 @@ def param(checker: Any, desc: str, *, default: Any) -> Any:
 def section(desc: str) -> Any:
     """A field of a spec of Sections (e.g. :class:`rat.train.spec.TrainSpec`): one Section, described by ``desc``."""
     return dataclasses.field(metadata={"desc": desc})
+
+
+def spec_from_config(spec: type[T], config: Config) -> T:
+    """``spec`` (a dataclass of :func:`section` fields, see :func:`declare_spec`) of a validated Config: one frozen,
+    typed object per Section."""
+    types = typing.get_type_hints(spec)
+    values = config_to_dict(config)
+    return spec(**{f.name: types[f.name](**values[f.name]) for f in dataclasses.fields(spec)})
 
 
 def declare_spec(spec: type) -> None:

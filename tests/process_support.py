@@ -3,6 +3,7 @@ or SIGTERM to a run."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import signal
@@ -16,6 +17,15 @@ if TYPE_CHECKING:
     import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module, imported as the script sees itself (tools/ on the path, for ``_timing``)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
 
 
 def stop_after_checks(n: int):

@@ -22,144 +22,126 @@ Exit status: 0 written, 1 written with unreadable files left out, 2 bad argument
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastargs import Config, Param, Section, set_current_config
-from fastargs.decorators import param, section
-from fastargs.validation import And, InRange, OneOf
+from fastargs.validation import OneOf
 
-from rat.config import FiniteFloat, Progress
+from rat.cli import EXIT_BAD_INPUT
+from rat.config import (
+    ConfigError,
+    FiniteFloat,
+    Flag,
+    Progress,
+    declare_spec,
+    int_in,
+    make_config,
+    param,
+    section,
+    spec_from_config,
+)
 from rat.logging import PROGRESS_HELP, logging_scope, setup_logging
 
 _logger = logging.getLogger("rat.tools.write_ffcv")
 
 AUTO_MAX_RESOLUTION = {"train": 256, "val": None, "": 256}  # val: full size (original pixels)
 
-def declare(config: Config) -> None:
-    """Declare the ``cfg`` Section on ``config``."""
-    Section("cfg", "dataset conversion to a .beton", config_descriptor=config).params(
-        dataset=Param(OneOf(["imagefolder", "cifar10", "cifar100"]), "imagefolder: <dir>/<class>/<images> "
-                      "(ImageNet style); cifar10/cifar100: the python-pickle archive (.tar.gz or extracted)",
-                      default="imagefolder"),
-        data_dir=Param(str, "input: the folder (its <split> sub-folder when --cfg.split is set) or the CIFAR archive",
-                       required=True),
-        split=Param(OneOf(["train", "val", ""]), "train or val; for imagefolder, the sub-folder of data_dir to read "
-                    "('' = data_dir itself)", default=""),
-        write_path=Param(str, "output .beton (its directory must exist); the classes file is written beside it",
-                         required=True),
-        classes_from=Param(str, "a beton whose classes file fixes the label order (write val with the train classes)",
-                           default=""),
-        write_mode=Param(OneOf(["auto", "raw", "jpg", "smart", "proportion"]), "ffcv RGBImageField write mode; auto = "
-                         "raw for val splits and CIFAR, proportion for other folders", default="auto"),
-        max_resolution=Param(And(int, InRange(min=-1, max=65535)), "longest side after resizing; -1 = auto (256 train, "
-                             "full size for val, CIFAR unchanged), 0 = keep full size", default=-1),
-        jpeg_quality=Param(And(int, InRange(min=1, max=100)), "JPEG quality of compressed images", default=90),
-        compress_probability=Param(FiniteFloat(0, 1), "share stored as JPEG with write_mode "
-                                   "proportion (the rest raw)", default=0.5),
-        num_workers=Param(And(int, InRange(min=1)), "writer processes", default=os.cpu_count() or 1),
-        strict=Param(And(int, OneOf([0, 1])), "1: fail on any unreadable image instead of leaving it out",
-                     default=0),
-        seed=Param(int, "seed of the proportion mode's JPEG/raw choice (reproducible files)", default=0),
-        progress=Param(Progress(), PROGRESS_HELP, default="auto"),
-    )
+
+@dataclass(frozen=True)
+class WriteSpec:
+    """The conversion (the ``cfg`` Section, ``--cfg.*`` as ffcv-imagenet's write_imagenet.py names them)."""
+
+    dataset: str = param(OneOf(["imagefolder", "cifar10", "cifar100"]), "imagefolder: <dir>/<class>/<images> "
+                         "(ImageNet style); cifar10/cifar100: the python-pickle archive (.tar.gz or extracted)",
+                         default="imagefolder")
+    data_dir: str = param(str, "input: the folder (its <split> sub-folder when --cfg.split is set) or the CIFAR "
+                          "archive (required)", default="")
+    split: str = param(OneOf(["train", "val", ""]), "train or val; for imagefolder, the sub-folder of data_dir to "
+                       "read ('' = data_dir itself)", default="")
+    write_path: str = param(str, "output .beton (its directory must exist); the classes file is written beside it "
+                            "(required)", default="")
+    classes_from: str = param(str, "a beton whose classes file fixes the label order (write val with the train "
+                              "classes)", default="")
+    write_mode: str = param(OneOf(["auto", "raw", "jpg", "smart", "proportion"]), "ffcv RGBImageField write mode; "
+                            "auto = raw for val splits and CIFAR, proportion for other folders", default="auto")
+    max_resolution: int = param(int_in(-1, 65535), "longest side after resizing; -1 = auto (256 train, full size for "
+                                "val, CIFAR unchanged), 0 = keep full size", default=-1)
+    jpeg_quality: int = param(int_in(1, 100), "JPEG quality of compressed images", default=90)
+    compress_probability: float = param(FiniteFloat(0, 1), "share stored as JPEG with write_mode proportion (the rest "
+                                        "raw)", default=0.5)
+    num_workers: int = param(int_in(1), "writer processes", default=os.cpu_count() or 1)
+    strict: int = param(Flag(), "1: fail on any unreadable image instead of leaving it out", default=0)
+    seed: int = param(int_in(), "seed of the proportion mode's JPEG/raw choice (reproducible files)", default=0)
+    progress: str = param(Progress(), PROGRESS_HELP, default="auto")
 
 
-def make_config(argv: Sequence[str] | None = None) -> Config:
-    """Parse ``--cfg.*`` flags (and ``-C`` YAML/JSON files) into a fresh, validated fastargs Config.
+@dataclass(frozen=True)
+class WriteConfig:
+    cfg: WriteSpec = section("dataset conversion to a .beton")
+
+
+def make_spec(argv: Sequence[str] | None = None) -> WriteSpec:
+    """The conversion that ``--cfg.*`` flags and ``-C`` YAML/JSON files describe, through rat's strict front end
+    (:func:`rat.config.make_config`: unknown keys and bad values refused, each named).
 
     Raises:
-        SystemExit: bad arguments (status 2, each problem named).
+        ConfigError: a bad value, an unknown key, or a required setting left out.
     """
-    config = Config()  # a fresh Config, so tests and callers stay isolated
-    declare(config)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", "-C", action="append", default=[], help="YAML/JSON file(s) of cfg values")
-    # fastargs' own augment_argparse also reads sys.argv and every environment variable; declare the flags here.
-    for path, entry in config.entries.items():
-        default = "required" if entry.required else f"default: {entry.default}"
-        parser.add_argument(f"--{'.'.join(path)}", help=f"{entry.desc} ({entry.checker.help()}; {default})")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    from rat.config import ConfigError, load_config_file
-
-    for fname in args.config_file:
-        try:
-            config.collect(load_config_file(config, fname))  # strict: an unknown key is an error, not ignored
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from exc
-    values = vars(args)
-    del values["config_file"]
-    config.collect(values)
-    errors = config.validate(mode="errordict")
-    if errors:
-        problems = []
-        for path, error in errors.items():
-            entry = config.entries[path]
-            issue = "required" if type(error).__name__ == "MissingValueError" else f"must be {entry.checker.help()}"
-            problems.append(f"--{'.'.join(path)}: {issue} ({entry.desc})")
-        print(f"write_ffcv.py: error: {'; '.join(problems)}", file=sys.stderr)
-        raise SystemExit(2)
-    return config
+    config = make_config(argv, declare=lambda: declare_spec(WriteConfig), prog="tools/write_ffcv.py",
+                         description=__doc__)
+    spec = spec_from_config(WriteConfig, config).cfg
+    missing = [f"--cfg.{name}" for name in ("data_dir", "write_path") if not getattr(spec, name)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required: name the input and the output .beton (see --help)")
+    return spec
 
 
-@section("cfg")
-@param("dataset")
-@param("data_dir")
-@param("split")
-@param("write_path")
-@param("classes_from")
-@param("write_mode")
-@param("max_resolution")
-@param("jpeg_quality")
-@param("compress_probability")
-@param("num_workers")
-@param("strict")
-@param("seed")
-@param("progress")
-def write(dataset: str, data_dir: str, split: str, write_path: str, classes_from: str, write_mode: str,
-          max_resolution: int, jpeg_quality: int, compress_probability: float, num_workers: int, strict: int,
-          seed: int, progress: str):
-    """Run the conversion the config describes; returns the :class:`rat.data.WriteReport`."""
+def write(spec: WriteSpec):
+    """Run the conversion ``spec`` describes; returns the :class:`rat.data.WriteReport`."""
     from rat.data import read_classes, write_cifar_beton, write_folder_beton
 
+    dataset, split, write_mode, classes_from = spec.dataset, spec.split, spec.write_mode, spec.classes_from
     is_cifar = dataset.startswith("cifar")
     if write_mode == "auto":
         write_mode = "raw" if is_cifar or split == "val" else "proportion"
-    if max_resolution == -1:
+    if spec.max_resolution == -1:
         resolution = None if is_cifar else AUTO_MAX_RESOLUTION[split]
     else:
-        resolution = max_resolution or None
-    options = dict(max_resolution=resolution, jpeg_quality=jpeg_quality, compress_probability=compress_probability,
-                   write_mode=write_mode, num_workers=num_workers, seed=seed, progress=progress)
-    _logger.info("writing %s (%s%s) to %s with %s", data_dir, dataset, f", {split}" if split else "", write_path,
-                 options)
+        resolution = spec.max_resolution or None
+    options = dict(max_resolution=resolution, jpeg_quality=spec.jpeg_quality,
+                   compress_probability=spec.compress_probability, write_mode=write_mode,
+                   num_workers=spec.num_workers, seed=spec.seed, progress=spec.progress)
+    _logger.info("writing %s (%s%s) to %s with %s", spec.data_dir, dataset, f", {split}" if split else "",
+                 spec.write_path, options)
     if is_cifar:
         if not split:
             raise ValueError("CIFAR needs --cfg.split=train or --cfg.split=val (the test batch)")
         if classes_from:
             raise ValueError("--cfg.classes_from applies to image folders; CIFAR archives carry their class names")
-        return write_cifar_beton(data_dir, write_path, split=split, **options)
-    folder = Path(data_dir) / split if split else Path(data_dir)
+        return write_cifar_beton(spec.data_dir, spec.write_path, split=split, **options)
+    folder = Path(spec.data_dir) / split if split else Path(spec.data_dir)
     classes = read_classes(classes_from) if classes_from else None
-    return write_folder_beton(folder, write_path, classes=classes, on_error="raise" if strict else "skip",
+    return write_folder_beton(folder, spec.write_path, classes=classes, on_error="raise" if spec.strict else "skip",
                               **options)
 
 
 @logging_scope()
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    config = make_config(argv)
-    set_current_config(config)
+    try:
+        spec = make_spec(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"write_ffcv.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from rat.data import BetonWriteError
 
     try:
-        report = write()
+        report = write(spec)
     except (BetonWriteError, OSError, ValueError) as exc:
         print(f"write_ffcv.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
