@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -48,3 +48,20 @@ def seconds_per_train_step(epoch: Callable[[int], object], device: torch.device,
     epoch(steps)
     sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def images_per_second(batches: Callable[[], Iterable[int]], warmup_epochs: int, min_seconds: float) -> dict[str, float]:
+    """Images/s over whole epochs (at least ``min_seconds`` of them) after ``warmup_epochs`` untimed ones; ``batches()``
+    yields the batch sizes of one epoch (a loader's batches are ready when yielded: the loaders sync)."""
+    for _ in range(warmup_epochs):
+        for _ in batches():
+            pass
+    images, epochs = 0, 0
+    start = time.perf_counter()
+    while True:
+        images += sum(batches())
+        epochs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            break
+    return {"img_s": images / elapsed, "images": images, "epochs": epochs, "seconds": elapsed}

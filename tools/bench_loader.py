@@ -41,13 +41,13 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable, Iterable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _timing import images_per_second  # noqa: E402
 
 from rat.logging import logging_scope, setup_logging  # noqa: E402
 
@@ -81,22 +81,6 @@ def make_jpeg_folder(root: Path, num_images: int, num_classes: int, seed: int = 
         class_dir.mkdir(parents=True, exist_ok=True)
         image.save(class_dir / f"img_{i:05d}.JPEG", quality=90)
     return root
-
-
-def _timed(batches: Callable[[], Iterable[int]], warmup_epochs: int, min_seconds: float) -> dict[str, float]:
-    """Images/s over whole epochs after ``warmup_epochs``; ``batches()`` yields the batch sizes of one epoch."""
-    for _ in range(warmup_epochs):
-        for _ in batches():
-            pass
-    images, epochs = 0, 0
-    start = time.perf_counter()
-    while True:
-        images += sum(batches())
-        epochs += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            break
-    return {"img_s": images / elapsed, "images": images, "epochs": epochs, "seconds": elapsed}
 
 
 def _safe_posterize_ops() -> None:
@@ -242,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for name in names:
                 # Warm-up before the first run of each pipeline only: numba compilation, worker start-up.
-                runs[name].append(_timed(epochs[name], args.warmup_epochs if repeat == 0 else 0, args.min_seconds))
+                warmup = args.warmup_epochs if repeat == 0 else 0
+                runs[name].append(images_per_second(epochs[name], warmup, args.min_seconds))
                 _logger.info("run %d/%d %s: %.0f img/s", repeat + 1, args.repeats, name, runs[name][-1]["img_s"])
         load_after = _load()
         del loader, epochs

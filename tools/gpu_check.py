@@ -50,7 +50,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _timing import OnDeviceBatches, seconds_per_train_step  # noqa: E402
+from _timing import OnDeviceBatches, images_per_second, seconds_per_train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("tests", "e2e", "throughput", "loader")
@@ -333,7 +333,6 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def check_loader(out: Path, args: argparse.Namespace, sizes: dict[str, Any], device: torch.device,
                  at_img_s: float | None) -> dict[str, Any]:
     """rat's FFCV train loader + heavy augmentation on the device: img/s over whole epochs after a warm-up epoch."""
-    from bench_loader import _timed as timed_epochs
     from bench_loader import make_jpeg_folder, rat_epochs
 
     from rat.data import build_train_loader, write_folder_beton
@@ -345,7 +344,7 @@ def check_loader(out: Path, args: argparse.Namespace, sizes: dict[str, Any], dev
                                  compress_probability=0.5, jpeg_quality=90, num_workers=args.workers, progress=False)
     loader = build_train_loader(written.path, batch_size=sizes["loader_batch"], resolution=sizes["res"],
                                 device=device, num_workers=args.workers, seed=0)
-    speed = timed_epochs(rat_epochs(loader, heavy=True, device=device, num_classes=10), 1, sizes["loader_seconds"])
+    speed = images_per_second(rat_epochs(loader, heavy=True, device=device, num_classes=10), 1, sizes["loader_seconds"])
     result = {"ok": True, "res": sizes["res"], "batch": sizes["loader_batch"], "workers": args.workers,
               "images": sizes["loader_images"], "img_s": round(speed["img_s"], 1), "epochs": speed["epochs"]}
     if at_img_s:
