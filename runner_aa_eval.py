@@ -8,11 +8,11 @@ Usage::
     python runner_aa_eval.py --checkpoints a.pth b.pth --data val.beton --threats Linf L2 L1 \\
         --resolutions 224 256 --versions standard --output-dir runs/aa_eval
 
-See ``rat.eval.runner`` and docs/eval.md.
+See ``rat.eval.sweep.runner`` and docs/eval.md.
 """
 import sys
 
-from rat.eval.runner import main
+from rat.eval.sweep.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_eval_support import TINY_CLASSES, tiny_checkpoint
+from eval_support import TINY_CLASSES, tiny_checkpoint
 
 from rat.eval import EvalSpec, load_result, merge_results, run_evaluation
 from rat.eval.autoattack import build_autoattack, resolve_attacks, robust_after_attack
@@ -364,7 +364,7 @@ def test_checkpoint_that_does_not_fit_the_architecture_is_refused(tmp_path: Path
 
 
 def test_cli_reports_a_bad_checkpoint_clearly(tmp_path: Path, demo_betons, convnext_ckpt: Path):
-    from rat.eval.__main__ import main
+    from rat.eval.cli import main
 
     status = main(["--checkpoint", str(convnext_ckpt), "--arch", VIT, "--data", str(demo_betons[1]),
                    "--output", str(tmp_path / "x.json"), "--log", "-"])
@@ -588,8 +588,9 @@ def test_robustbench_subset_on_imagenet_and_seeded_elsewhere(tmp_path: Path, dem
 def test_jobs_file_normalize_reaches_rat_eval(tmp_path: Path):
     """A jobs-file entry's normalize (for checkpoints that do not say) becomes rat.eval's --normalize, which parses;
     like every jobs-file switch it is a real YAML boolean (1 is refused)."""
-    from rat.eval.__main__ import build_parser, spec_from_args
-    from rat.eval.jobs import JobsError, Task, expand_jobs, task_command
+    from rat.eval.cli import build_parser
+    from rat.eval.spec import spec_from_args
+    from rat.eval.sweep.jobs import JobsError, Task, expand_jobs, task_command
 
     entries = [{"checkpoint": "released/vit_s.pt", "arch": VIT, "data": "val.beton", "normalize": True},
                {"checkpoint": "runs/a/checkpoints/last.pt", "data": "val.beton"}]

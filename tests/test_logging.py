@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from rat.eval.merge import main as merge_main
-from rat.eval.runner import main as runner_main
+from rat.eval.sweep.runner import main as runner_main
 
 
 def _logger_state(name: str | None) -> tuple:

@@ -1,4 +1,4 @@
-"""Tests of runner_aa_eval.py (rat.eval.runner): jobs files, commands, GPU/CPU slots, a real sweep on CPU slots."""
+"""Tests of runner_aa_eval.py (rat.eval.sweep): jobs files, commands, GPU/CPU slots, a real sweep on CPU slots."""
 from __future__ import annotations
 
 import csv
@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_eval_support import tiny_checkpoint
+from eval_support import tiny_checkpoint
 
-from rat.eval.__main__ import build_parser
-from rat.eval.jobs import JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
+from rat.eval.cli import build_parser
 from rat.eval.results import RESULT_FORMAT, load_result
-from rat.eval.runner import main
-from rat.eval.scheduler import Slots, is_finished, result_differences
+from rat.eval.sweep.jobs import JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
+from rat.eval.sweep.runner import main
+from rat.eval.sweep.scheduler import is_finished, result_differences
+from rat.eval.sweep.slots import Slots
 
 REPO = Path(__file__).resolve().parents[1]
 CONVNEXT = "convnext_micro_cvst"
@@ -43,11 +44,11 @@ def test_documented_jobs_file_expands_and_its_commands_parse(tmp_path: Path):
     assert len(jobs) == 12 + 2 + 1
     assert len(tasks_for(jobs)) == 12 * 2 + 2 + 1  # the first entry is split in 2 shards
     first = jobs[0]
-    assert (first.name, first.norm, first.resolution, first.version, first.precision, first.use_ema) == (
-        "convnext_b_cvst_linf4", "Linf", 224, "standard", "bf16", True)
+    assert (first.name, first.spec.norm, first.spec.resolution, first.spec.version, first.spec.precision,
+            first.spec.use_ema) == ("convnext_b_cvst_linf4", "Linf", 224, "standard", "bf16", True)
     assert first.output == Path("runs/aa_eval/convnext_b_cvst_linf4/Linf-4_255_r224_standard_n5000.json")
     custom = jobs[-1]
-    assert custom.attacks == ("apgd-ce", "square") and custom.arch == "vit_base_patch16_cvst"
+    assert custom.spec.attacks == ["apgd-ce", "square"] and custom.spec.arch == "vit_base_patch16_cvst"
     parser = build_parser()
     for task in tasks_for(jobs):
         cmd = task_command(task, "cuda")
@@ -55,10 +56,10 @@ def test_documented_jobs_file_expands_and_its_commands_parse(tmp_path: Path):
         args = parser.parse_args(cmd[3:])  # exits (SystemExit) on a command rat.eval cannot parse
         job = task.job
         assert (args.norm, args.eps, args.resolution, args.version, args.n_ex) == (
-            job.norm, job.eps, job.resolution, job.version, job.n_ex)
-        assert args.output == task.output and args.use_ema == job.use_ema and args.arch == job.arch
+            job.spec.norm, job.spec.eps, job.spec.resolution, job.spec.version, job.spec.n_ex)
+        assert args.output == task.output and args.use_ema == job.spec.use_ema and args.arch == job.spec.arch
         assert args.shard == (None if task.shard is None else (task.shard, job.shards))
-        assert args.attacks == (list(job.attacks) if job.attacks else None)
+        assert args.attacks == (list(job.spec.attacks) if job.spec.attacks else None)
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -172,7 +173,7 @@ def test_summary_tables_and_plots_from_rows(tmp_path: Path):
     when a threat model was evaluated at several resolutions, eps when a norm was evaluated at several radii."""
     from PIL import Image
 
-    from rat.eval.aggregate import choose_axis, plot_rows, write_csv, write_markdown
+    from rat.eval.sweep.aggregate import choose_axis, plot_rows, write_csv, write_markdown
 
     def row(norm: str, eps: float, resolution: int, robust: float) -> dict:
         return {"model": "m", "arch": "convnext_micro_cvst", "norm": norm, "eps": eps,
@@ -232,11 +233,11 @@ def test_jobs_file_and_eval_cli_share_their_defaults():
     args = build_parser().parse_args(["--data", "v", "--checkpoint", "a.pt"])
     for key in ("norm", "version", "n_ex", "batch_size", "precision", "num_workers", "seed", "n_iter", "n_queries",
                 "use_ema"):
-        assert getattr(job, key) == getattr(args, key), key
+        assert getattr(job.spec, key) == getattr(args, key), key
 
 
 def test_use_ema_must_be_a_real_boolean():
-    assert expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": False}], "out")[0].use_ema is False
+    assert expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": False}], "out")[0].spec.use_ema is False
     with pytest.raises(JobsError, match="use_ema: 'false' must be true or false"):
         expand_jobs([{"checkpoint": "a.pt", "data": "v", "use_ema": "false"}], "out")
 

@@ -2,14 +2,16 @@
 
 Public API:
 
-* ``EvalSpec``, ``run_evaluation(spec) -> dict``: one resumable evaluation writing a JSON result.
+* ``EvalSpec`` (``rat.eval.spec``: the schema of an evaluation, from which the command line, the jobs file and the
+  identity of a result are generated), ``run_evaluation(spec) -> dict``: one resumable evaluation writing a JSON
+  result.
 * ``load_result(path)``, ``merge_results(results)``, ``summary_line(result)``: result files and shards.
 * ``rat.eval.autoattack``: the thin wrapper over ``pyautoattack`` (AutoAttack).
-* ``rat.eval.jobs``, ``rat.eval.scheduler``, ``rat.eval.runner``: the jobs-file schema, the scheduler and the command
-  line of the bulk runner ``runner_aa_eval.py``.
+* ``rat.eval.sweep``: the bulk runner ``runner_aa_eval.py`` (jobs file, scheduler, slots, summaries).
 """
-from rat.eval.evaluate import CheckpointError, EvalSpec, resolve, run_evaluation
+from rat.eval.evaluate import CheckpointError, resolve, run_evaluation
 from rat.eval.results import ResultError, load_result, merge_results, summary_line
+from rat.eval.spec import EvalSpec
 
 __all__ = [
     "CheckpointError", "EvalSpec", "ResultError", "load_result", "merge_results", "resolve", "run_evaluation",

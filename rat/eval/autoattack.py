@@ -28,14 +28,18 @@ from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.checks import check_square_sr
 
 __all__ = [
-    "ALL_ATTACKS", "AUTOATTACK_VERSION", "VERSIONS", "attack_settings", "build_autoattack", "check_square",
-    "resolve_attacks", "robust_after_attack",
+    "ALL_ATTACKS", "AUTOATTACK_VERSION", "STANDARD_N_ITER", "STANDARD_N_QUERIES", "VERSIONS", "attack_settings",
+    "build_autoattack", "check_square", "resolve_attacks", "robust_after_attack",
 ]
 
 _logger = logging.getLogger(__name__)
 
 VERSIONS = ("standard", "fast", "custom")
 ALL_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+# AutoAttack's standard budget, as pyautoattack's ``AutoAttack(version="standard")`` sets it (tested against it): the
+# iterations of APGD, APGD-T and FAB-T, and the queries of Square. ``n_iter``/``n_queries`` replace them.
+STANDARD_N_ITER = 100
+STANDARD_N_QUERIES = 5000
 _VERSION_ATTACKS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "fast": ("apgd-ce", "apgd-t"),
@@ -100,9 +104,9 @@ def build_autoattack(
         device: where the attacks run.
         seed: AutoAttack's seed; every attack call reseeds with it, so a batch's result does not depend on the
             batches before it.
-        n_iter: iterations of APGD and FAB instead of AutoAttack's 100. Only for smoke tests: the result is then not
-            a standard AutoAttack number, and the JSON result says so.
-        n_queries: queries of Square instead of 5000; same caveat.
+        n_iter: iterations of APGD and FAB instead of AutoAttack's ``STANDARD_N_ITER``. Only for smoke tests: the
+            result is then not a standard AutoAttack number, and the JSON result says so.
+        n_queries: queries of Square instead of ``STANDARD_N_QUERIES``; same caveat.
     """
     adversary = AutoAttack(model, norm=norm, eps=eps, version="standard", seed=seed, device=device)
     adversary.attacks_to_run = list(attacks)

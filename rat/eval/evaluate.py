@@ -34,86 +34,18 @@ from rat.eval.autoattack import (
 )
 from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
 from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
+from rat.eval.spec import DEFAULT_RESOLUTION, IDENTITY_KEYS, EvalSpec, evaluation_identity, state_fingerprint
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 from rat.logging import lines_around_bar, progress
 from rat.models.checkpoint import CheckpointError
 from rat.precision import PRECISIONS
 
 __all__ = [
-    "SPEC_DEFAULTS", "CheckpointError", "EvalSpec", "OutputTakenError", "ResolvedEval", "build_eval_model",
-    "check_output", "default_model_name", "default_output", "evaluation_identity", "file_sha256", "finished_result",
-    "resolve", "run_evaluation", "state_path_for",
+    "CheckpointError", "OutputTakenError", "ResolvedEval", "build_eval_model", "check_output", "default_model_name",
+    "default_output", "file_sha256", "finished_result", "resolve", "run_evaluation", "state_path_for",
 ]
 
 _logger = logging.getLogger(__name__)
-
-DEFAULT_RESOLUTION = 224
-
-
-@dataclasses.dataclass
-class EvalSpec:
-    """What to evaluate. ``None`` fields take their documented defaults.
-
-    Attributes:
-        data: a val ``.beton`` or an ImageNet-style val folder.
-        checkpoint: a rat trainer checkpoint, a bare state dict or a released revisiting-at checkpoint; ``None`` with
-            ``arch`` evaluates the registered model with random weights (smoke tests).
-        arch: the architecture; needed only when the checkpoint does not name it.
-        model_kwargs: extra ``create_model`` kwargs, on top of the checkpoint's (e.g. ``num_classes`` for a bare
-            state dict).
-        use_ema: evaluate the checkpoint's EMA weights.
-        normalize: input normalization inside the model (ImageNet mean/std); None: what the checkpoint says (a rat
-            trainer checkpoint's record, released normalize.* buffers, the paper's release table), and a checkpoint
-            that does not say is refused. Recorded in the result.
-        norm: ``Linf``, ``L2`` or ``L1``.
-        eps: radius in pixel units; default 4/255, 2, 75 for Linf, L2, L1.
-        resolution: input side; default the checkpoint's training ``img_size``, else 224.
-        version: ``standard``, ``fast`` or ``custom``.
-        attacks: the attacks of ``custom``.
-        n_ex: number of val images (the fixed subset of ``rat.eval.data``).
-        subset: ``auto`` (RobustBench's 5,000-image list on ImageNet-1k, else ``seeded``), ``robustbench`` or
-            ``seeded`` (see ``rat.eval.data``); recorded in the result.
-        batch_size: images per batch (the unit of resuming and sharding).
-        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; logits are returned in fp32).
-        device: default ``cuda`` when available, else ``cpu``.
-        num_workers: data loader workers.
-        seed: AutoAttack's seed.
-        shard: ``(index, count)`` to evaluate one slice of the batches.
-        n_iter: APGD/FAB iterations instead of 100 (smoke tests only; flagged in the result).
-        n_queries: Square queries instead of 5000 (same).
-        output: the JSON result; default ``default_output``, next to the checkpoint.
-        name: the model's name in the result; default ``default_model_name``.
-    """
-
-    data: Path
-    checkpoint: Path | None = None
-    arch: str | None = None
-    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    use_ema: bool = False
-    normalize: bool | None = None
-    norm: str = "Linf"
-    eps: float | None = None
-    resolution: int | None = None
-    version: str = "standard"
-    attacks: list[str] | None = None
-    n_ex: int = 5000
-    subset: str = "auto"
-    batch_size: int = 100
-    precision: str = "fp32"
-    device: str | None = None
-    num_workers: int = 4
-    seed: int = 0
-    shard: tuple[int, int] | None = None
-    n_iter: int | None = None
-    n_queries: int | None = None
-    output: Path | None = None
-    name: str | None = None
-
-
-# The defaults of an evaluation, shared by ``python -m rat.eval`` and the runner's jobs file (one source of truth).
-SPEC_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EvalSpec)
-                                 if f.default is not dataclasses.MISSING}
-
 
 @dataclasses.dataclass
 class _ModelSource:
@@ -283,25 +215,8 @@ def _software_versions(device: torch.device) -> dict[str, Any]:
     return versions
 
 
-# --- What defines an evaluation: its default file name, and the check that a result is never replaced by another's.
-IDENTITY_KEYS = ("arch", "model_kwargs", "checkpoint_sha256", "use_ema", "norm", "eps", "resolution", "version",
-                  "attacks", "n_ex", "batch_size", "precision", "seed", "shard", "n_iter", "n_queries", "data")
-
-
-def evaluation_identity(spec: EvalSpec, source: _ModelSource, attacks: list[str]) -> dict[str, Any]:
-    """Everything that defines an evaluation's numbers, as the result JSON records it (``spec`` with defaults)."""
-    identity = {
-        "arch": source.arch, "model_kwargs": source.model_kwargs, "checkpoint_sha256": source.checkpoint_sha256,
-        "use_ema": spec.use_ema, "norm": spec.norm, "eps": spec.eps, "resolution": spec.resolution,
-        "version": spec.version, "attacks": attacks, "n_ex": spec.n_ex, "batch_size": spec.batch_size,
-        "precision": spec.precision, "seed": spec.seed,
-        "shard": {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None,
-        "n_iter": spec.n_iter, "n_queries": spec.n_queries, "data": str(Path(spec.data).resolve()),
-        "subset": spec.subset,  # the requested choice: in the fingerprint only (the result records the resolved one)
-    }
-    return json.loads(json.dumps(identity))  # as it reads back from JSON
-
-
+# --- What defines an evaluation (rat.eval.spec: evaluation_identity, IDENTITY_KEYS): its default file name, and the
+# check that a result is never replaced by another's.
 def default_output(spec: EvalSpec, identity: dict[str, Any]) -> Path:
     """``aa_<norm>-<eps>_r<res>_<version>_n<n_ex>[_shard<i>of<k>]_<checkpoint stem>[-ema]_<fingerprint>.json`` next
     to the checkpoint (or in the cwd), where the fingerprint (8 hex digits) hashes everything else that defines the
@@ -477,14 +392,8 @@ def run_evaluation(spec: EvalSpec | ResolvedEval, progress_setting: str = "auto"
                                  n_iter=spec.n_iter, n_queries=spec.n_queries)
     settings = attack_settings(adversary)
     shard = {"index": spec.shard[0], "count": spec.shard[1]} if spec.shard else None
-    fingerprint = {
-        "arch": source.arch, "model_kwargs": source.model_kwargs, "checkpoint_sha256": source.checkpoint_sha256,
-        "use_ema": spec.use_ema, "norm": spec.norm, "eps": eps, "resolution": resolution, "attacks": attacks,
-        "attack_settings": settings, "n_ex": spec.n_ex, "subset": subset, "batch_size": spec.batch_size,
-        "precision": spec.precision, "shard": shard,
-    }
     steps = ["clean", *attacks]
-    state = EvalState.load_or_create(state_path_for(output), fingerprint, steps)
+    state = EvalState.load_or_create(state_path_for(output), state_fingerprint(identity, settings, subset), steps)
     try:  # holding the evaluation's lock now: what resolve() saw of the output may have changed
         done = _recheck_output(output, identity, subset["name"])
     except OutputTakenError:
@@ -565,6 +474,7 @@ def run_evaluation(spec: EvalSpec | ResolvedEval, progress_setting: str = "auto"
         "output": str(output),
         "per_example": per_example,
     }
+    result.update({k: identity[k] for k in IDENTITY_KEYS if k not in result})  # every setting that defines it
     try:  # under the lock, immediately before writing: never replace another evaluation's result
         check_output(output, identity)
     except ValueError as exc:

@@ -139,7 +139,7 @@ def fit_table(summaries: Sequence[dict[str, Any]], target: str = "clean") -> str
 
 def plot_fits(records: Sequence[dict[str, Any]], summary: dict[str, Any], path: str | Path) -> Path:
     """Scatter of loss vs similarity per model with each model's curve (dashed) and the overall one (black)."""
-    from rat.eval.aggregate import pyplot, save_figure
+    from rat.eval.sweep.aggregate import pyplot, save_figure
 
     plt = pyplot()
     similarity = summary["similarity"]

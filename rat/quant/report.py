@@ -68,7 +68,7 @@ def classifier_features(model: nn.Module, x: torch.Tensor, batch_size: int) -> t
 
 def plot_relative(relative: Mapping[str, Any], path: str | Path) -> Path:
     """Generated-set vs test-set relative accuracy, clean (left) and under attack (right), with the diagonal."""
-    from rat.eval.aggregate import pyplot, save_figure
+    from rat.eval.sweep.aggregate import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
@@ -93,7 +93,7 @@ def plot_pca(features: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Te
     points coloured by label."""
     from sklearn.decomposition import PCA
 
-    from rat.eval.aggregate import pyplot, save_figure
+    from rat.eval.sweep.aggregate import pyplot, save_figure
 
     pca = PCA(n_components=2).fit(features[reference].double().numpy())
     plt = pyplot()

@@ -2,13 +2,14 @@
 
 Every evaluation runs as its own ``python -m rat.eval`` subprocess, started with an argument list (no shell), on a
 free GPU (found with GPUtil; ``CUDA_VISIBLE_DEVICES`` set per job) or, when the machine has no GPU, in one of
-``--cpu-slots`` CPU slots. The jobs file is checked against one schema before anything starts (``rat.eval.jobs``);
-the scheduling, the claims that let several runners share one jobs file, and signal forwarding are in
-``rat.eval.scheduler``. A failing job is reported with its log and does not stop the others; jobs whose result JSON
-already exists and is valid are skipped, so rerunning the same command finishes what is missing (interrupted
-evaluations resume from their state files). A job with ``shards: K`` runs as K subprocesses, each on a slice of the
-images, merged exactly into one result. At the end the runner writes ``summary.csv``, ``summary.md`` and a plot of
-robust accuracy versus resolution or eps into the output folder. See docs/eval.md for the jobs file.
+``--cpu-slots`` CPU slots. The jobs file is checked against one schema before anything starts
+(``rat.eval.sweep.jobs``); the scheduling, the claims that let several runners share one jobs file, and signal
+forwarding are in ``rat.eval.sweep.scheduler``, the slots in ``rat.eval.sweep.slots``. A failing job is reported
+with its log and does not stop the others; jobs whose result JSON already exists and is valid are skipped, so
+rerunning the same command finishes what is missing (interrupted evaluations resume from their state files). A job
+with ``shards: K`` runs as K subprocesses, each on a slice of the images, merged exactly into one result. At the end
+the runner writes ``summary.csv``, ``summary.md`` and a plot of robust accuracy versus resolution or eps into the
+output folder. See docs/eval.md for the jobs file.
 
 Exit status: 0 every job finished, 1 some job failed, 2 bad input (one line), 128 + N when stopped by signal N.
 """
@@ -22,12 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rat.cli import EXIT_BAD_INPUT, ArgumentParser
-from rat.eval.aggregate import choose_axis, plot_rows, result_row, write_csv, write_markdown
-from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS
-from rat.eval.jobs import Job, JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
-from rat.eval.scheduler import Slots, SubmititSlots, cpu_count, has_gpus, is_finished, run_tasks, valid_result
+from rat.eval.spec import DEFAULT_RESOLUTION, SPEC_DEFAULTS
+from rat.eval.sweep.aggregate import choose_axis, plot_rows, result_row, write_csv, write_markdown
+from rat.eval.sweep.jobs import Job, JobsError, Task, expand_jobs, load_jobs_file, task_command, tasks_for
+from rat.eval.sweep.scheduler import is_finished, run_tasks, valid_result
+from rat.eval.sweep.slots import Slots, SubmititSlots, cpu_count, has_gpus
 from rat.io import OutputError, check_writable
 from rat.logging import PROGRESS_HELP, PROGRESS_SETTINGS, logging_scope, setup_logging
+from rat.precision import PRECISIONS
 
 __all__ = ["aggregate", "build_parser", "main"]
 
@@ -129,7 +132,7 @@ def missing_inputs(tasks: Sequence[Task]) -> list[str]:
     for task in tasks:
         if is_finished(task):
             continue
-        for kind, path in (("checkpoint", task.job.checkpoint), ("data", task.job.data)):
+        for kind, path in (("checkpoint", task.job.spec.checkpoint), ("data", task.job.spec.data)):
             if path and not Path(path).exists():
                 missing[f"job {task.job.name!r}: {kind} {path} does not exist"] = None
             elif kind == "data" and path and Path(path).is_dir() and str(path) not in listed:

@@ -1,5 +1,6 @@
-"""The runner's scheduler: free GPU or CPU slots, one ``python -m rat.eval`` subprocess per task, claims that make
-several runners on one jobs file safe, and signal forwarding.
+"""The runner's scheduler: which results count as finished, shard merging, and the loop that runs each task in a free
+slot (:mod:`rat.eval.sweep.slots`: a ``python -m rat.eval`` subprocess or a SLURM job), with claims that make several
+runners on one jobs file safe, and signal forwarding.
 
 * Each task (a job, or one shard) is claimed with a lock file next to its result (:class:`rat.io.FileLock`, a
   ``flock``) before it starts. Two runners on the same jobs file therefore never run a task twice: the second one
@@ -20,29 +21,27 @@ several runners on one jobs file safe, and signal forwarding.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 import logging
 import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from rat.eval.evaluate import SPEC_DEFAULTS, file_sha256
-from rat.eval.jobs import Job, Task, task_command
-from rat.eval.results import ResultError, load_result, merge_results, result_matches
+from rat.eval.evaluate import file_sha256
+from rat.eval.results import ResultError, load_result, merge_results
+from rat.eval.spec import request_differences
 from rat.eval.state import atomic_write_json
+from rat.eval.sweep.jobs import Job, Task
+from rat.eval.sweep.slots import Slots, SubmititJob, SubmititSlots
 from rat.io import FileLock
 from rat.logging import lines_around_bar, progress
 
-__all__ = ["Slots", "SubmititSlots", "cpu_count", "has_gpus", "is_finished", "merge_job", "result_differences",
-           "run_tasks", "valid_result"]
+__all__ = ["is_finished", "merge_job", "result_differences", "run_tasks", "valid_result"]
 
 _logger = logging.getLogger(__name__)
 
@@ -66,30 +65,11 @@ def _checkpoint_sha256(path: str) -> str | None:
 
 
 def result_differences(result: dict[str, Any], job: Job, shard: int | None = None) -> list[str]:
-    """The settings in which a result differs from what ``job`` (or one of its shards) would compute."""
-    differs = []
-    if not result_matches(result, norm=job.norm, eps=job.eps, resolution=job.resolution, version=job.version,
-                          n_ex=job.n_ex, attacks=job.attacks):
-        differs.append("threat model, resolution, version or n_ex")
-    expected_shard = None if shard is None else {"index": shard, "count": job.shards}
-    if result.get("shard") != expected_shard:
-        differs.append("shard")
-    for key, value in (("use_ema", job.use_ema), ("precision", job.precision), ("seed", job.seed),
-                       ("batch_size", job.batch_size)):
-        if result.get(key) != value:
-            differs.append(key)
-    if job.normalize is not None and result.get("normalize") != job.normalize:
-        differs.append("normalize")
-    if job.subset != SPEC_DEFAULTS["subset"] and (result.get("subset") or {}).get("name") != job.subset:
-        differs.append("subset")
-    if job.arch is not None and result.get("arch") != job.arch:
-        differs.append("arch")
-    settings = result.get("attack_settings", {})
-    if settings.get("apgd", {}).get("n_iter") != (job.n_iter or 100):
-        differs.append("n_iter")
-    if settings.get("square", {}).get("n_queries") != (job.n_queries or 5000):
-        differs.append("n_queries")
-    if job.checkpoint is not None and result.get("checkpoint_sha256") != _checkpoint_sha256(job.checkpoint):
+    """The settings in which a result differs from what ``job`` (or one of its shards) would compute
+    (:func:`rat.eval.spec.request_differences`), and whether its checkpoint file changed since."""
+    spec = Task(job, shard).spec
+    differs = request_differences(result, spec)
+    if spec.checkpoint is not None and result.get("checkpoint_sha256") != _checkpoint_sha256(spec.checkpoint):
         differs.append("checkpoint (file changed since)")
     return differs
 
@@ -144,178 +124,11 @@ def _move_aside(path: Path) -> None:
 @dataclasses.dataclass
 class _Running:
     task: Task
-    process: subprocess.Popen | _SubmititJob
+    process: subprocess.Popen | SubmititJob
     slot: int
     log: IO[str] | None  # a local subprocess's log, open in the runner; a SLURM job writes its own
     started: float
     claim: FileLock
-
-
-class Slots:
-    """GPU slots (GPUtil) or CPU slots."""
-
-    def __init__(self, *, gpus: bool, cpu_slots: int, max_load: float, max_memory: float, exclude: Sequence[int]):
-        self.gpus = gpus
-        self.cpu_slots = cpu_slots
-        self.max_load = max_load
-        self.max_memory = max_memory
-        self.exclude = list(exclude)
-        self.n_gpus = 0
-        if gpus:
-            import GPUtil
-
-            self.n_gpus = len(GPUtil.getGPUs())
-
-    def free(self, busy: Sequence[int]) -> list[int]:
-        """Slots that can take a job now."""
-        if not self.gpus:
-            return [s for s in range(self.cpu_slots) if s not in busy]
-        import GPUtil
-
-        return list(GPUtil.getAvailable(order="first", limit=self.n_gpus, maxLoad=self.max_load,
-                                        maxMemory=self.max_memory, excludeID=self.exclude + list(busy)))
-
-    def env(self, slot: int) -> dict[str, str]:
-        """The environment of a job in ``slot``."""
-        env = dict(os.environ)
-        if self.gpus:
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # nvidia-smi's (GPUtil's) numbering
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            env["OMP_NUM_THREADS"] = str(self.threads())
-        return env
-
-    def threads(self) -> int:
-        """CPU threads per CPU slot."""
-        return max(1, cpu_count() // self.cpu_slots)
-
-    def describe(self, slot: int) -> str:
-        """``GPU 3`` or ``CPU slot 1``."""
-        return f"GPU {slot}" if self.gpus else f"CPU slot {slot}"
-
-    def command(self, task: Task) -> list[str]:
-        """The task's ``python -m rat.eval`` command in these slots."""
-        return task_command(task, "cuda" if self.gpus else "cpu", None if self.gpus else self.threads())
-
-    def start(self, task: Task, cmd: list[str], slot: int, log: IO[str]) -> subprocess.Popen:
-        """Start the evaluation as a subprocess of the runner: in its own session (a terminal's Ctrl-C reaches only
-        the runner, which forwards it), dying with the runner (Linux parent-death signal)."""
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(slot), start_new_session=True,
-                                preexec_fn=_die_with_parent(os.getpid()))
-
-
-def _die_with_parent(parent: int) -> Any:
-    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when the runner dies, even by SIGKILL
-    (``prctl(PR_SET_PDEATHSIG)``); None elsewhere (there, a killed runner's evaluations finish on their own)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    return functools.partial(_set_pdeathsig, prctl, parent)
-
-
-def _set_pdeathsig(prctl: Any, parent: int) -> None:
-    pr_set_pdeathsig = 1
-    prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if os.getppid() != parent:  # the runner died before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _run_logged(cmd: list[str], log: str, header: str) -> int:
-    """The body of a SLURM job (run by submitit on the node): ``python -m rat.eval`` with the task's arguments, in the
-    job's own process (no second interpreter start), its output appended to the task's log; returns its exit
-    status."""
-    import contextlib
-
-    from rat.eval.__main__ import main
-
-    with open(log, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-        handle.write(header)
-        handle.flush()
-        try:
-            return main(cmd[3:])  # cmd is [python, -m, rat.eval, ...] (task_command)
-        except SystemExit as exc:  # a bad argument (argparse) exits 2
-            return exc.code if isinstance(exc.code, int) else 1
-
-
-class _SubmititJob:
-    """A submitit job seen as the scheduler sees a subprocess (``poll``, ``terminate``, ``wait``, ``kill``)."""
-
-    def __init__(self, job: Any):
-        self.job = job
-        self.pid = job.job_id
-
-    def poll(self) -> int | None:
-        if not self.job.done():
-            return None
-        from submitit.core.utils import FailedJobError, UncompletedJobError
-
-        try:
-            return int(self.job.result())
-        except (FailedJobError, UncompletedJobError) as exc:  # node failure, timeout, cancelled: its log says more
-            _logger.error("SLURM job %s failed: %s", self.job.job_id, str(exc).strip().splitlines()[-1:])
-            return 1
-
-    def terminate(self) -> None:
-        self.job.cancel(check=False)
-
-    kill = terminate
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.time() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.time() > deadline:
-                raise subprocess.TimeoutExpired(f"SLURM job {self.pid}", timeout)
-            time.sleep(0.5)
-        return code
-
-
-class SubmititSlots:
-    """Tasks as SLURM jobs through submitit: ``cluster='slurm'``, or ``'local'`` (submitit's local executor, which
-    runs the same job code in local processes: tests, or trying a sweep's SLURM route without a cluster).
-
-    Args:
-        folder: submitit's folder (job scripts, pickles, its own logs).
-        cluster: ``slurm`` or ``local``.
-        parallel: at most this many jobs submitted at a time.
-        gpus: GPUs per job (0: CPU jobs, ``--device cpu`` with ``cpus_per_task`` threads).
-        cpus_per_task, timeout_min, mem_gb, partition, extra: the job's resources (``extra``: further
-            ``#SBATCH`` options, e.g. ``{"account": "x", "qos": "y"}``).
-    """
-
-    def __init__(self, *, folder: str | os.PathLike, cluster: str, parallel: int, gpus: int, cpus_per_task: int,
-                 timeout_min: int, mem_gb: float | None = None, partition: str | None = None,
-                 extra: dict[str, str] | None = None):
-        import submitit
-
-        self.cluster = cluster
-        self.parallel = parallel
-        self.gpus = gpus
-        self.cpus_per_task = cpus_per_task
-        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-        params: dict[str, Any] = {"timeout_min": timeout_min, "gpus_per_node": gpus, "cpus_per_task": cpus_per_task,
-                                  "tasks_per_node": 1, "nodes": 1, "name": "rat-eval"}
-        if mem_gb is not None:
-            params["mem_gb"] = mem_gb
-        if partition:
-            params["slurm_partition"] = partition
-        if extra:
-            params["slurm_additional_parameters"] = dict(extra)
-        self.executor.update_parameters(**params)
-
-    def free(self, busy: Sequence[int]) -> list[int]:
-        return [s for s in range(self.parallel) if s not in busy]
-
-    def describe(self, slot: int) -> str:
-        return f"{self.cluster} job slot {slot}"
-
-    def command(self, task: Task) -> list[str]:
-        return task_command(task, "cuda" if self.gpus else "cpu", None if self.gpus else self.cpus_per_task)
-
-    def start(self, task: Task, cmd: list[str], slot: int, log: IO[str]) -> _SubmititJob:
-        header = f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {self.cluster} job: {shlex.join(cmd)}\n"
-        job = self.executor.submit(_run_logged, cmd, str(task.log), header)
-        return _SubmititJob(job)
 
 
 class _StopRequest:
@@ -475,16 +288,4 @@ def _launch(task: Task, slot: int, slots: Slots | SubmititSlots, claim: FileLock
     _logger.info("start on %s (pid %s): %s", slots.describe(slot), process.pid, task.label)
     return _Running(task, process, slot, log, time.time(), claim)
 
-
-def cpu_count() -> int:
-    """CPUs this process may use (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def has_gpus() -> bool:
-    import GPUtil
-
-    return len(GPUtil.getGPUs()) > 0
 

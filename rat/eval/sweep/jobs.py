@@ -1,15 +1,16 @@
 """The jobs file of ``runner_aa_eval.py``: one typed schema, checked in full before any job starts, and its expansion
 into jobs (checkpoints × threat models × resolutions × versions) and tasks (a job, or one shard of it).
 
-Every key's type and range is checked up front, with one line naming the entry, the key, the value and what it must
-be. Booleans must be real YAML booleans (``use_ema: true``, not ``"false"``, which Python would read as true). The
-defaults of the evaluation settings are those of :class:`rat.eval.evaluate.EvalSpec`, the same ones ``python -m
-rat.eval`` uses. See docs/eval.md for the file format.
+An entry's keys are the settings of :class:`rat.eval.spec.EvalSpec` that a jobs file gives by name
+(:data:`rat.eval.spec.JOB_SETTINGS`: their rules and defaults, the same ones ``python -m rat.eval`` uses) plus the
+sweep's own: ``checkpoint``/``checkpoints`` and ``name`` (per entry), the axes ``threats``, ``resolutions`` and
+``versions``, and ``shards``. Every key's type and range is checked up front, with one line naming the entry, the key,
+the value and what it must be. Booleans must be real YAML booleans (``use_ema: true``, not ``"false"``, which Python
+would read as true). See docs/eval.md for the file format.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -19,10 +20,11 @@ from typing import Any
 import yaml
 
 from rat.attacks import DEFAULT_EPS, NORMS, check_eps
-from rat.eval.autoattack import ALL_ATTACKS, VERSIONS, resolve_attacks
-from rat.eval.data import SUBSETS
-from rat.eval.evaluate import DEFAULT_RESOLUTION, PRECISIONS, SPEC_DEFAULTS, default_model_name
+from rat.eval.autoattack import VERSIONS, resolve_attacks
+from rat.eval.evaluate import default_model_name
 from rat.eval.results import eps_tag, format_eps, parse_eps
+from rat.eval.rules import ListOf, OneOf, Text, WholeNumber
+from rat.eval.spec import DEFAULT_RESOLUTION, JOB_SETTINGS, SPEC_DEFAULTS, EvalSpec, spec_argv
 from rat.io import read_yaml
 
 __all__ = ["FIELDS", "Job", "JobsError", "Task", "expand_jobs", "load_jobs_file", "parse_threat", "task_command",
@@ -39,46 +41,10 @@ class JobsError(ValueError):
 
 # --- The schema: a checker per key (value -> normalized value, or ValueError saying what the value must be).
 
-def _int(lo: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be a whole number >= {lo}")
-        if value < lo:
-            raise ValueError(f"must be >= {lo}")
-        return value
-    return check
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false (an unquoted YAML boolean)")
-    return value
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be a non-empty string")
-    return value
-
-
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not _NAME_OK.match(value):
         raise ValueError("must be letters, digits and ._+- (it names a folder)")
     return value
-
-
-def _one_of(choices: Sequence[str]) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return value
-    return check
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError("must be a mapping such as {num_classes: 10}")
-    return dict(value)
 
 
 def _threat(value: Any) -> tuple[str, float]:
@@ -86,22 +52,6 @@ def _threat(value: Any) -> tuple[str, float]:
         return parse_threat(value)
     except JobsError as exc:
         raise ValueError(str(exc)) from exc
-
-
-def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
-    """A list of items, or a single item (a list of one)."""
-    def check(value: Any) -> list:
-        values = value if isinstance(value, list) else [value]
-        if not values:
-            raise ValueError("must not be empty")
-        out = []
-        for v in values:
-            try:
-                out.append(item(v))
-            except ValueError as exc:
-                raise ValueError(f"item {v!r} {exc}") from exc
-        return out
-    return check
 
 
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -118,27 +68,14 @@ class Field:
 
 
 FIELDS: dict[str, Field] = {
-    "checkpoint": Field(_optional(_text), per_entry=True),
-    "checkpoints": Field(_optional(_list_of(_text)), per_entry=True),
+    "checkpoint": Field(_optional(Text().check), per_entry=True),
+    "checkpoints": Field(_optional(ListOf(Text()).check), per_entry=True),
     "name": Field(_optional(_name), per_entry=True),
-    "arch": Field(_optional(_text)),
-    "model_kwargs": Field(_optional(_mapping)),
-    "use_ema": Field(_bool, SPEC_DEFAULTS["use_ema"]),
-    "data": Field(_optional(_text)),
-    "threats": Field(_list_of(_threat), [SPEC_DEFAULTS["norm"]]),
-    "resolutions": Field(_list_of(_int(MIN_RESOLUTION)), [DEFAULT_RESOLUTION]),
-    "versions": Field(_list_of(_one_of(VERSIONS)), [SPEC_DEFAULTS["version"]]),
-    "attacks": Field(_optional(_list_of(_one_of(ALL_ATTACKS)))),
-    "n_ex": Field(_int(1), SPEC_DEFAULTS["n_ex"]),
-    "batch_size": Field(_int(1), SPEC_DEFAULTS["batch_size"]),
-    "precision": Field(_one_of(list(PRECISIONS)), SPEC_DEFAULTS["precision"]),
-    "num_workers": Field(_int(1), SPEC_DEFAULTS["num_workers"]),
-    "seed": Field(_int(0), SPEC_DEFAULTS["seed"]),
-    "n_iter": Field(_optional(_int(1)), SPEC_DEFAULTS["n_iter"]),
-    "n_queries": Field(_optional(_int(1)), SPEC_DEFAULTS["n_queries"]),
-    "shards": Field(_int(1), 1),
-    "normalize": Field(_optional(_bool), SPEC_DEFAULTS["normalize"]),
-    "subset": Field(_one_of(SUBSETS), SPEC_DEFAULTS["subset"]),
+    "threats": Field(ListOf(_threat).check, [SPEC_DEFAULTS["norm"]]),
+    "resolutions": Field(ListOf(WholeNumber(MIN_RESOLUTION)).check, [DEFAULT_RESOLUTION]),
+    "versions": Field(ListOf(OneOf(VERSIONS)).check, [SPEC_DEFAULTS["version"]]),
+    "shards": Field(WholeNumber(1).check, 1),
+    **{key: Field(check, default) for key, (check, default) in JOB_SETTINGS.items()},  # the evaluation's settings
 }
 
 
@@ -166,36 +103,26 @@ def _checked(raw: dict[str, Any], where: str, *, in_defaults: bool = False) -> d
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One evaluation of the sweep (before sharding)."""
+    """One evaluation of the sweep (before sharding): its spec (without shard, device or output), shards and result."""
 
-    name: str
-    checkpoint: str | None
-    arch: str | None
-    model_kwargs: str | None  # JSON text, so the job stays hashable
-    use_ema: bool
-    data: str
-    norm: str
-    eps: float
-    resolution: int
-    version: str
-    attacks: tuple[str, ...] | None
-    n_ex: int
-    batch_size: int
-    precision: str
-    num_workers: int
-    seed: int
-    n_iter: int | None
-    n_queries: int | None
+    spec: EvalSpec
     shards: int
     output: Path
-    normalize: bool | None = None  # input normalization; None: what the checkpoint says (rat.eval --normalize)
-    subset: str = SPEC_DEFAULTS["subset"]
+
+    def __hash__(self) -> int:  # a sweep's jobs write distinct results (expand_jobs); the spec holds lists and dicts
+        return hash(self.output)
+
+    @property
+    def name(self) -> str:
+        """The model's name in the sweep (its results folder)."""
+        return str(self.spec.name)
 
     @property
     def label(self) -> str:
         """Short description for logs."""
-        return (f"{self.name} {self.norm} eps={format_eps(self.norm, self.eps)} r{self.resolution} {self.version}"
-                f" n{self.n_ex}")
+        spec = self.spec
+        return (f"{self.name} {spec.norm} eps={format_eps(spec.norm, spec.eps)} r{spec.resolution} {spec.version}"
+                f" n{spec.n_ex}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +131,12 @@ class Task:
 
     job: Job
     shard: int | None = None
+
+    @property
+    def spec(self) -> EvalSpec:
+        """The evaluation of this task: the job's, with the task's shard and result file."""
+        shard = None if self.shard is None else (self.shard, self.job.shards)
+        return dataclasses.replace(self.job.spec, shard=shard, output=self.output)
 
     @property
     def output(self) -> Path:
@@ -281,8 +214,8 @@ def expand_jobs(entries: Sequence[Any], output_dir: str | Path, defaults: Any = 
     for job in jobs:
         other = seen.setdefault(job.output, job)
         if other is not job:
-            raise JobsError(f"two jobs write {job.output} ({other.checkpoint} and {job.checkpoint}): give the "
-                            "entries distinct names")
+            raise JobsError(f"two jobs write {job.output} ({other.spec.checkpoint} and {job.spec.checkpoint}): give "
+                            "the entries distinct names")
     return jobs
 
 
@@ -296,7 +229,7 @@ def _expand_entry(where: str, entry: dict[str, Any], output_dir: Path) -> list[J
         raise JobsError(f"{where}: name goes with a single checkpoint; use one entry per named checkpoint")
     if entry["data"] is None:
         raise JobsError(f"{where}: needs data (a val .beton or ImageNet-style val folder), here or in defaults")
-    model_kwargs = json.dumps(entry["model_kwargs"], sort_keys=True) if entry["model_kwargs"] else None
+    settings = {key: entry[key] for key in JOB_SETTINGS}
     jobs = []
     for checkpoint in checkpoints:
         name = entry["name"] or default_model_name(checkpoint, f"{entry['arch']}-random")
@@ -310,21 +243,16 @@ def _expand_entry(where: str, entry: dict[str, Any], output_dir: Path) -> list[J
                     raise JobsError(f"{where}: threat model {norm}: {exc}") from exc
                 for version in entry["versions"]:
                     try:
-                        attacks = resolve_attacks(version, entry["attacks"] if version == "custom" else None)
+                        resolve_attacks(version, entry["attacks"] if version == "custom" else None)
                     except ValueError as exc:
                         raise JobsError(f"{where}: {exc}") from exc
                     stem = f"{norm}-{eps_tag(norm, eps)}_r{resolution}_{version}_n{entry['n_ex']}"
                     if entry["subset"] != SPEC_DEFAULTS["subset"]:
                         stem += f"_{entry['subset']}"
-                    output = output_dir / name / f"{stem}.json"
-                    jobs.append(Job(
-                        name=name, checkpoint=checkpoint, arch=entry["arch"], model_kwargs=model_kwargs,
-                        use_ema=entry["use_ema"], data=entry["data"], norm=norm, eps=eps, resolution=resolution,
-                        version=version, attacks=tuple(attacks) if version == "custom" else None, n_ex=entry["n_ex"],
-                        batch_size=entry["batch_size"], precision=entry["precision"],
-                        num_workers=entry["num_workers"], seed=entry["seed"], n_iter=entry["n_iter"],
-                        n_queries=entry["n_queries"], shards=entry["shards"], output=output,
-                        normalize=entry["normalize"], subset=entry["subset"]))
+                    spec = EvalSpec(**{**settings, "attacks": entry["attacks"] if version == "custom" else None},
+                                    checkpoint=checkpoint, name=name, norm=norm, eps=eps, resolution=resolution,
+                                    version=version)
+                    jobs.append(Job(spec, entry["shards"], output_dir / name / f"{stem}.json"))
     return jobs
 
 
@@ -360,32 +288,7 @@ def tasks_for(jobs: Sequence[Job]) -> list[Task]:
 
 
 def task_command(task: Task, device: str, threads: int | None = None) -> list[str]:
-    """The ``python -m rat.eval`` argument list of a task."""
-    job = task.job
-    cmd = [sys.executable, "-m", "rat.eval", "--data", job.data, "--name", job.name, "--norm", job.norm,
-           "--eps", repr(job.eps), "--resolution", str(job.resolution), "--version", job.version,
-           "--n-ex", str(job.n_ex), "--subset", job.subset, "--batch-size", str(job.batch_size),
-           "--precision", job.precision,
-           "--num-workers", str(job.num_workers), "--seed", str(job.seed), "--device", device,
-           "--output", str(task.output), "--log", "-"]
-    if job.checkpoint is not None:
-        cmd += ["--checkpoint", job.checkpoint]
-    if job.arch is not None:
-        cmd += ["--arch", job.arch]
-    if job.model_kwargs is not None:
-        cmd += ["--model-kwargs", job.model_kwargs]
-    if job.use_ema:
-        cmd.append("--use-ema")
-    if job.normalize is not None:
-        cmd += ["--normalize", str(int(job.normalize))]
-    if job.attacks:
-        cmd += ["--attacks", *job.attacks]
-    if job.n_iter is not None:
-        cmd += ["--n-iter", str(job.n_iter)]
-    if job.n_queries is not None:
-        cmd += ["--n-queries", str(job.n_queries)]
-    if task.shard is not None:
-        cmd += ["--shard", f"{task.shard}/{job.shards}"]
-    if threads is not None:
-        cmd += ["--threads", str(threads)]
-    return cmd
+    """The ``python -m rat.eval`` argument list of a task (its log goes to the runner: ``--log -``)."""
+    spec = dataclasses.replace(task.spec, device=device)
+    return [sys.executable, "-m", "rat.eval", *spec_argv(spec), "--log", "-",
+            *([] if threads is None else ["--threads", str(threads)])]
