@@ -15,9 +15,8 @@ from PIL import Image, ImageDraw
 from process_support import stop_after_checks, train_in_process
 from torch import nn
 
+from rat.augment import AAA_OPS, AdversarialAugment, PolicyController, PolicySpace, mix, ops, policy_from_state
 from rat.config import ConfigError
-from rat.data import augment as aug
-from rat.data.policy import AAA_OPS, AdversarialAugment, PolicyController, PolicySpace, policy_from_state
 from rat.train.spec import make_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def test_search_space_is_the_papers_without_sample_pairing() -> None:
     assert len(AAA_OPS) == 15 and "SamplePairing" not in AAA_OPS
     space = PolicySpace()
     assert (space.num_sub_policies, space.ops_per_sub_policy, len(space.magnitudes)) == (5, 2, 10)
-    assert set(space.implementations) - {"Cutout"} <= set(aug._COLOR_OPS) | set(aug.GEOMETRIC_OPS)
+    assert set(space.implementations) - {"Cutout"} <= set(ops._COLOR_OPS) | set(ops.GEOMETRIC_OPS)
 
 
 @pytest.mark.parametrize("magnitude_map", ["autoaugment", "seed"])
@@ -83,7 +82,7 @@ def test_policy_ops_match_timm_pil_ops(photo: np.ndarray, op: str, magnitude_map
         # ceil(256 * level) (docs/data.md names that one-level difference).
         args = (int(args[0]),) if op in ("Solarize", "Posterize") else args
     ours = _one_op(op, 7, _to_tensor(photo), magnitude_map=magnitude_map)
-    if name in aug.GEOMETRIC_OPS:  # timm negates at random: ours must match one of the two signs
+    if name in ops.GEOMETRIC_OPS:  # timm negates at random: ours must match one of the two signs
         errors = [(ours - _to_tensor(NAME_TO_OP[name](image, sign * args[0], resample=Image.BILINEAR,
                                                       fillcolor=(0, 0, 0)))).abs()[..., 1:-1, 1:-1].mean()
                   for sign in (1, -1)]
@@ -177,7 +176,7 @@ def _search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps
         batch = slice(step * 32 % 1024, step * 32 % 1024 + 256)
         xa, ya = policy.expand(x[batch], y[batch])
         reward = policy.rewards(nn.CrossEntropyLoss(), model(xa), ya)
-        policy.observe(reward)
+        policy.record(reward)
         rewards.append(float(reward.mean()))
     return rewards
 
@@ -199,7 +198,7 @@ def _final_entropy(entropy_weight: float) -> tuple[float, float]:
     invert = space.ops.index("Invert")
     for _ in range(60):  # reward: the share of Invert in a policy, a pull towards one op
         policy.tokens = policy.sample()
-        policy.observe((policy.tokens[..., 0] == invert).double().mean(dim=(1, 2)))
+        policy.record((policy.tokens[..., 0] == invert).double().mean(dim=(1, 2)))
     with torch.no_grad():
         result = policy.controller(64, generator=torch.Generator().manual_seed(0))
     return float(result["entropy"].mean()) / 20, float(result["op_probs"][invert])
@@ -217,7 +216,7 @@ def test_state_dict_resumes_exactly_mid_interval() -> None:
     def run(policy: AdversarialAugment, steps: int) -> None:
         for _ in range(steps):
             policy.tokens = policy.sample()
-            policy.observe(policy.tokens[..., 1].double().mean(dim=(1, 2)))
+            policy.record(policy.tokens[..., 1].double().mean(dim=(1, 2)))
 
     kwargs = {"num_policies": 4, "schedule": "step", "lr": 0.01, "update_every": 2, "seed": 2}
     straight = AdversarialAugment(PolicySpace(), **kwargs)
@@ -267,7 +266,7 @@ def test_default_schedule_keeps_the_policies_for_the_epoch_and_learns_from_norma
         for step_losses in losses:
             policy.expand(x, y)
             assert torch.equal(policy.tokens, tokens)  # the same M policies all epoch
-            policy.observe(step_losses)
+            policy.record(step_losses)
         for name, value in policy.controller.state_dict().items():
             assert torch.equal(value, before[name]), f"{name} changed within the epoch"
         policy.end_epoch()
@@ -335,7 +334,7 @@ def _policy_state(init_seed: int):
     policy = AdversarialAugment(PolicySpace(("Rotate", "Invert", "Cutout"), (0, 5, 9), 2, 1), num_policies=3,
                                 lr=0.05, entropy_weight=0.01, seed=7, augment_generator=generator, hidden_size=8)
     state = TrainState(module, build_optimizer(module, "adamw", 1e-2, 0.05), create_attack("none", module),
-                       generator=generator, policy=policy)
+                       augmentation=policy)
     return state, AdversarialTask(module, state.attack, nn.CrossEntropyLoss())
 
 
@@ -351,17 +350,39 @@ def test_epoch_schedule_resumes_exactly_from_a_mid_epoch_checkpoint() -> None:
     train_one_epoch(task, batches, straight, options)
     first, task = _policy_state(0)
     assert train_one_epoch(task, batches, first, options, hooks=stop_after_checks(2)).stop_reason == "sigterm"
-    assert first.policy.updates == 0 and first.policy.loss_steps == 2
+    assert first.augmentation.updates == 0 and first.augmentation.loss_steps == 2
     checkpoint = first.state_dict()
     resumed, task = _policy_state(1)
     resumed.load_state_dict(checkpoint)
     train_one_epoch(task, batches, resumed, options)
-    assert straight.policy.updates == resumed.policy.updates == 1
-    for name, value in straight.policy.controller.state_dict().items():
-        assert torch.equal(value, resumed.policy.controller.state_dict()[name]), name
+    assert straight.augmentation.updates == resumed.augmentation.updates == 1
+    for name, value in straight.augmentation.controller.state_dict().items():
+        assert torch.equal(value, resumed.augmentation.controller.state_dict()[name]), name
     for name, value in straight.module.state_dict().items():
         assert torch.equal(value, resumed.module.state_dict()[name]), name
-    assert torch.equal(straight.policy.sample(), resumed.policy.sample())
+    assert torch.equal(straight.augmentation.sample(), resumed.augmentation.sample())
+
+
+def test_observe_records_each_policys_mean_loss_over_the_steps_micro_batches() -> None:
+    """As the trainer's augmentation, the policy's reward for an optimizer step of two micro-batches is, per policy,
+    the mixed loss ``(1 − w)·CE(adversarial logits) + w·CE(clean logits)`` of its images (cross-entropy as torch
+    defines it), averaged over the micro-batches; nothing is recorded before the step's last micro-batch."""
+    m, k, w = 2, 3, 0.25
+    policy = AdversarialAugment(PolicySpace(("Invert",), (0,), 1, 1), num_policies=m, schedule="step",
+                                update_every=2, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    micro_batches = [(torch.randn(m * k, 5, generator=gen), torch.randn(m * k, 5, generator=gen),
+                      torch.randint(0, 5, (m * k,), generator=gen)) for _ in range(2)]
+    expected = torch.zeros(m, dtype=torch.float64)
+    for index, (adversarial, clean, target) in enumerate(micro_batches):
+        policy.expand(torch.rand(k, 3, 4, 4), target[:k], new_step=index == 0)
+        policy.observe(adversarial, target, clean, w, step_end=index == 1)
+        assert len(policy.pending) == index  # recorded at the step's end only
+        for p in range(m):
+            rows = slice(p * k, (p + 1) * k)
+            expected[p] += ((1 - w) * F.cross_entropy(adversarial[rows], target[rows])
+                            + w * F.cross_entropy(clean[rows], target[rows])).item() / 2
+    torch.testing.assert_close(policy.pending[0][1], expected)
 
 
 # -- mixup / cutmix within each policy's group -----------------------------------------------------------------------
@@ -379,7 +400,7 @@ def test_mixup_and_cutmix_stay_within_each_policys_group(mixup: float, cutmix: f
     band = torch.arange(m).repeat_interleave(k).view(-1, 1, 1, 1) / m
     x = (band + 0.05 + 0.2 * torch.rand(m * k, 3, 16, 16, generator=gen)).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (m * k,), generator=gen)
-    grouped = aug.GroupMixup(aug.build_mixup(mixup, cutmix, label_smoothing=0.1, num_classes=classes), m)
+    grouped = mix.GroupMixup(mix.build_mixup(mixup, cutmix, label_smoothing=0.1, num_classes=classes), m)
     lowest = []
     for seed in range(3):
         np.random.seed(seed)
@@ -408,8 +429,9 @@ def test_the_heavy_recipe_composes_with_the_policy() -> None:
                                               "--aaa.num_policies", "4"]))
     built = build_augmentation(spec.augment, spec.aaa, num_classes=10, label_smoothing=0.1, seed=0, run_seed=0,
                                world_size=1)
-    assert isinstance(built.mixup, aug.GroupMixup) and built.mixup.groups == 4
-    assert isinstance(built.criterion, SoftTargetCrossEntropy) and built.policy.random_erasing is not None
+    assert isinstance(built, AdversarialAugment) and isinstance(built.mixup, mix.GroupMixup)
+    assert built.mixup.groups == 4
+    assert isinstance(built.criterion, SoftTargetCrossEntropy) and built.random_erasing is not None
 
 
 @pytest.mark.parametrize(("argv", "message"), [

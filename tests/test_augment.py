@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rat.data import augment as aug
-from rat.data import build_augment, build_mixup
+from rat.augment import build_augment, build_mixup, erasing, ops, randaugment
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,25 +30,25 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def test_parse_rand_augment() -> None:
-    spec = aug.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    spec = randaugment.parse_rand_augment("rand-m9-mstd0.5-inc1")
     assert (spec.magnitude, spec.num_layers, spec.prob, spec.magnitude_std, spec.increasing) == (9, 2, 0.5, 0.5, True)
-    assert spec.ops == aug.RAND_INCREASING_OPS
-    assert aug.parse_rand_augment("rand-n3-m5-p0.8-mmax12").ops == aug.RAND_OPS
-    assert aug.parse_rand_augment("rand-mstd101").magnitude_std == float("inf")
+    assert spec.ops == randaugment.RAND_INCREASING_OPS
+    assert randaugment.parse_rand_augment("rand-n3-m5-p0.8-mmax12").ops == randaugment.RAND_OPS
+    assert randaugment.parse_rand_augment("rand-mstd101").magnitude_std == float("inf")
     for bad in ("augmix-m3", "rand-x3", "rand-tweights"):
         with pytest.raises(ValueError):
-            aug.parse_rand_augment(bad)
+            randaugment.parse_rand_augment(bad)
 
 
 def test_op_lists_match_timm() -> None:
     from timm.data.auto_augment import rand_augment_choices
 
-    assert aug.RAND_INCREASING_OPS == tuple(rand_augment_choices("", increasing=True))
-    assert aug.RAND_OPS == tuple(rand_augment_choices("", increasing=False))
+    assert randaugment.RAND_INCREASING_OPS == tuple(rand_augment_choices("", increasing=True))
+    assert randaugment.RAND_OPS == tuple(rand_augment_choices("", increasing=False))
 
 
-@pytest.mark.parametrize("name", [n for n in aug.RAND_INCREASING_OPS + aug.RAND_OPS + ("PosterizeOriginal",) if n not in
-                                  ("AutoContrast", "Equalize", "Invert")])
+@pytest.mark.parametrize("name", [n for n in randaugment.RAND_INCREASING_OPS + randaugment.RAND_OPS
+                                  + ("PosterizeOriginal",) if n not in ("AutoContrast", "Equalize", "Invert")])
 def test_level_to_arg_matches_timm(name: str) -> None:
     from timm.data.auto_augment import LEVEL_TO_ARG
 
@@ -60,17 +59,17 @@ def test_level_to_arg_matches_timm(name: str) -> None:
         for seed in range(40):  # timm negates at random; collect both signs
             random.seed(seed)
             timm_values.add(round(float(LEVEL_TO_ARG[name](magnitude, hparams)[0]), 9))
-        ours = {round(float(aug.level_to_arg(name, torch.tensor([magnitude], dtype=torch.float64),
+        ours = {round(float(ops.level_to_arg(name, torch.tensor([magnitude], dtype=torch.float64),
                                              torch.tensor([s], dtype=torch.float64))[0]), 9) for s in (1.0, -1.0)}
         assert ours == timm_values, f"{name} at magnitude {magnitude}"
 
 
 COLOR_CASES = [
-    ("AutoContrast", aug.auto_contrast, None), ("Equalize", aug.equalize, None), ("Invert", aug.invert, None),
-    ("Posterize", aug.posterize, 2), ("Posterize", aug.posterize, 0), ("Solarize", aug.solarize, 100),
-    ("SolarizeAdd", aug.solarize_add, 60), ("Color", aug.color, 1.7), ("Color", aug.color, 0.2),
-    ("Contrast", aug.contrast, 0.4), ("Contrast", aug.contrast, 1.8), ("Brightness", aug.brightness, 1.6),
-    ("Sharpness", aug.sharpness, 1.9), ("Sharpness", aug.sharpness, 0.1),
+    ("AutoContrast", ops.auto_contrast, None), ("Equalize", ops.equalize, None), ("Invert", ops.invert, None),
+    ("Posterize", ops.posterize, 2), ("Posterize", ops.posterize, 0), ("Solarize", ops.solarize, 100),
+    ("SolarizeAdd", ops.solarize_add, 60), ("Color", ops.color, 1.7), ("Color", ops.color, 0.2),
+    ("Contrast", ops.contrast, 0.4), ("Contrast", ops.contrast, 1.8), ("Brightness", ops.brightness, 1.6),
+    ("Sharpness", ops.sharpness, 1.9), ("Sharpness", ops.sharpness, 0.1),
 ]
 
 
@@ -100,8 +99,8 @@ def test_geometric_ops_match_timm_pil_ops(photo: np.ndarray, name: str, arg: flo
     fill = torch.zeros(3)
 
     def ours(value: float) -> torch.Tensor:
-        theta = aug.affine_theta([name], torch.tensor([value]), height, width)
-        return aug.geometric(_to_tensor(photo), theta, fill, "bilinear")
+        theta = ops.affine_theta([name], torch.tensor([value]), height, width)
+        return ops.geometric(_to_tensor(photo), theta, fill, "bilinear")
 
     error = (ours(arg) - reference).abs()[..., 1:-1, 1:-1].mean()
     mirrored = (ours(-arg) - reference).abs()[..., 1:-1, 1:-1].mean()
@@ -117,14 +116,14 @@ def test_geometric_is_affine_grid_and_grid_sample(mode: str) -> None:
 
     x = torch.rand(6, 3, 24, 32, generator=torch.Generator().manual_seed(0))
     names = ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateXRel"]
-    theta = aug.affine_theta(names, torch.tensor([20.0, 0.2, -0.3, 0.137, -0.29, -0.6]), 24, 32)
+    theta = ops.affine_theta(names, torch.tensor([20.0, 0.2, -0.3, 0.137, -0.29, -0.6]), 24, 32)
     for fill in (torch.zeros(3), torch.tensor([0.2, 0.5, 0.9])):
         colour = fill.view(1, 3, 1, 1)
         grid = F.affine_grid(theta.float(), [6, 3, 24, 32], align_corners=False)
         reference = F.grid_sample(x - colour, grid, mode=mode, padding_mode="zeros", align_corners=False)
         reference = reference.add_(colour).clamp_(0.0, 1.0)
         for batch in (x, x.contiguous(memory_format=torch.channels_last)):
-            torch.testing.assert_close(aug.geometric(batch, theta, fill, mode), reference, atol=2e-5, rtol=0)
+            torch.testing.assert_close(ops.geometric(batch, theta, fill, mode), reference, atol=2e-5, rtol=0)
 
 
 def test_batch_augment_is_per_sample_and_in_range(photo: np.ndarray) -> None:
@@ -175,7 +174,7 @@ def test_cpu_result_does_not_depend_on_the_thread_count(photo: np.ndarray) -> No
 def test_each_layer_applies_ops_with_probability_p(photo: np.ndarray) -> None:
     """Statistics of the op choice: with p=0.5 and 2 layers about 1/4 of the images get no op at all."""
     x = _to_tensor(photo).repeat(400, 1, 1, 1)[..., :16, :16]
-    out = aug.BatchRandAugment("rand-m9-mstd0.5-inc1")(x, torch.Generator().manual_seed(0))
+    out = randaugment.BatchRandAugment("rand-m9-mstd0.5-inc1")(x, torch.Generator().manual_seed(0))
     untouched = float(((out - x).abs().flatten(1).amax(1) == 0).float().mean())
     # untouched = no op in both layers (0.25) + ops that are identities on this image (rare)
     assert 0.18 < untouched < 0.36
@@ -187,7 +186,7 @@ def test_random_erasing_matches_timm_statistics() -> None:
     random.seed(0)
     ones = torch.ones(2000, 3, 24, 32)
     timm_out = RandomErasing(1.0, mode="const", device="cpu")(ones.clone())
-    ours = aug.BatchRandomErasing(1.0, "const")(ones, torch.Generator().manual_seed(0))
+    ours = erasing.BatchRandomErasing(1.0, "const")(ones, torch.Generator().manual_seed(0))
     timm_area = (timm_out[:, 0] == 0).float().mean(dim=(1, 2))
     our_area = (ours[:, 0] == 0).float().mean(dim=(1, 2))
     assert abs(float(our_area.mean()) - float(timm_area.mean())) < 0.01
@@ -201,7 +200,7 @@ def test_random_erasing_matches_timm_statistics() -> None:
 
 def test_random_erasing_probability_and_pixel_noise() -> None:
     x = torch.full((1000, 3, 16, 16), 0.5)
-    out = aug.BatchRandomErasing(0.25, "pixel")(x, torch.Generator().manual_seed(1))
+    out = erasing.BatchRandomErasing(0.25, "pixel")(x, torch.Generator().manual_seed(1))
     erased = (out != x).flatten(1).any(1).float().mean()
     assert 0.2 < float(erased) < 0.3
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
@@ -226,6 +225,32 @@ def test_mixup_is_timm_mixup_on_channels_last_batches() -> None:
     assert 0.0 <= float(mixed.min()) and float(mixed.max()) <= 1.0
 
 
+def test_the_trainers_augmentation_is_the_recipe_then_timm_mixup_with_the_matching_loss(photo: np.ndarray) -> None:
+    """The fixed :class:`Augmentation` the trainer holds: ``apply`` is RandAugment + erasing under its generator, then
+    timm's Mixup (same draws); its loss is timm's SoftTargetCrossEntropy with mixup, else cross-entropy with the label
+    smoothing; it learns nothing and has no state beyond its generator."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from rat.augment import Augmentation
+
+    x = _to_tensor(photo).repeat(8, 1, 1, 1)
+    y = torch.arange(8)
+    recipe = Augmentation(build_augment(), build_mixup(num_classes=10), generator=torch.Generator().manual_seed(4))
+    np.random.seed(0)
+    mixed, soft = recipe.apply(x, y)
+    np.random.seed(0)
+    reference = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    ref_x, ref_soft = reference(build_augment()(x, torch.Generator().manual_seed(4)), y)
+    torch.testing.assert_close(mixed, ref_x, rtol=0, atol=0)
+    torch.testing.assert_close(soft, ref_soft, rtol=0, atol=0)
+    assert isinstance(recipe.criterion, SoftTargetCrossEntropy)
+    plain = Augmentation(label_smoothing=0.1)
+    assert plain.apply(x, y)[0] is x and plain.criterion.label_smoothing == 0.1
+    recipe.observe(torch.zeros(8, 10), soft)
+    assert recipe.epoch_stats() == {} and recipe.state_dict() is None and recipe.replicated_modules() == ()
+
+
 def test_bad_inputs() -> None:
     augment = build_augment()
     with pytest.raises(ValueError, match="float"):
@@ -241,7 +266,7 @@ def test_bad_inputs() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_parameters(photo: np.ndarray) -> None:
     x = _to_tensor(photo).repeat(16, 1, 1, 1)
-    rand_augment = aug.BatchRandAugment()
+    rand_augment = randaugment.BatchRandAugment()
     cpu = rand_augment(x, torch.Generator().manual_seed(3))
     gpu = rand_augment(x.cuda(), torch.Generator().manual_seed(3))
     assert gpu.is_cuda

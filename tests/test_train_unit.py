@@ -180,7 +180,7 @@ def _state(init_seed: int) -> TrainState:
     from timm.utils import ModelEmaV3
 
     from rat.attacks import create_attack
-    from rat.data.policy import AdversarialAugment, PolicySpace
+    from rat.augment import AdversarialAugment, PolicySpace
 
     module = _classifier(init_seed)
     generator = torch.Generator().manual_seed(5)
@@ -188,7 +188,7 @@ def _state(init_seed: int) -> TrainState:
                                 lr=0.01, update_every=3, seed=7, augment_generator=generator, hidden_size=8)
     attack = create_attack("apgd", module, norm=["Linf", "L1"], eps=[4 / 255, 5.0], n_iter=[1, 1], seed=3)
     return TrainState(module, build_optimizer(module, "adamw", 1e-3, 0.05), attack, ema=ModelEmaV3(module, decay=0.5),
-                      scaler=torch.amp.GradScaler("cpu"), generator=generator, policy=policy, arch="tiny",
+                      scaler=torch.amp.GradScaler("cpu"), augmentation=policy, arch="tiny",
                       model_kwargs={"num_classes": 3}, config={"training": {"epochs": 2}, "adv": {"attack": "apgd"}})
 
 
@@ -209,8 +209,8 @@ def _todays_checkpoint(state: TrainState, metrics: dict) -> dict:
             "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "batches_done": state.batches_done, "arch": state.arch,
             "attack": state.attack.state_dict(), "replicas_in_sync": 1, "model_kwargs": state.model_kwargs,
-            "config": state.config, "rng": [rng_state(state.generator)], "metrics": metrics,
-            "best_robust": state.best, "augment_policy": state.policy.state_dict()}
+            "config": state.config, "rng": [rng_state(state.augmentation.generator)], "metrics": metrics,
+            "best_robust": state.best, "augment_policy": state.augmentation.state_dict()}
 
 
 def _assert_same(a, b, path: str = "") -> None:
@@ -253,7 +253,7 @@ def test_a_checkpoint_in_todays_format_resumes_exactly(tmp_path):
     _epoch(resumed, _batches(2, seed=1))
     for name, value in first.module.state_dict().items():
         assert torch.equal(value, resumed.module.state_dict()[name]), name
-    _assert_same(first.policy.state_dict(), resumed.policy.state_dict())
+    _assert_same(first.augmentation.state_dict(), resumed.augmentation.state_dict())
     assert first.step == resumed.step == 4
 
 

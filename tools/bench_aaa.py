@@ -26,8 +26,7 @@ from _timing import seconds_per_call
 from torch import nn
 
 from rat.attacks import adversarial_loss, create_attack
-from rat.data import build_augment
-from rat.data.policy import AdversarialAugment, PolicySpace
+from rat.augment import AdversarialAugment, PolicySpace, build_augment
 from rat.models import create_model
 
 
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def update() -> None:  # one sample and one REINFORCE update (every step under aaa.schedule step, once per epoch)
         stepwise.tokens = stepwise.sample()
-        stepwise.observe(torch.rand(m, dtype=torch.float64))
+        stepwise.record(torch.rand(m, dtype=torch.float64))
 
     result["controller_ms"] = 1000 * seconds_per_call(update, torch.device("cpu"), args.repeats)
 
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         out.loss.backward()
         optimizer.step()
         if augment_policy is not None:
-            augment_policy.observe(augment_policy.rewards(criterion, out.output, ys))
+            augment_policy.record(augment_policy.rewards(criterion, out.output, ys))
 
     model.train()
     t_step_ra = seconds_per_call(lambda: step(None), device, args.repeats)

@@ -38,6 +38,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 import rat.models
 from rat.attacks import create_attack, per_sample_loss
+from rat.augment import Augmentation
 from rat.models.flops import count_flops
 from rat.precision import autocast
 from rat.train.engine import StepOptions, train_one_epoch
@@ -56,8 +57,11 @@ def _timed_epoch(model, attack, criterion, x, y, optimizer, mixup, args, steps: 
     task = AdversarialTask(model, attack, criterion)
     options = StepOptions(lr=lambda step: 1e-4, precision=args.precision)
 
+    augmentation = Augmentation(mixup=mixup)
+
     def epoch(n: int) -> None:
-        train_one_epoch(task, OnDeviceBatches(x, y, n), TrainState(model, optimizer, attack), options, mixup=mixup)
+        train_one_epoch(task, OnDeviceBatches(x, y, n), TrainState(model, optimizer, attack, augmentation=augmentation),
+                        options)
 
     return seconds_per_train_step(epoch, x.device, steps, args.warmup)
 

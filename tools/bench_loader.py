@@ -106,7 +106,7 @@ def torchvision_epochs(folder: Path, *, batch_size: int, workers: int, resolutio
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from rat.data import build_mixup
+    from rat.augment import build_mixup
 
     if heavy:
         from timm.data import create_transform
@@ -135,7 +135,7 @@ def torchvision_epochs(folder: Path, *, batch_size: int, workers: int, resolutio
 
 def rat_epochs(loader: Any, *, heavy: bool, device: torch.device, num_classes: int) -> Callable[[], Iterable[int]]:
     """One epoch of rat's pipeline (``loader`` + the heavy augmentation and Mixup when ``heavy``) per call."""
-    from rat.data import build_augment, build_mixup
+    from rat.augment import build_augment, build_mixup
 
     augment = build_augment(RAND_AUGMENT, re_prob=0.25) if heavy else None
     mixup = build_mixup(num_classes=num_classes) if heavy else None

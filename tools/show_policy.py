@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from rat.data.policy import AdversarialAugment, policy_from_state  # noqa: E402
+from rat.augment import AdversarialAugment, policy_from_state  # noqa: E402
 
 
 def _images(beton: Path | None, count: int, size: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""rat data: FFCV beton writers, train/val loaders, and batched on-device augmentation.
+"""rat data: FFCV beton writers and train/val loaders (augmentation is :mod:`rat.augment`).
 
 Public API (see docs/data.md):
 
@@ -6,27 +6,25 @@ Public API (see docs/data.md):
   :func:`write_cifar_beton` (-> :class:`WriteReport`, :class:`BetonWriteError`); reading back: :func:`read_classes`,
   :func:`read_beton_info`, :func:`read_beton_item`, :class:`BetonImages`;
 * loading: :func:`build_train_loader`, :func:`build_val_loader` (central crop :data:`VAL_CROP_RATIO`; with
-  ``distributed=True`` each rank evaluates its own contiguous shard);
-* augmentation: :class:`BatchAugment` (per-sample RandAugment + random erasing on a batch, on its device),
-  :func:`build_augment`, :func:`build_mixup` (timm ``Mixup``).
+  ``distributed=True`` each rank evaluates its own contiguous shard).
 
 The modules, one job each, in the order data flows: ``sources`` (ImageFolder listing, CIFAR archives, the indexable
 sources the writer reads), ``meta`` (a beton's fields and classes file, reading samples back), ``writer`` (the atomic
-write), ``crop`` (the evaluation crop ratio), ``loaders`` (the FFCV loaders), ``augment`` (batched augmentation);
-``_ffcv_compat`` holds every workaround for ffcv 1.0.2's internals and checks the installed version. ``rat.data.demo``
-(the embedded demo dataset) and ``rat.data.policy`` (Adversarial AutoAugment) build on these and load on their own.
+write), ``crop`` (the evaluation crop ratio), ``loaders`` (the FFCV loaders); ``_ffcv_compat`` holds every
+workaround for ffcv 1.0.2's internals and checks the installed version. ``rat.data.demo`` (the embedded demo dataset)
+builds on these and loads on its own.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from rat.data.augment import BatchAugment, build_augment, build_mixup
 from rat.data.crop import VAL_CROP_RATIO
 
-# The loaders and writers import ffcv (and numba), which takes seconds and a compiled extension; augmentation,
-# the adversarial policy and everything else that only needs torch must not pay for it (nor fail without it, e.g.
-# on a GPU machine without ffcv). So those names load on first use (PEP 562).
+# The loaders and writers import ffcv (and numba), which takes seconds and a compiled extension. Importing any
+# rat.data module runs this file first, and the models (rat.data.crop's VAL_CROP_RATIO), rat.eval on image folders
+# and the readers of a beton's classes need no ffcv: they must not pay for it, nor fail without it (e.g. on a GPU
+# machine without ffcv). So every name here but VAL_CROP_RATIO loads its module on first use (PEP 562).
 _FFCV_NAMES = {
     "build_train_loader": "rat.data.loaders", "build_val_loader": "rat.data.loaders",
     "list_image_folder": "rat.data.sources",
@@ -42,4 +40,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rat.data' has no attribute {name!r}")
 
 
-__all__ = ["VAL_CROP_RATIO", "BatchAugment", "build_augment", "build_mixup", *_FFCV_NAMES]
+__all__ = ["VAL_CROP_RATIO", *_FFCV_NAMES]

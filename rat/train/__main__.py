@@ -33,7 +33,6 @@ from rat.io import OutputError
 from rat.logging import MetricsError, MetricsWriter, logging_scope, read_metrics, setup_logging
 from rat.models import CheckpointError
 from rat.train.build import (
-    Augmentation,
     Loaders,
     build_attack,
     build_augmentation,
@@ -118,7 +117,6 @@ class _Run:
     hooks: _RunHooks
     state: TrainState
     task: AdversarialTask
-    augmentation: Augmentation
     loaders: Loaders
     options: StepOptions
     eval_models: list[tuple[str, nn.Module, Attack | None]]  # (metrics prefix, model, its robust-accuracy attack)
@@ -161,8 +159,8 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
     # through the compiled module (with model.compile 1), so the attack's forward/backward passes are compiled too
     attack = build_attack(spec.adv, compiled, seed, grad_accum=training.grad_accum)
     loaders = build_loaders(spec, train_path, val_path, info)
-    state = TrainState(module, optimizer, attack, ema=ema, scaler=scaler, generator=augmentation.generator,
-                       policy=augmentation.policy, arch=spec.model.arch, model_kwargs=kwargs, config=spec.to_dict(),
+    state = TrainState(module, optimizer, attack, ema=ema, scaler=scaler, augmentation=augmentation,
+                       arch=spec.model.arch, model_kwargs=kwargs, config=spec.to_dict(),
                        rank=info.rank, world_size=info.world_size,
                        local_bn=info.distributed and not spec.model.sync_bn and bool(batchnorm_stats(module)),
                        global_batch=global_batch(spec, info.world_size))
@@ -176,7 +174,7 @@ def _build(spec: TrainSpec, info: DistInfo, hooks: _RunHooks) -> _Run:
     if ema is not None:
         eval_models.append(("ema_", ema.module, build_eval_attack(spec.adv, spec.validation, ema.module, seed)))
     return _Run(spec, info, hooks, state, AdversarialTask(model, attack, augmentation.criterion, spec.adv.mixed_loss),
-                augmentation, loaders, options, eval_models, classes)
+                loaders, options, eval_models, classes)
 
 
 def global_batch(spec: TrainSpec, world_size: int) -> int:
@@ -233,8 +231,7 @@ def _train(run: _Run) -> dict[str, Any]:
         res = spec.resolution.resolution_at(epoch)
         run.loaders.train.set_resolution(res)
         run.loaders.train.set_epoch(epoch)
-        result = train_one_epoch(run.task, run.loaders.train, state, run.options, augment=run.augmentation.augment,
-                                 mixup=run.augmentation.mixup, hooks=run.hooks, resolution=res)
+        result = train_one_epoch(run.task, run.loaders.train, state, run.options, hooks=run.hooks, resolution=res)
         if result.stop_reason == "nonfinite":
             last = run.checkpoint_dir / "last.pt"
             intact = f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was written"
@@ -254,11 +251,7 @@ def _train(run: _Run) -> dict[str, Any]:
         state.average_batchnorm()  # with per-rank BatchNorm statistics: their mean, before validation and checkpoint
         metrics = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "train_loss": result.loss,
                    "img_per_s": result.img_per_s, "resolution": res, "lr": run.options.lr(state.step - 1)}
-        policy = state.policy
-        if policy is not None:
-            metrics.update(policy.epoch_stats())
-            _logger.info("controller's top sub-policies: %s", ", ".join(
-                f"{policy.space.describe(tokens)} {share:.1%}" for tokens, share in policy.top_sub_policies(3)))
+        metrics.update(state.augmentation.epoch_stats())
         last = state.epoch == epochs
         if last or (every and state.epoch % every == 0):
             metrics.update(_validate(run))

@@ -11,16 +11,14 @@ from typing import Any
 
 import torch
 from timm.layers import convert_sync_batchnorm
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from rat.attacks import Attack, create_attack
+from rat.augment import AdversarialAugment, Augmentation, BatchRandomErasing, build_augment, build_mixup
 from rat.config import ConfigError
-from rat.data import build_augment, build_mixup, build_train_loader, build_val_loader, read_beton_info
-from rat.data.augment import BatchRandomErasing, GroupMixup
+from rat.data import build_train_loader, build_val_loader, read_beton_info
 from rat.data.demo import demo_root as default_demo_root
 from rat.data.demo import ensure_demo_betons
-from rat.data.policy import AdversarialAugment
 from rat.models import create_model, dynamic_size_kwargs
 from rat.train.distributed import DistInfo, all_reduce_sum, barrier
 from rat.train.spec import AAASpec, AdvSpec, AugmentSpec, DataSpec, ModelSpec, TrainSpec, ValidationSpec
@@ -86,51 +84,28 @@ def build_eval_attack(adv: AdvSpec, validation: ValidationSpec, module: nn.Modul
     return create_attack("apgd", module, norm=norm, eps=eps, n_iter=validation.robust_n_iter, seed=seed)
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """What happens to a training batch before the attack, and the loss that matches it.
-
-    Attributes:
-        criterion: cross-entropy with label smoothing, or timm ``SoftTargetCrossEntropy`` for mixup's soft targets.
-        generator: seeded CPU generator of the random augmentation parameters (saved in checkpoints, per rank).
-        augment: per-sample heavy augmentation ``augment(x, generator)`` (RandAugment + random erasing).
-        mixup: timm Mixup/CutMix with label smoothing folded into the soft targets (with the policy, a
-            ``GroupMixup``: within each policy's images).
-        policy: the Adversarial AutoAugment policy, which then replaces ``augment`` (random erasing follows it).
-    """
-
-    criterion: nn.Module
-    generator: torch.Generator | None = None
-    augment: Any = None
-    mixup: Any = None
-    policy: AdversarialAugment | None = None
-
-
 def build_augmentation(augment: AugmentSpec, aaa: AAASpec, *, num_classes: int, label_smoothing: float, seed: int,
                        run_seed: int, world_size: int) -> Augmentation:
-    """The augmentation of ``augment.*`` (and ``aaa.*`` for the adversarial policy). ``seed`` (the rank's) seeds the
-    augmentation generator; ``run_seed`` (the run's, the same on every rank) the policy's controller, whose rewards
-    are averaged over the ``world_size`` ranks so that every rank's controller stays the same."""
+    """The augmentation of ``augment.*`` (and ``aaa.*`` for the adversarial policy, with mixup/cutmix within each
+    policy's images). ``seed`` (the rank's) seeds the augmentation generator; ``run_seed`` (the run's, the same on
+    every rank) the policy's controller, whose rewards are averaged over the ``world_size`` ranks so that every rank's
+    controller stays the same."""
     mixup = build_mixup(augment.mixup, augment.cutmix, augment.mixup_switch_prob, label_smoothing,
                         num_classes=num_classes, prob=augment.mixup_prob) if augment.heavy else None
-    criterion = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if augment.policy == "adversarial":
-        generator = torch.Generator().manual_seed(seed)
         erasing = BatchRandomErasing(augment.reprob) if augment.heavy and augment.reprob > 0 else None
-        policy = AdversarialAugment(aaa.policy_space(), num_policies=aaa.num_policies, schedule=aaa.schedule,
-                                    lstm_state=aaa.lstm_state, magnitude_map=aaa.magnitude_map,
-                                    cutout_fill=aaa.cutout_fill, lr=aaa.lr, entropy_weight=aaa.entropy_weight,
-                                    baseline_decay=aaa.baseline_decay, update_every=aaa.update_every,
-                                    batch_fraction=aaa.batch_fraction, seed=run_seed, augment_generator=generator,
-                                    random_erasing=erasing, reduce_mean=lambda t: all_reduce_sum(t) / world_size,
-                                    hidden_size=aaa.hidden_size)
-        # Mixup/CutMix pair images within each policy's group, so that each policy's loss stays its own.
-        group_mixup = GroupMixup(mixup, aaa.num_policies) if mixup is not None else None
-        return Augmentation(criterion, generator, mixup=group_mixup, policy=policy)
+        return AdversarialAugment(aaa.policy_space(), num_policies=aaa.num_policies, schedule=aaa.schedule,
+                                  lstm_state=aaa.lstm_state, magnitude_map=aaa.magnitude_map,
+                                  cutout_fill=aaa.cutout_fill, lr=aaa.lr, entropy_weight=aaa.entropy_weight,
+                                  baseline_decay=aaa.baseline_decay, update_every=aaa.update_every,
+                                  batch_fraction=aaa.batch_fraction, seed=run_seed,
+                                  augment_generator=torch.Generator().manual_seed(seed), random_erasing=erasing,
+                                  mixup=mixup, label_smoothing=label_smoothing,
+                                  reduce_mean=lambda t: all_reduce_sum(t) / world_size, hidden_size=aaa.hidden_size)
     if not augment.heavy:
-        return Augmentation(criterion)
-    return Augmentation(criterion, torch.Generator().manual_seed(seed),
-                        augment=build_augment(augment.randaugment, re_prob=augment.reprob), mixup=mixup)
+        return Augmentation(label_smoothing=label_smoothing)
+    return Augmentation(build_augment(augment.randaugment, re_prob=augment.reprob), mixup,
+                        generator=torch.Generator().manual_seed(seed), label_smoothing=label_smoothing)
 
 
 @dataclass(frozen=True)

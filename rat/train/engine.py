@@ -82,20 +82,18 @@ class EpochHooks:
 
 
 def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, options: StepOptions, *,
-                    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                    mixup: Callable | None = None, hooks: EpochHooks | None = None,
-                    resolution: int | None = None) -> EpochResult:
+                    hooks: EpochHooks | None = None, resolution: int | None = None) -> EpochResult:
     """Train epoch ``state.epoch`` from global step ``state.step``, skipping the ``state.batches_done`` batches a
     checkpoint written mid-epoch had already trained (they are read and discarded).
 
-    Each step: the lr of the step on every param group, the ε warm-up, then on the device either ``state.policy``
-    (adversarial augmentation: each batch becomes the M·K images of the step's sampled policies, and the attack, if
-    any, runs on all of them) or ``augment(x, state.generator)`` (per-sample heavy augmentation), then ``mixup``;
-    then ``task(x, target)`` under autocast, the backward pass (through ``state.scaler`` for fp16), gradient
-    clipping, the optimizer step and the EMA update (``state.ema``, a timm ``ModelEmaV3``). With a policy, each
-    policy's share of the loss is its reward (``policy.observe``, after the finite-loss check, every rank alike), and
-    an epoch that ends (not stopped) ends the policy's epoch (``policy.end_epoch``: the epoch schedule's controller
-    update). ``state.step`` and ``state.batches_done`` advance with every update.
+    Each step: the lr of the step on every param group, the ε warm-up, then on the device
+    ``state.augmentation.apply`` (the images and targets to train on: per-sample augmentation and mixup, or the M·K
+    images of the adversarial policy's sampled policies, on all of which the attack, if any, runs); then ``task(x,
+    target)`` under autocast, ``state.augmentation.observe`` of the logits (after the finite-loss check, every rank
+    alike: the policy's rewards), the backward pass (through ``state.scaler`` for fp16), gradient clipping, the
+    optimizer step and the EMA update (``state.ema``, a timm ``ModelEmaV3``). An epoch that ends (not stopped) ends
+    the augmentation's epoch (``end_epoch``: the policy's epoch-schedule controller update). ``state.step`` and
+    ``state.batches_done`` advance with every update.
 
     Stops early, on every rank at the same step, when the loss is not finite on some rank (``stop_reason='nonfinite'``,
     without applying that update) or when ``hooks.stop_requested()`` is true on some rank (``'sigterm'``, after
@@ -109,7 +107,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
     loader batches and only ever stands at a step's end (a stop request waits for the step's last micro-batch).
     """
     hooks = hooks if hooks is not None else EpochHooks()
-    model, optimizer, scaler, policy = task.model, state.optimizer, state.scaler, state.policy
+    model, optimizer, scaler, augmentation = task.model, state.optimizer, state.scaler, state.augmentation
     model.train()
     accum = options.grad_accum
     steps = len(loader) // accum
@@ -121,7 +119,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
     stop_reason = None
     start = time.perf_counter()
     window_start, window_images = start, 0
-    micro, step_loss, stop, rewards = 0, 0.0, False, None  # within the optimizer step in progress
+    micro, step_loss, stop = 0, 0.0, False  # within the optimizer step in progress
     for index, (x, y) in enumerate(loader):
         if index >= total * accum:
             break
@@ -134,13 +132,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
             if options.eps_warmup_epochs > 0:
                 task.attack.set_eps_scale(eps_warmup_factor((state.step + 1) / total, options.eps_warmup_epochs))
             optimizer.zero_grad(set_to_none=True)
-        if policy is not None:
-            x, y = policy.expand(x, y, new_step=micro == 0)
-        elif augment is not None:
-            x = augment(x, state.generator)
-        target = y
-        if mixup is not None:
-            x, target = mixup(x, y)
+        x, target = augmentation.apply(x, y, new_step=micro == 0)
         micro += 1
         last = micro == accum
         with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
@@ -154,9 +146,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
             if flags[1] > 0:
                 stop_reason = "nonfinite"
                 break
-            if policy is not None:
-                reward = policy.rewards(task.criterion, result.output, target, result.clean_output, task.mixed_loss)
-                rewards = reward if rewards is None else rewards + reward
+            augmentation.observe(result.output, target, result.clean_output, task.mixed_loss, step_end=last)
             loss = loss / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += flags[0] / world_size / accum
@@ -165,8 +155,6 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
         window_images += x.shape[0] * world_size
         if not last:
             continue
-        if policy is not None:
-            policy.observe(rewards / accum)
         if scaler is not None:
             if options.grad_clip > 0:
                 scaler.unscale_(optimizer)
@@ -181,7 +169,7 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
         state.batches_done = index + 1
         if state.ema is not None:
             state.ema.update(state.module, step=state.step)
-        mean_loss, micro, step_loss, rewards = step_loss, 0, 0.0, None
+        mean_loss, micro, step_loss = step_loss, 0, 0.0
         loss_sum += mean_loss
         batches += 1
         if batches % options.log_every == 0 or stop:
@@ -196,8 +184,8 @@ def train_one_epoch(task: AdversarialTask, loader: Iterable, state: TrainState, 
             stop_reason = "sigterm"
             break
     bar.close()
-    if policy is not None and stop_reason is None:
-        policy.end_epoch()  # the epoch schedule's controller update, on every rank alike
+    if stop_reason is None:
+        augmentation.end_epoch()  # the policy's epoch-schedule controller update, on every rank alike
     return EpochResult(loss=loss_sum / max(batches, 1), batches=state.batches_done, images=images,
                        seconds=time.perf_counter() - start, step=state.step, stop_reason=stop_reason)
 

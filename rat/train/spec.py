@@ -14,12 +14,13 @@ import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastargs import Config
 from fastargs.validation import OneOf
 
 from rat.attacks import DEFAULT_EPS, NORMS, check_eps
+from rat.augment.policy import AAA_OPS, PolicySpace, images_per_policy
 from rat.config import (
     CommaList,
     ConfigError,
@@ -37,9 +38,6 @@ from rat.config import (
 )
 from rat.logging import PROGRESS_HELP
 from rat.precision import PRECISIONS
-
-if TYPE_CHECKING:
-    from rat.data.policy import PolicySpace
 
 _logger = logging.getLogger(__name__)
 
@@ -81,9 +79,7 @@ class AAASpec:
     batch_fraction: float = param(FiniteFloat(0, 1, lo_open=True), "share of the batch each policy augments (1 = "
                                    "the whole batch, M*B images as in the paper; 1/M = RandAugment's cost)",
                                    default=1.0)
-    ops: str = param(str, "comma-separated op types of the search space (default: all 15)",
-                      default="ShearX,ShearY,TranslateX,TranslateY,Rotate,AutoContrast,Invert,Equalize,Solarize,"
-                              "Posterize,Contrast,Color,Brightness,Sharpness,Cutout")
+    ops: str = param(str, "comma-separated op types of the search space (default: all 15)", default=",".join(AAA_OPS))
     magnitudes: str = param(CommaList(int_in(0, 10), "ints in [0, 10]"), "magnitude levels the controller chooses from "
                              "(timm's scale, level = m/10)", default="0,1,2,3,4,5,6,7,8,9")
     sub_policies: int = param(int_in(1), "sub-policies per policy", default=5)
@@ -109,14 +105,12 @@ class AAASpec:
     hidden_size: int = param(int_in(1), "controller LSTM width", default=100)
 
     def policy_space(self) -> PolicySpace:
-        """The Adversarial AutoAugment search space (``rat.data.policy.PolicySpace``) of ``aaa.ops``/``magnitudes``/
+        """The Adversarial AutoAugment search space (``rat.augment.policy.PolicySpace``) of ``aaa.ops``/``magnitudes``/
         ``sub_policies``/``ops_per_sub_policy``.
 
         Raises:
             ValueError: an unknown op or an impossible space.
         """
-        from rat.data.policy import PolicySpace
-
         return PolicySpace(tuple(v.strip() for v in self.ops.split(",") if v.strip()),
                            tuple(int(v) for v in self.magnitudes.split(",")), self.sub_policies,
                            self.ops_per_sub_policy)
@@ -378,8 +372,6 @@ def _check_augment_policy(config: Config) -> None:
     if config["aaa.schedule"] == "epoch" and config["aaa.update_every"] != 1:
         raise ConfigError(f"aaa.update_every={config['aaa.update_every']} applies to --aaa.schedule step; the epoch "
                           "schedule updates the controller once per epoch")
-    from rat.data.policy import images_per_policy
-
     group = images_per_policy(config["training.batch_size"], config["aaa.batch_fraction"])
     if config["augment.heavy"] and (config["augment.mixup"] > 0 or config["augment.cutmix"] > 0) and group % 2:
         raise ConfigError(f"mixup/cutmix pair the images within each policy's group of {group} (training.batch_size "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from rat.augment import Augmentation
 from rat.train.checkpoint import rng_state, set_rng_state
 from rat.train.distributed import batchnorm_stats, check_replicas_in_sync, gather_objects, mean_over_ranks
 
@@ -15,14 +16,13 @@ if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
 
     from rat.attacks import Attack
-    from rat.data.policy import AdversarialAugment
 
 _logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class TrainState:
-    """Model, EMA, optimizer, scaler, attack, augmentation RNG, adversarial policy and progress of one rank's run.
+    """Model, EMA, optimizer, scaler, attack, augmentation and progress of one rank's run.
 
     ``epoch`` counts finished epochs (so it is also the 0-based index of the epoch in progress), ``batches_done`` the
     batches of that epoch already trained (non-zero only in a checkpoint written mid-epoch, on SIGTERM), ``step`` the
@@ -32,7 +32,9 @@ class TrainState:
     that it rebuilds the model (``rat.models.create_model_from_checkpoint``) and so that a resume can refuse a changed
     configuration. ``local_bn``: every rank normalizes its own batch (BatchNorm without SyncBatchNorm on more than one
     process), so the BatchNorm running statistics differ between ranks until :meth:`average_batchnorm`;
-    ``global_batch`` (per-rank batch × gradient accumulation × world size) is a record.
+    ``global_batch`` (per-rank batch × gradient accumulation × world size) is a record. ``augmentation`` (none by
+    default) is saved as its ``state_dict`` (the adversarial policy's, under ``augment_policy``) and its generator
+    (per rank, with the other RNG states).
     """
 
     module: nn.Module  # the unwrapped model (no DDP, not compiled): what the checkpoint holds
@@ -40,8 +42,7 @@ class TrainState:
     attack: Attack
     ema: ModelEmaV3 | None = None
     scaler: torch.amp.GradScaler | None = None
-    generator: torch.Generator | None = None  # the augmentation parameters' RNG (CPU), per rank
-    policy: AdversarialAugment | None = None
+    augmentation: Augmentation = field(default_factory=Augmentation)
     epoch: int = 0
     step: int = 0
     batches_done: int = 0
@@ -97,9 +98,9 @@ class TrainState:
         in_sync = check_replicas_in_sync(self.module, exclude=own.get("model", {}))
         if self.ema is not None:
             check_replicas_in_sync(self.ema.module, exclude=own.get("model_ema", {}))
-        if self.policy is not None:
-            check_replicas_in_sync(self.policy.controller)
-        rngs = gather_objects(rng_state(self.generator))
+        for module in self.augmentation.replicated_modules():
+            check_replicas_in_sync(module)
+        rngs = gather_objects(rng_state(self.augmentation.generator))
         bn_ranks = gather_objects(own) if self.local_bn else None
         return {"model": weights["model"], "model_ema": weights["model_ema"],
                 "optimizer": self.optimizer.state_dict(),
@@ -107,7 +108,7 @@ class TrainState:
                 "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done, "arch": self.arch,
                 "attack": self.attack.state_dict(), "replicas_in_sync": in_sync, "model_kwargs": self.model_kwargs,
                 "config": self.config, "rng": rngs, "metrics": self.metrics, "best_robust": self.best,
-                "augment_policy": self.policy.state_dict() if self.policy is not None else None,
+                "augment_policy": self.augmentation.state_dict(),
                 "batchnorm_ranks": bn_ranks, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -133,10 +134,7 @@ class TrainState:
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state.get("batches_done", 0)
         self.best = state.get("best_robust", -1.0)
         self.attack.load_state_dict(state["attack"])
-        if self.policy is not None and state.get("augment_policy") is not None:
-            self.policy.load_state_dict(state["augment_policy"])
-        elif self.policy is not None:
-            _logger.warning("checkpoint has no adversarial policy state: the controller starts fresh")
+        self.augmentation.load_state_dict(state.get("augment_policy"))
         bn_ranks = state.get("batchnorm_ranks") or []
         if len(bn_ranks) == self.world_size:
             for key, module in self._bn_holders():
@@ -145,7 +143,7 @@ class TrainState:
                     stats[name].copy_(value)
         rngs = state.get("rng") or []
         if len(rngs) == self.world_size:
-            set_rng_state(rngs[self.rank], self.generator)
+            set_rng_state(rngs[self.rank], self.augmentation.generator)
         else:
             _logger.warning("checkpoint has RNG states for %d ranks, this run has %d: continuing with fresh seeds",
                             len(rngs), self.world_size)
