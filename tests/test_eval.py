@@ -19,9 +19,11 @@ from eval_support import TINY_CLASSES, tiny_checkpoint
 from rat.eval import EvalSpec, load_result, merge_results, run_evaluation
 from rat.eval.autoattack import build_autoattack, resolve_attacks, robust_after_attack
 from rat.eval.data import eval_subset, iter_eval_batches, resize_size, shard_batches
-from rat.eval.evaluate import CheckpointError, build_eval_model, resolve, state_path_for
+from rat.eval.evaluate import resolve, state_path_for
+from rat.eval.model import build_eval_model
 from rat.eval.results import ResultError, format_eps, parse_eps, summary_line
 from rat.eval.state import EvalState, StateMismatchError, atomic_write_json
+from rat.models import CheckpointError, read_checkpoint
 
 pytest.importorskip("ffcv")
 
@@ -199,8 +201,8 @@ def test_result_matches_autoattack(tmp_path: Path, demo_betons, convnext_ckpt: P
                                   n_iter=AUTOATTACK_N_ITER))
     assert result["standard_settings"] is False and result["attack_settings"]["apgd"]["n_iter"] == AUTOATTACK_N_ITER
     assert 0 < result["robust_accuracy"] < result["clean_accuracy"]  # the attacks break some points, not all
-    model = build_eval_model(CONVNEXT, convnext_ckpt, resolution=32, model_kwargs={"num_classes": TINY_CLASSES},
-                             use_ema=False, device=torch.device("cpu"))
+    model = build_eval_model(read_checkpoint(convnext_ckpt).recipe(CONVNEXT, num_classes=TINY_CLASSES), resolution=32,
+                             device=torch.device("cpu"))
     indices = np.sort(np.random.default_rng(0).permutation(300)[:16])
     loader = build_val_loader(demo_betons[1], batch_size=8, resolution=32, device="cpu", num_workers=1,
                               indices=indices)
@@ -387,7 +389,7 @@ def test_vit_and_convnext_at_another_resolution(tmp_path: Path, demo_betons, vit
     from rat.models import create_model
 
     cpu = torch.device("cpu")
-    vit48 = build_eval_model(VIT, vit_ckpt, resolution=48, model_kwargs={"num_classes": TINY_CLASSES}, use_ema=False,
+    vit48 = build_eval_model(read_checkpoint(vit_ckpt).recipe(VIT, num_classes=TINY_CLASSES), resolution=48,
                              device=cpu)
     fresh48 = create_model(VIT, img_size=48, num_classes=TINY_CLASSES)
     fresh32 = create_model(VIT, img_size=32, num_classes=TINY_CLASSES)

@@ -346,6 +346,16 @@ def test_trainer_checkpoint_model_ema_and_kwargs(tmp_path: Path) -> None:
     rebuilt = rm.create_model_from_checkpoint(path)
     assert rebuilt.num_classes == 10 and rebuilt.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     _assert_same_outputs(model, rebuilt, x)
+    # the one reader: what the file records, read once; its recipe resolves the model once (normalization and source)
+    info = rm.read_checkpoint(path, use_ema=True)
+    assert (info.source, info.arch, info.resolution, info.use_ema, info.classes, dict(info.records)) == \
+        (str(path), name, 32, True, None, {})
+    assert info.model_kwargs == model_kwargs and info.config == ckpt["config"] and info.entries["epoch"] == 3
+    recipe = info.recipe(drop_path_rate=0.0)
+    assert recipe.arch == name and recipe.resolution == 32 and recipe.checkpoint is info
+    assert recipe.model_kwargs == {"num_classes": 10, "drop_path_rate": 0.0, "normalize": True}
+    assert recipe.normalization == "recorded in the checkpoint (model_kwargs)"
+    _assert_same_outputs(ema.module, rm.build_model(recipe, recipe.resolution), x)
     # the EMA wrapper's own state_dict (module.-prefixed) loads too
     _assert_same_outputs(ema.module, create_model(name, checkpoint=ema.state_dict(), normalize=True,
                                                   num_classes=10), x)
@@ -463,8 +473,8 @@ def test_reference_stem_is_functionally_equivalent() -> None:
 
     stem = rm.ConvStem(3, channels, strides, out_chs=out_chs)
     ref_sd = {f"stem.stem.{k}": v for k, v in ref.state_dict().items()}
-    mapped = rm.checkpoint.remap_reference_stem(ref_sd, "stem.stem.", "stem.")
-    rm.checkpoint.load_state_dict_strict(stem, {k[len("stem."):]: v for k, v in mapped.items()})
+    mapped = rm.weights.remap_reference_stem(ref_sd, "stem.stem.", "stem.")
+    rm.weights.load_state_dict_strict(stem, {k[len("stem."):]: v for k, v in mapped.items()})
     x = torch.randn(2, 3, 24, 24)
     torch.testing.assert_close(stem(x), forward_ref(x), rtol=1e-5, atol=1e-5)
 

@@ -244,9 +244,13 @@ def test_layernorm_model_needs_recorded_statistics():
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
-def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_path, capsys):
-    from rat.eval.evaluate import build_eval_model
-    from rat.models import create_model_from_checkpoint
+def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import rat.models.checkpoint as reader
+    import rat.quant
+    from rat.eval.model import build_eval_model
+    from rat.models import build_model, create_model_from_checkpoint, read_checkpoint
 
     path = rat_checkpoint
     x_val = torch.rand(8, 3, RES, RES)
@@ -264,10 +268,18 @@ def test_cli_ptq_writes_a_checkpoint_rat_loads(rat_checkpoint, demo_betons, tmp_
     full = load_quantized_model(out).model.eval()  # rat.quant: activation quantizers too
     with torch.no_grad():
         assert not torch.equal(full(x_val), plain(x_val))
-    evaluated = build_eval_model(ckpt["arch"], ckpt, resolution=RES, use_ema=False, device=torch.device("cpu"),
-                                 model_kwargs={k: v for k, v in ckpt["model_kwargs"].items() if k != "img_size"})
+    evaluated = build_eval_model(read_checkpoint(out).recipe(), resolution=RES, device=torch.device("cpu"))
     with torch.no_grad():  # rat.eval attacks the deployed model: activation quantizers on, like rat.quant's
         assert torch.equal(evaluated(x_val), full(x_val))
+    # rat.eval imports no rat.quant: the reader imports the quant record's builder (rat.models.checkpoint.RECORD_MODULES
+    # names rat.quant.ptq) when it meets the record, in a process where nothing has imported it yet
+    monkeypatch.setattr(reader, "_RECORD_BUILDERS", {})
+    monkeypatch.setattr(rat.quant, "ptq", sys.modules["rat.quant.ptq"])
+    monkeypatch.delitem(sys.modules, "rat.quant.ptq")
+    deployed = build_model(read_checkpoint(out).recipe(), RES, deploy=True).eval()
+    assert set(reader._RECORD_BUILDERS) == {"quant"} and "rat.quant.ptq" in sys.modules
+    with torch.no_grad():
+        assert torch.equal(deployed(x_val), full(x_val))
     # Written while rat.models wrapped the timm network: weights and the record's layer names under ``model.``
     legacy = {**ckpt, "model": {f"model.{k}": v for k, v in ckpt["model"].items()},
               "quant": {**ckpt["quant"], **{key: {f"model.{k}": v for k, v in ckpt["quant"][key].items()}
@@ -480,7 +492,7 @@ def test_collapsed_model_loses_all_robustness(trained, tmp_path):
 
 
 def test_rat_eval_records_the_quantization(rat_checkpoint, demo_betons, tmp_path):
-    from rat.eval.evaluate import EvalSpec, run_evaluation
+    from rat.eval import EvalSpec, run_evaluation
 
     out = tmp_path / "int8.pt"
     assert quant_main(["ptq", "--qmodel.checkpoint", str(rat_checkpoint), "--qdata.calib_data", str(demo_betons[0]),

@@ -9,9 +9,10 @@ Public API:
 * ``rat.eval.autoattack``: the thin wrapper over ``pyautoattack`` (AutoAttack).
 * ``rat.eval.sweep``: the bulk runner ``runner_aa_eval.py`` (jobs file, scheduler, slots, summaries).
 """
-from rat.eval.evaluate import CheckpointError, resolve, run_evaluation
+from rat.eval.evaluate import resolve, run_evaluation
 from rat.eval.results import ResultError, load_result, merge_results, summary_line
 from rat.eval.spec import EvalSpec
+from rat.models import CheckpointError
 
 __all__ = [
     "CheckpointError", "EvalSpec", "ResultError", "load_result", "merge_results", "resolve", "run_evaluation",

@@ -33,28 +33,19 @@ from rat.eval.autoattack import (
     robust_after_attack,
 )
 from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
+from rat.eval.model import ModelSource, build_eval_model, model_recipe
 from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
 from rat.eval.spec import DEFAULT_RESOLUTION, IDENTITY_KEYS, EvalSpec, evaluation_identity, state_fingerprint
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 from rat.logging import lines_around_bar, progress
-from rat.models.checkpoint import CheckpointError
 from rat.precision import PRECISIONS
 
 __all__ = [
-    "CheckpointError", "OutputTakenError", "ResolvedEval", "build_eval_model", "check_output", "default_model_name",
-    "default_output", "file_sha256", "finished_result", "resolve", "run_evaluation", "state_path_for",
+    "OutputTakenError", "ResolvedEval", "check_output", "default_model_name", "default_output", "file_sha256",
+    "finished_result", "resolve", "run_evaluation", "state_path_for",
 ]
 
 _logger = logging.getLogger(__name__)
-
-@dataclasses.dataclass
-class _ModelSource:
-    arch: str
-    model_kwargs: dict[str, Any]
-    train_resolution: int | None
-    checkpoint_sha256: str | None
-    normalization: str = ""  # where the model's input normalization comes from
-    checkpoint: dict[str, Any] | None = dataclasses.field(default=None, repr=False)  # loaded once, for create_model
 
 
 def default_model_name(checkpoint: str | Path | None, arch: str) -> str:
@@ -74,132 +65,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _requested_normalize(spec: EvalSpec) -> bool | None:
-    """The normalization asked for: ``spec.normalize``, else a ``normalize`` in ``spec.model_kwargs``, else None."""
-    if spec.normalize is not None:
-        return spec.normalize
-    value = spec.model_kwargs.get("normalize")
-    return None if value is None else bool(value)
-
-
-def _resolve_source(spec: EvalSpec) -> _ModelSource:
-    """Architecture, model kwargs and input normalization from the checkpoint (and the spec), with clear errors."""
-    from rat.models import CheckpointError as UnreadableCheckpoint
-    from rat.models import checkpoint_model_kwargs, load_checkpoint_file, resolve_normalization
-    from rat.models.preflight import check_arch
-
-    if spec.arch is not None:
-        check_arch(spec.arch)
-    if spec.checkpoint is None:
-        if spec.arch is None:
-            raise CheckpointError("nothing to evaluate: pass --checkpoint PATH, or --arch NAME for random weights")
-        kwargs = dict(spec.model_kwargs)
-        kwargs["normalize"], why = resolve_normalization(spec.arch, None, _requested_normalize(spec))
-        return _ModelSource(spec.arch, kwargs, None, None, why)
-    path = Path(spec.checkpoint)
-    try:
-        ckpt = load_checkpoint_file(path)
-    except UnreadableCheckpoint as exc:
-        raise CheckpointError(str(exc)) from exc
-    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
-    if arch is None:
-        if spec.arch is None:
-            raise CheckpointError(f"checkpoint {path} does not name its architecture (not a rat trainer checkpoint): "
-                                  "pass --arch NAME, e.g. --arch convnext_base_cvst")
-        arch = spec.arch
-    elif spec.arch is not None and spec.arch != arch:
-        raise CheckpointError(f"checkpoint {path} holds a {arch} but --arch {spec.arch} was given: drop --arch "
-                              "(rat checkpoints name their architecture)")
-    if spec.use_ema and isinstance(ckpt, dict) and "model_ema" in ckpt and ckpt["model_ema"] is None:
-        raise CheckpointError(f"checkpoint {path} has no EMA weights: drop --use-ema")
-    try:
-        kwargs, train_resolution, why = checkpoint_model_kwargs(
-            ckpt, arch, normalize=_requested_normalize(spec), use_ema=spec.use_ema, source=str(path),
-            **spec.model_kwargs)
-    except UnreadableCheckpoint as exc:  # bad input: the message names --normalize
-        raise CheckpointError(str(exc)) from exc
-    return _ModelSource(arch, kwargs, train_resolution, file_sha256(path), why, ckpt)
-
-
-class _ContiguousInputGrad(torch.autograd.Function):
-    """Identity whose backward returns a contiguous gradient.
-
-    A channels_last model gives channels_last input gradients, and AutoAttack calls ``.view`` on them (which needs
-    a contiguous tensor); this keeps the speed of channels_last and hands AutoAttack the layout it expects.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-class EvalModel(nn.Module):
-    """The model as AutoAttack sees it: contiguous input gradients, optional autocast, fp32 logits.
-
-    Args:
-        model: the classifier on [0,1] inputs.
-        dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for fp32.
-        device_type: ``cuda`` or ``cpu``.
-    """
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None, device_type: str):
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-        self.device_type = device_type
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad:
-            x = _ContiguousInputGrad.apply(x)
-        if self.dtype is None:
-            return self.model(x)
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            return self.model(x).float()
-
-
-def build_eval_model(arch: str, checkpoint: str | Path | dict[str, Any] | None, *, resolution: int,
-                     model_kwargs: dict[str, Any], use_ema: bool, device: torch.device,
-                     precision: str = "fp32") -> nn.Module:
-    """The model to attack: built at ``resolution`` (ViT position embeddings resampled by the factory), weights loaded
-    strictly, on ``device``, channels_last, eval mode, parameters frozen, optionally under autocast.
-
-    Raises:
-        CheckpointError: the checkpoint's weights do not fit the architecture.
-    """
-    from rat.models import create_model, load_checkpoint_file
-
-    kwargs = dict(model_kwargs)
-    normalize = kwargs.pop("normalize", None)
-    ckpt = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    try:
-        if ckpt is not None and "quant" in ckpt:
-            # A rat.quant checkpoint: its quantized weights *and* the quantization of every layer's input, i.e. the
-            # deployed model as rat.quant simulates it (create_model alone would run float activations).
-            from rat.quant import load_quantized_model
-
-            if use_ema:
-                raise CheckpointError("a rat.quant checkpoint holds one quantized model and no EMA weights: drop "
-                                      "--use-ema")
-            model = load_quantized_model(ckpt, img_size=resolution).model
-        else:
-            model = create_model(arch, checkpoint=ckpt, img_size=resolution, normalize=normalize, use_ema=use_ema,
-                                 **kwargs)
-    except (RuntimeError, CheckpointError) as exc:
-        if checkpoint is None:
-            raise
-        where = "" if isinstance(checkpoint, dict) else f" {checkpoint}"
-        raise CheckpointError(f"checkpoint{where} does not fit architecture {arch} (model kwargs {kwargs}): {exc}. "
-                              "Pass the --arch the checkpoint was trained with (and --model-kwargs such as "
-                              "num_classes)") from exc
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
-    model.requires_grad_(False)
-    return EvalModel(model, PRECISIONS[precision], device.type).eval()
 
 
 def _software_versions(device: torch.device) -> dict[str, Any]:
@@ -303,7 +168,7 @@ def _check_spec(spec: EvalSpec) -> None:
         raise ValueError(f"resolution must be positive, got {spec.resolution}")
 
 
-def _check_data_classes(spec: EvalSpec, source: _ModelSource) -> None:
+def _check_data_classes(spec: EvalSpec, source: ModelSource) -> None:
     """A checkpoint's classes (their number, and their names when the checkpoint records them) against the data's:
     a label the model cannot predict, or one that means another class, would count silently as an error or a hit.
 
@@ -314,7 +179,8 @@ def _check_data_classes(spec: EvalSpec, source: _ModelSource) -> None:
 
     if spec.checkpoint is None:
         return
-    check_checkpoint_classes({**(source.checkpoint or {}), "model_kwargs": source.model_kwargs},
+    classes = source.recipe.checkpoint.classes if source.recipe.checkpoint is not None else None
+    check_checkpoint_classes({"classes": classes, "model_kwargs": source.model_kwargs},
                              f"checkpoint {spec.checkpoint}", spec.data,
                              fix="evaluate on the data the model was trained for (or pass the matching --checkpoint)")
 
@@ -324,7 +190,7 @@ class ResolvedEval:
     """An ``EvalSpec`` with every default filled in (eps, resolution, output, name) and its model source read."""
 
     spec: EvalSpec
-    source: _ModelSource
+    source: ModelSource
     attacks: list[str]
     device: torch.device
 
@@ -340,7 +206,8 @@ def resolve(spec: EvalSpec) -> ResolvedEval:
 
     _check_spec(spec)
     attacks = resolve_attacks(spec.version, spec.attacks)
-    source = _resolve_source(spec)
+    recipe = model_recipe(spec)
+    source = ModelSource(recipe, None if spec.checkpoint is None else file_sha256(spec.checkpoint))
     eps = float(spec.eps) if spec.eps is not None else DEFAULT_EPS[spec.norm]
     resolution = spec.resolution or source.train_resolution or DEFAULT_RESOLUTION
     check_input_size(source.arch, resolution, **source.model_kwargs)
@@ -384,10 +251,9 @@ def run_evaluation(spec: EvalSpec | ResolvedEval, progress_setting: str = "auto"
     def batch_slice(b: int) -> slice:
         return slice(b * spec.batch_size, min((b + 1) * spec.batch_size, len(indices)))
 
-    model = build_eval_model(source.arch, source.checkpoint, resolution=resolution, model_kwargs=source.model_kwargs,
-                             use_ema=spec.use_ema, device=device, precision=spec.precision)
-    quantization = ((source.checkpoint or {}).get("quant") or {}).get("name")  # rat.quant format, or None
-    source.checkpoint = None  # free the loaded checkpoint (optimizer state and all)
+    model = build_eval_model(source.recipe, resolution=resolution, device=device, precision=spec.precision)
+    quantization = source.quantization  # rat.quant format, or None
+    source.release()  # free the loaded checkpoint (optimizer state and all)
     adversary = build_autoattack(model, norm=spec.norm, eps=eps, attacks=attacks, device=device, seed=spec.seed,
                                  n_iter=spec.n_iter, n_queries=spec.n_queries)
     settings = attack_settings(adversary)

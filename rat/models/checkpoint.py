@@ -1,360 +1,251 @@
-"""Safe checkpoint reading and strict, explainable state-dict loading.
+"""The one reader of a checkpoint: what it holds, the model it rebuilds, and the records that change how it is built.
 
-Checkpoints are untrusted files: torch checkpoints are read with ``torch.load(..., weights_only=True)`` (a pickle that
-carries code or arbitrary objects is rejected, never executed) and ``.safetensors`` files with safetensors.
+Every checkpoint → model path goes through here: :func:`read_checkpoint` reads a file (or a loaded dict) once into a
+:class:`RatCheckpoint` (the weights in any layout :mod:`rat.models.weights` understands, the EMA choice, and what a rat
+checkpoint records: ``arch``, ``model_kwargs`` with the training ``img_size``, the training ``config``, the
+``classes``, a ``quant`` record); :meth:`RatCheckpoint.recipe` resolves the model to build (architecture, kwargs,
+input normalization and where it comes from) into a :class:`ModelRecipe`; ``rat.models.build_model`` builds it, the
+one way to do so. ``rat.train`` and ``rat.quant.ptq`` write checkpoints; rat.eval, rat.quant and
+``create_model(..., checkpoint=...)`` read them only here.
 
-Key layouts understood here (everything else is an error, never a guess):
-
-* rat: ``create_model(...).state_dict()``, i.e. timm's keys, bare or in a rat trainer checkpoint
-  (``{'model': ..., 'model_ema': ..., 'arch': ..., 'model_kwargs': ...}``); checkpoints written while rat wrapped the
-  timm network hold ``model.<timm keys>`` (older ones also ``normalize.mean/std``);
-* a plain timm state dict (``<timm keys>``);
-* revisiting-at releases: ``DDP(WrappedModel(normalize_model(model)))`` gives ``module.base_model.normalize.mean``,
-  ``module.base_model.model.<keys>``; EMA files lack ``module.``; RobustBench-style files lack ``base_model.``; models
-  trained without normalization lack ``normalize.*`` and ``model.``. Full training checkpoints nest the weights under
-  ``model_state_dict`` / ``state_dict_ema``.
-
-Wrapper prefixes (``module.`` from DDP/EMA, ``_orig_mod.`` from torch.compile, ``base_model.`` from the reference's
-``WrappedModel``) are stripped only when *every* key carries them; the ``normalize.`` / ``model.`` pair is split off
-only when every other key starts with ``model.``. Family-specific renames (the reference ConvStem's ``stem.stem.N``)
-live in each family's ``checkpoint_filter_fn``, which starts with :func:`filter_state_dict` (the steps every layout
-needs: unwrap, check the input normalization, resample a position embedding to the model's grid).
+A record is a checkpoint entry that changes how its model is built beyond the weights (``quant``: rat.quant's
+activation quantizers). The module that writes a record registers its builder (:func:`register_record_builder`);
+:data:`RECORD_MODULES` names that module for each record, and :func:`apply_records` imports it when it meets the
+record, so that a reader in a lower layer (rat.eval) needs no import of the writer (rat.quant). Only the modules of
+this fixed table are ever imported, never a name read from a file.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 import logging
-import math
-import pickle
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.models import get_arch_name, is_model
 from torch import nn
 
-from .layers import ImageNormalizer
+from .weights import CheckpointError, is_reference_layout, load_checkpoint_file, select_state_dict, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CheckpointError",
-    "load_checkpoint_file",
-    "select_state_dict",
-    "unwrap_state_dict",
-    "check_normalization",
-    "filter_state_dict",
-    "model_input_normalization",
-    "is_reference_layout",
-    "remap_reference_stem",
-    "resample_pos_embed_to_model",
-    "load_state_dict_strict",
+    "NORMALIZE_HINT", "RECORD_MODULES", "RELEASE_NORMALIZATION", "ModelRecipe", "RatCheckpoint", "apply_records",
+    "read_checkpoint", "register_record_builder", "resolve_normalization",
 ]
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.")
-# Stem prefixes that only the reference code (revisiting-at's ConvStem nn.Sequential) produces.
-REFERENCE_STEM_PREFIXES = ("stem.stem.", "patch_embed.proj.stem.")
-# Checkpoint dict entries holding model weights, most specific first (rat/FB ConvNeXt, revisiting-at, timm train.py).
-_WEIGHT_KEYS = ("model", "model_state_dict", "state_dict")
-_EMA_KEYS = ("model_ema", "state_dict_ema")
+# Input normalization of the paper's released checkpoints (Singh, Croce & Hein 2023, github.com/nmndeep/revisiting-at),
+# for files in the reference layout that carry no normalize.* buffers. The reference normalizes only through
+# normalize_model(), whose buffers are saved with the weights, and its training script passes
+# --model.add_normalization 0. RobustBench's loader (model_zoo/imagenet.py, get_convstem_models) builds the
+# Singh2023Revisiting_{ConvNeXt-T,S,B,L,ViT-B}-ConvStem models without normalization and ViT-S-ConvStem inside
+# normalize_model(IMAGENET_MEAN, IMAGENET_STD). ViT-M-CvSt and ConvNeXt-iso-CvSt are not in RobustBench; their
+# releases follow the training script.
+RELEASE_NORMALIZATION: dict[str, bool] = {
+    "convnext_tiny_cvst": False,
+    "convnext_small_cvst": False,
+    "convnext_base_cvst": False,
+    "convnext_large_cvst": False,
+    "convnext_iso_small_cvst": False,
+    "vit_small_patch16_cvst": True,
+    "vit_medium_patch16_cvst": False,
+    "vit_base_patch16_cvst": False,
+}
+NORMALIZE_HINT = ("pass normalize=True (ImageNet mean/std inside the model) or normalize=False (raw [0, 1] inputs); "
+                  "on the command line --normalize 1 or --normalize 0")
+
+# Record → the module that registers its builder when imported (the record's writer).
+RECORD_MODULES: dict[str, str] = {"quant": "rat.quant.ptq"}
+RecordBuilder = Callable[["RatCheckpoint", nn.Module], nn.Module]
+_RECORD_BUILDERS: dict[str, RecordBuilder] = {}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, does not match the model it is loaded into, or cannot be used as asked
-    (no architecture recorded, another architecture, no EMA weights). Bad input: the command-line tools report it in
-    one line and exit with status 2."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class RatCheckpoint:
+    """A checkpoint as read by :func:`read_checkpoint`: the facts it holds, nothing resolved yet.
+
+    Attributes:
+        source: its name in messages: the path, or ``'checkpoint'`` for a dict.
+        entries: everything it holds (weights, optimizer state, ...), as read.
+        use_ema: :attr:`weights` are the EMA weights.
+        arch: the recorded architecture (a rat checkpoint); None for a file that does not name it.
+        model_kwargs: the recorded ``create_model`` kwargs; None when not recorded.
+        resolution: the training resolution (``model_kwargs['img_size']``); None when not recorded.
+        config: the training configuration (``rat.train``'s sections); None when not recorded.
+        classes: the class names, label order; None when not recorded.
+        records: the entries that change how the model is built (:data:`RECORD_MODULES`), e.g. ``{'quant': ...}``.
+    """
+
+    source: str
+    entries: Mapping[str, Any] = dataclasses.field(repr=False)
+    use_ema: bool = False
+    arch: str | None = None
+    model_kwargs: Mapping[str, Any] | None = None
+    resolution: int | None = None
+    config: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False)
+    classes: list[str] | None = dataclasses.field(default=None, repr=False)
+    records: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict to load (EMA or not; keys unchanged). Selected on first use: an EMA-less file fails here."""
+        return select_state_dict(self.entries, use_ema=self.use_ema)
+
+    @property
+    def trained_without_ema(self) -> bool:
+        """A rat trainer checkpoint of a run without EMA (it records ``model_ema: None``)."""
+        return "model_ema" in self.entries and self.entries["model_ema"] is None
+
+    def check_arch(self, name: str) -> None:
+        """Refuse loading into ``name`` when the recorded architecture is another one (a pretrained tag may differ)."""
+        if self.arch is not None and is_model(self.arch) and get_arch_name(self.arch) != get_arch_name(name):
+            raise CheckpointError(f"{self.source} holds a '{self.arch}' model, not '{name}'")
+
+    def says_normalization(self, name: str) -> tuple[bool | None, str, bool]:
+        """What the checkpoint says about the input normalization of its model, loaded as ``name``.
+
+        In order: a rat trainer checkpoint's ``model_kwargs['normalize']``; ``normalize.mean/std`` buffers in the
+        weights (normalization on); a revisiting-at release in the reference layout of one of the paper's
+        architectures (:data:`RELEASE_NORMALIZATION`). Anything else does not say.
+
+        Returns:
+            ``(normalize, reason, recorded)``: ``recorded`` is True when the file itself records it (trainer record,
+            buffers) and False for the release table; ``(None, '', False)`` when the checkpoint does not say.
+        """
+        weights = self.weights  # first: a checkpoint without the weights asked for (EMA) fails before anything else
+        if self.model_kwargs is not None and "normalize" in self.model_kwargs:
+            return bool(self.model_kwargs["normalize"]), "recorded in the checkpoint (model_kwargs)", True
+        inner, norm = unwrap_state_dict(weights)
+        if norm:
+            return True, "the checkpoint carries normalize.mean/std", True
+        arch = get_arch_name(name)
+        if arch in RELEASE_NORMALIZATION and is_reference_layout(inner):
+            why = f"paper release of {arch} (reference layout, rat's release table)"
+            return RELEASE_NORMALIZATION[arch], why, False
+        return None, "", False
+
+    def recipe(self, arch: str | None = None, *, normalize: bool | None = None, **overrides: Any) -> ModelRecipe:
+        """The model this checkpoint rebuilds: its recorded ``arch`` and ``model_kwargs`` (recorded only with an
+        ``arch``) with ``overrides`` applied, ``img_size`` taken out as the training resolution, and the input
+        normalization resolved once (:func:`resolve_normalization`).
+
+        Args:
+            arch: the architecture for a file that does not record one (else checked against the record).
+            normalize: the input normalization asked for; None: what the checkpoint says.
+            **overrides: replace entries of the recorded ``model_kwargs`` (e.g. ``num_classes``, ``drop_path_rate``).
+
+        Raises:
+            CheckpointError: no architecture, another one, or an input normalization the checkpoint does not say or
+                contradicts.
+        """
+        name = arch if arch is not None else self.arch
+        if name is None:
+            raise CheckpointError(f"{self.source} does not name its architecture: pass the architecture it holds")
+        self.check_arch(name)
+        kwargs = dict(self.model_kwargs) if self.arch is not None and self.model_kwargs is not None else {}
+        kwargs.update(overrides)
+        kwargs.pop("normalize", None)
+        img_size = kwargs.pop("img_size", None)
+        if isinstance(img_size, (tuple, list)):
+            img_size = int(img_size[-1])
+        kwargs["normalize"], why = resolve_normalization(name, self, normalize)
+        return ModelRecipe(name, kwargs, img_size, why, self)
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file without executing anything it contains.
+@dataclasses.dataclass(frozen=True)
+class ModelRecipe:
+    """What ``rat.models.build_model`` builds.
+
+    Attributes:
+        arch: a registered timm model name.
+        model_kwargs: ``create_model`` kwargs, ``normalize`` (resolved) included, ``img_size`` not.
+        resolution: the checkpoint's training resolution, if it records one (or the kwargs override it).
+        normalization: where the input normalization comes from (for logs and results).
+        checkpoint: the weights to load; None for a fresh model.
+    """
+
+    arch: str
+    model_kwargs: Mapping[str, Any]
+    resolution: int | None = None
+    normalization: str = ""
+    checkpoint: RatCheckpoint | None = dataclasses.field(default=None, repr=False)
+
+
+def read_checkpoint(checkpoint: str | Path | Mapping[str, Any], *, use_ema: bool = False) -> RatCheckpoint:
+    """Read a checkpoint once: a path (torch or ``.safetensors``, read without executing anything,
+    :func:`~rat.models.weights.load_checkpoint_file`) or an already loaded dict.
 
     Args:
-        path: A torch checkpoint (``torch.save``; read with ``weights_only=True``) or a ``.safetensors`` file.
-
-    Returns:
-        The stored dict (a state dict, or a checkpoint dict that holds one).
+        checkpoint: a rat trainer or rat.quant checkpoint, a bare state dict (rat or timm keys) or a revisiting-at
+            release.
+        use_ema: the EMA weights (``model_ema``/``state_dict_ema``) are the ones to load.
 
     Raises:
-        FileNotFoundError: The path does not exist (or is a folder).
-        CheckpointError: The file is not a plain weights file (e.g. a pickle carrying code) or is corrupt.
+        FileNotFoundError: the path does not exist.
+        CheckpointError: the file is unsafe, unreadable or not a dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"checkpoint {path} {what}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path), device="cpu"))
-        except SafetensorError as err:
-            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {err}") from err
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip (or a legacy pickle)
-        what = "the file is empty" if not head else "not a torch checkpoint (neither a zip nor a pickle)"
-        raise CheckpointError(f"cannot read checkpoint {path}: {what}; pass a file written by torch.save (rat.train "
-                              "writes them under <run>/checkpoints/)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain weights file (checkpoints are untrusted and read with "
-            f"torch.load(weights_only=True), which rejected it: {_unpickler_reason(err)}). A file that holds more "
-            f"than tensors and plain containers is never unpickled; if you trust it, re-save only its weights: "
-            f"torch.save(model.state_dict(), new_path)") from err
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:  # torch.load on a non-checkpoint file
-        raise CheckpointError(f"cannot read checkpoint {path}: empty, truncated or not a torch checkpoint "
-                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); pass a file written by "
-                              "torch.save (rat.train writes them under <run>/checkpoints/)") from err
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
-    return dict(obj)
+    if isinstance(checkpoint, Mapping):
+        source, entries = "checkpoint", dict(checkpoint)
+    else:
+        source, entries = str(checkpoint), load_checkpoint_file(checkpoint)
+    arch = entries.get("arch") if isinstance(entries.get("arch"), str) else None
+    kwargs = dict(entries["model_kwargs"]) if isinstance(entries.get("model_kwargs"), Mapping) else None
+    size = (kwargs or {}).get("img_size")
+    resolution = int(size[-1] if isinstance(size, (list, tuple)) else size) if size else None
+    config = entries.get("config") if isinstance(entries.get("config"), Mapping) else None
+    classes = entries.get("classes") if isinstance(entries.get("classes"), list) else None
+    records = {name: dict(entries[name]) for name in RECORD_MODULES if isinstance(entries.get(name), Mapping)}
+    return RatCheckpoint(source, entries, bool(use_ema), arch, kwargs, resolution, config, classes, records)
 
 
-def _unpickler_reason(err: Exception) -> str:
-    """The specific part of torch's weights_only error (e.g. 'Unsupported global: GLOBAL builtins.exec ...')."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-        text = text.split("Please use `torch.serialization", 1)[0]  # no advice to allowlist untrusted globals
-    return " ".join(text.split())[:300]
+def resolve_normalization(name: str, checkpoint: RatCheckpoint | None, normalize: bool | None) -> tuple[bool, str]:
+    """The input normalization a model runs with: what the checkpoint says, or the explicit ``normalize``.
 
-
-def _is_state_dict(obj: Mapping[str, Any]) -> bool:
-    return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Pick the model weights out of a checkpoint dict.
-
-    Args:
-        checkpoint: A state dict, or a dict holding one under ``model``/``model_state_dict``/``state_dict`` (EMA
-            weights under ``model_ema``/``state_dict_ema``).
-        use_ema: Return the EMA weights; an error if the checkpoint has none.
+    Without a checkpoint, ``None`` means True (a fresh model normalizes with its cfg's mean/std). A checkpoint that does
+    not say needs an explicit value; an explicit value that contradicts the checkpoint's record or buffers is an
+    error, one that contradicts the release table wins (with a warning).
 
     Returns:
-        The state dict, keys unchanged.
-    """
-    if _is_state_dict(checkpoint):
-        if use_ema:
-            raise CheckpointError("use_ema=True but the checkpoint is a bare state dict without EMA weights")
-        return dict(checkpoint)
-    names = _EMA_KEYS if use_ema else _WEIGHT_KEYS
-    for name in names:
-        value = checkpoint.get(name)
-        if isinstance(value, Mapping) and _is_state_dict(value):
-            return dict(value)
-    what = "EMA weights" if use_ema else "model weights"
-    raise CheckpointError(
-        f"checkpoint has no {what}: expected a state dict under one of {list(names)}, found top-level keys "
-        f"{sorted(checkpoint)[:20]}" + (" (the run was trained without EMA?)" if use_ema else ""))
-
-
-def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor],
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Strip wrapper prefixes and split off input-normalization buffers.
-
-    Args:
-        state_dict: Weights in any of the layouts listed in this module's docstring.
-
-    Returns:
-        ``(inner, normalization)``: the inner classifier's weights with plain timm-style keys, and the
-        ``normalize.*`` buffers (``{'mean': ..., 'std': ...}``) if the checkpoint carries them, else ``{}``.
-    """
-    sd = dict(state_dict)
-    stripped = True
-    while stripped and sd:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                stripped = True
-    norm = {k[len("normalize."):]: v for k, v in sd.items() if k.startswith("normalize.")}
-    rest = {k: v for k, v in sd.items() if not k.startswith("normalize.")}
-    if rest and all(k.startswith("model.") for k in rest):
-        rest = {k[len("model."):]: v for k, v in rest.items()}
-    elif norm:
-        others = sorted(k for k in rest if not k.startswith("model."))[:5]
-        raise CheckpointError(
-            f"checkpoint has normalize.* buffers but keys outside 'model.' as well (e.g. {others}); expected the "
-            f"layout normalize.mean, normalize.std, model.<weights>")
-    if any(k.startswith("normalize.") for k in rest):
-        raise CheckpointError("checkpoint nests two input normalizations (normalize.* inside model.*); not supported")
-    if norm and set(norm) != {"mean", "std"}:
-        raise CheckpointError(f"checkpoint normalize.* entries must be mean and std, got {sorted(norm)}")
-    return rest, norm
-
-
-def check_normalization(
-        norm: Mapping[str, torch.Tensor],
-        mean: tuple[float, ...] | None,
-        std: tuple[float, ...] | None,
-        source: str = "checkpoint",
-) -> None:
-    """Check that a checkpoint's ``normalize.*`` buffers agree with the model's input normalization.
-
-    Args:
-        norm: ``{'mean': ..., 'std': ...}`` from :func:`unwrap_state_dict`, or empty (nothing to check).
-        mean: The model's normalization mean, or None if the model does not normalize its input.
-        std: The model's normalization std, or None.
-        source: Name of the checkpoint for messages.
-    """
-    if not norm:
-        return
-    ckpt_mean = [round(float(v), 4) for v in norm["mean"].flatten()]
-    ckpt_std = [round(float(v), 4) for v in norm["std"].flatten()]
-    if mean is None or std is None:
-        raise CheckpointError(
-            f"{source} was trained with input normalization (mean={ckpt_mean}, std={ckpt_std}) but the model does "
-            f"not normalize its input; create it with normalize=True")
-    ok = (norm["mean"].numel() == len(mean) and norm["std"].numel() == len(std)
-          and torch.allclose(norm["mean"].flatten().float(), torch.tensor(mean, dtype=torch.float32), atol=1e-4)
-          and torch.allclose(norm["std"].flatten().float(), torch.tensor(std, dtype=torch.float32), atol=1e-4))
-    if not ok:
-        raise CheckpointError(
-            f"{source} normalizes inputs with mean={ckpt_mean}, std={ckpt_std} but the model uses "
-            f"mean={[round(m, 4) for m in mean]}, std={[round(s, 4) for s in std]}")
-
-
-def model_input_normalization(model: nn.Module) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """``(mean, std)`` a model normalizes its input with, ``(None, None)`` if it takes raw [0, 1] inputs.
-
-    A model from :func:`rat.models.create_model` says it with its ``normalize`` module (an
-    :class:`~rat.models.layers.ImageNormalizer`, or None for raw inputs). A plain timm model (``timm.create_model``)
-    has none; its pretrained cfg's mean/std are what its caller normalizes with.
-    """
-    if "normalize" in model._modules:
-        normalizer = model._modules["normalize"]
-        if isinstance(normalizer, ImageNormalizer):
-            return normalizer.mean_values, normalizer.std_values
-        return None, None
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("mean"), cfg.get("std")
-
-
-def filter_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint filter of any timm model, and the first step of every rat family's ``checkpoint_filter_fn``.
-
-    Strips wrapper prefixes and splits off ``normalize.*`` buffers (:func:`unwrap_state_dict`), checks those against
-    the model's input normalization (:func:`model_input_normalization`), and resamples an absolute position
-    embedding to the model's patch grid (:func:`resample_pos_embed_to_model`): the model is built at the resolution
-    it should run at, and the checkpoint adapts to it.
-
-    Args:
-        state_dict: Weights in any layout this module's docstring lists.
-        model: The target model.
-
-    Returns:
-        Weights with the model's timm-style keys (family-specific names still to map).
+        ``(normalize, reason)``.
 
     Raises:
-        CheckpointError: The checkpoint's normalization buffers differ from the model's.
+        CheckpointError: the checkpoint does not say and ``normalize`` is None, or they disagree.
     """
-    state_dict, norm = unwrap_state_dict(state_dict)
-    check_normalization(norm, *model_input_normalization(model))
-    return resample_pos_embed_to_model(state_dict, model)
+    if checkpoint is None:
+        return (True, "default for a model without checkpoint") if normalize is None else (bool(normalize), "given")
+    source = checkpoint.source
+    said, why, recorded = checkpoint.says_normalization(name)
+    if normalize is None:
+        if said is None:
+            raise CheckpointError(f"{source} does not record whether its model normalizes its input: {NORMALIZE_HINT}")
+        return said, why
+    normalize = bool(normalize)
+    if said is not None and said != normalize:
+        if not recorded:
+            _logger.warning("%s: normalize=%s given although the %s says %s", source, normalize, why, said)
+            return normalize, "given (overrides the release table)"
+        raise CheckpointError(f"{source}: {why}, normalize={said}, but normalize={normalize} was given; create it "
+                              f"with normalize={said} (or leave normalize out)")
+    return normalize, "given" if said is None else why
 
 
-def is_reference_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether unwrapped weights (:func:`unwrap_state_dict`) come from the reference code: its ConvStem is an
-    ``nn.Sequential`` under ``stem.stem.`` (ConvNeXt) or ``patch_embed.proj.stem.`` (ViT), names no other code uses."""
-    return any(k.startswith(REFERENCE_STEM_PREFIXES) for k in state_dict)
+def register_record_builder(record: str, builder: RecordBuilder) -> None:
+    """Register how a checkpoint's ``record`` is built into its model: ``builder(checkpoint, model)`` gets the model
+    with the checkpoint's weights loaded and returns the model as deployed. Called by the module
+    :data:`RECORD_MODULES` names for ``record``, when it is imported."""
+    if record not in RECORD_MODULES:
+        raise ValueError(f"unknown checkpoint record {record!r}: add it to rat.models.checkpoint.RECORD_MODULES")
+    _RECORD_BUILDERS[record] = builder
 
 
-def remap_reference_stem(state_dict: Mapping[str, torch.Tensor], ref_prefix: str, rat_prefix: str,
-                         ) -> dict[str, torch.Tensor]:
-    """Rename the reference ConvStem keys (``{ref_prefix}N.*``, an ``nn.Sequential`` of conv, LN, GELU, ...).
-
-    In the reference, sequential index ``3 i`` is conv ``i`` and ``3 i + 1`` its LayerNorm (GELU, at ``3 i + 2``,
-    has no parameters; the ViT projection sits at ``3 n``). These map to rat's ``{rat_prefix}i.conv.*`` and
-    ``{rat_prefix}i.bn.*``. Keys that do not start with ``ref_prefix`` pass unchanged; a reference stem key at an
-    activation index is left as is so that the strict load reports it.
-
-    Args:
-        state_dict: Weights with plain timm-style keys.
-        ref_prefix: Reference stem prefix, e.g. ``'stem.stem.'`` or ``'patch_embed.proj.stem.'``.
-        rat_prefix: rat stem prefix, e.g. ``'stem.'`` or ``'patch_embed.proj.'``.
-
-    Returns:
-        The renamed state dict.
-    """
-    pattern = re.compile(re.escape(ref_prefix) + r"(\d+)\.(weight|bias)$")
-    out = {}
-    for k, v in state_dict.items():
-        match = pattern.match(k)
-        if match is not None:
-            index, kind = divmod(int(match.group(1)), 3)
-            if kind in (0, 1):
-                k = f"{rat_prefix}{index}.{'conv' if kind == 0 else 'bn'}.{match.group(2)}"
-        out[k] = v
-    return out
-
-
-def resample_pos_embed_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Resample a ViT checkpoint's absolute position embedding to the model's patch grid (square grids only).
-
-    Args:
-        state_dict: Inner (timm-style) weights; changed in place and returned.
-        model: A timm VisionTransformer (needs ``pos_embed``, ``patch_embed.grid_size``, ``num_prefix_tokens``).
-
-    Returns:
-        The state dict.
-    """
-    pos = state_dict.get("pos_embed")
-    target = getattr(model, "pos_embed", None)
-    if pos is None or target is None or pos.shape == target.shape:
-        return state_dict
-    num_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-    old_grid = checkpoint_grid_size(pos, num_prefix)
-    state_dict["pos_embed"] = resample_abs_pos_embed(
-        pos, new_size=list(model.patch_embed.grid_size), old_size=list(old_grid), num_prefix_tokens=num_prefix)
-    _logger.info("Resampled pos_embed from grid %s to %s", old_grid, tuple(model.patch_embed.grid_size))
-    return state_dict
-
-
-def checkpoint_grid_size(pos_embed: torch.Tensor, num_prefix_tokens: int) -> tuple[int, int]:
-    """Square patch grid of a position embedding ``(1, prefix + H * W, dim)``."""
-    num_patches = pos_embed.shape[1] - num_prefix_tokens
-    side = math.isqrt(max(num_patches, 0))
-    if num_patches <= 0 or side * side != num_patches:
-        raise CheckpointError(
-            f"checkpoint pos_embed has {pos_embed.shape[1]} tokens ({num_prefix_tokens} prefix): not a square patch "
-            f"grid, cannot infer its resolution")
-    return side, side
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
-                           hint: str = "") -> None:
-    """Load weights strictly, reporting every missing, unexpected and mis-shaped key in one error.
-
-    Args:
-        model: Target module.
-        state_dict: Weights whose keys must equal ``model.state_dict()``'s exactly.
-        source: Name of the checkpoint for messages.
-        hint: Extra sentence appended to the error (e.g. how the checkpoint was created).
-    """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        def _fmt(keys: list[str]) -> str:
-            shown = ", ".join(keys[:12])
-            return shown + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-
-        parts = [f"{source} does not match {type(model).__name__}"]
-        if missing:
-            parts.append(f"missing keys: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_fmt(mismatched)}")
-        if hint:
-            parts.append(hint)
-        raise CheckpointError("; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+def apply_records(checkpoint: RatCheckpoint, model: nn.Module) -> nn.Module:
+    """The model as the checkpoint deploys it: every record's builder applied in turn (the builder's module imported
+    from :data:`RECORD_MODULES` on first use); the model itself when the checkpoint has no record."""
+    for record in checkpoint.records:
+        if record not in _RECORD_BUILDERS:
+            importlib.import_module(RECORD_MODULES[record])  # registers the builder
+        model = _RECORD_BUILDERS[record](checkpoint, model)
+    return model

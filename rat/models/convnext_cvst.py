@@ -23,8 +23,8 @@ from timm.models.convnext import ConvNeXt
 
 from rat.data.crop import VAL_CROP_RATIO
 
-from .checkpoint import filter_state_dict, remap_reference_stem
 from .layers import ConvStem
+from .weights import filter_state_dict, remap_reference_stem
 
 _logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXtCvS
     """Map rat, timm and revisiting-at checkpoints onto a :class:`ConvNeXtCvSt` (no key is dropped).
 
     Args:
-        state_dict: Weights in any supported layout (see :mod:`rat.models.checkpoint`).
+        state_dict: Weights in any supported layout (see :mod:`rat.models.weights`).
         model: The target model.
 
     Returns:

@@ -21,9 +21,9 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from .checkpoint import filter_state_dict, remap_reference_stem
 from .convnext_cvst import LINF4_DESCRIPTION, PAPER
 from .layers import ConvStem
+from .weights import filter_state_dict, remap_reference_stem
 
 _logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXtIso
     """Map rat and revisiting-at (original ConvNeXt naming) checkpoints onto :class:`ConvNeXtIsotropicCvSt`.
 
     Args:
-        state_dict: Weights in any supported layout (see :mod:`rat.models.checkpoint`).
+        state_dict: Weights in any supported layout (see :mod:`rat.models.weights`).
         model: The target model.
 
     Returns:

@@ -25,9 +25,9 @@ from timm.layers import PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoint import filter_state_dict, remap_reference_stem
 from .convnext_cvst import LINF4_DESCRIPTION, PAPER
 from .layers import ConvStem
+from .weights import filter_state_dict, remap_reference_stem
 
 _logger = logging.getLogger(__name__)
 
@@ -86,12 +86,12 @@ class ConvStemPatchEmbed(PatchEmbed):
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Map rat, timm and revisiting-at checkpoints onto a ViT-CvSt (no key is dropped).
 
-    :func:`~rat.models.checkpoint.filter_state_dict` (wrapper prefixes, released normalization buffers checked
+    :func:`~rat.models.weights.filter_state_dict` (wrapper prefixes, released normalization buffers checked
     against the model's, ``pos_embed`` resampled to the model's grid), then the reference stem's names
     (``patch_embed.proj.stem.N.*``).
 
     Args:
-        state_dict: Weights in any supported layout (see :mod:`rat.models.checkpoint`).
+        state_dict: Weights in any supported layout (see :mod:`rat.models.weights`).
         model: The target model.
 
     Returns:

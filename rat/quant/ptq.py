@@ -18,9 +18,11 @@ Everything else (input normalization, LayerNorm/BatchNorm, softmax, GELU, the at
 stays in float: these layers have no weights to quantize in this scheme, and the formats here do not serve them.
 
 A quantized checkpoint is a rat checkpoint (``model``, ``arch``, ``model_kwargs``) whose weights are the quantized
-values, plus a ``quant`` record (format, scales). ``rat.models.create_model_from_checkpoint`` and ``rat.eval`` load it
-as a plain model (quantized weights, float activations); :func:`load_quantized_model` also re-attaches the
-activation quantizers.
+values, plus a ``quant`` record (format, scales). ``rat.models.create_model_from_checkpoint`` loads it as a plain model
+(quantized weights, float activations); :func:`load_quantized_model` also re-attaches the activation quantizers, and
+so does ``rat.models.build_model(..., deploy=True)`` (rat.eval's path): importing this module registers the record's
+builder with rat.models (``rat.models.checkpoint.RECORD_MODULES`` names this module, so rat.models imports it when it
+meets a ``quant`` record, and rat.eval does not import rat.quant).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rat.models.checkpoint import RatCheckpoint, read_checkpoint, register_record_builder
+from rat.models.weights import CheckpointError
 from rat.quant.formats import BIAS_FORMATS, QuantFormat, fake_quantize, quantize_bias
 
 __all__ = [
@@ -259,28 +263,45 @@ def save_quantized_checkpoint(path: str | Path, quantized: QuantizedModel, arch:
     return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def load_quantized_model(checkpoint: str | Path | Mapping[str, Any], img_size: int | None = None) -> QuantizedModel:
+def load_quantized_model(checkpoint: str | Path | Mapping[str, Any] | RatCheckpoint, img_size: int | None = None,
+                         ) -> QuantizedModel:
     """Rebuild a quantized model from a checkpoint of :func:`save_quantized_checkpoint`, activation quantizers on.
 
     Raises:
         QuantizationError: the checkpoint has no ``quant`` record.
     """
-    from rat.models import create_model_from_checkpoint, load_checkpoint_file
+    from rat.models import create_model_from_checkpoint
 
-    ckpt = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_checkpoint_file(checkpoint)
-    record = ckpt.get("quant")
-    if not isinstance(record, Mapping):
+    ckpt = checkpoint if isinstance(checkpoint, RatCheckpoint) else read_checkpoint(checkpoint)
+    record = ckpt.records.get("quant")
+    if record is None:
         raise QuantizationError("checkpoint has no 'quant' record: it is not a rat.quant checkpoint (write one with "
                                 "python -m rat.quant ptq)")
+    # the weights alone (built without the record, which would warn that it is left out); the record is applied here
+    model = create_model_from_checkpoint(dataclasses.replace(ckpt, records={}), img_size=img_size)
+    return _apply_record(model, record)
+
+
+def _apply_record(model: nn.Module, record: Mapping[str, Any]) -> QuantizedModel:
+    """``model`` (the quantized weights loaded) with the activation quantizers a ``quant`` record describes."""
     fmt = QuantFormat(record["format"], int(record["bits"]), int(record["exp_bits"]))
-    # the weights alone: create_model warns about a ``quant`` record, whose activation quantization is restored here
-    model = create_model_from_checkpoint({k: v for k, v in ckpt.items() if k != "quant"}, img_size=img_size)
     layers = quantizable_layers(model)
     act_scales = {_layer_name(k, layers): float(v) for k, v in record["act_scales"].items()}
     weight_scales = {_layer_name(k, layers): float(v) for k, v in record["weight_scales"].items()}
     handles = _attach_act_quant(layers, act_scales, fmt)
     return QuantizedModel(model, fmt, weight_scales, act_scales, handles, dict(record.get("folded_bn") or {}),
                           str(record.get("bias", "float32")))
+
+
+def _deployed(checkpoint: RatCheckpoint, model: nn.Module) -> nn.Module:
+    """The ``quant`` record's builder (``rat.models.build_model(..., deploy=True)``): the quantized model as
+    deployed, every layer's input quantized."""
+    if checkpoint.use_ema:
+        raise CheckpointError("a rat.quant checkpoint holds one quantized model and no EMA weights: drop --use-ema")
+    return _apply_record(model, checkpoint.records["quant"]).model
+
+
+register_record_builder("quant", _deployed)
 
 
 def _layer_name(name: str, layers: Mapping[str, nn.Module]) -> str:
