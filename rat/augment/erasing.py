@@ -1,6 +1,6 @@
-"""Random erasing (timm ``RandomErasing`` semantics: probability ``p``; box area ``U(0.02, 1/3)`` of the image over
-``count``; log-uniform aspect in ``[0.3, 1/0.3]``; up to 10 tries for a box that fits; ``'pixel'`` mode fills
-per-pixel normal noise, ``'rand'`` one normal colour per box, ``'const'`` zeros) batched: timm's
+"""Random erasing on a batch, per image (timm ``RandomErasing`` semantics: probability ``p``; box area ``U(0.02, 1/3)``
+of the image over ``count``; log-uniform aspect in ``[0.3, 1/0.3]``; up to 10 tries for a box that fits; ``'pixel'``
+mode fills per-pixel normal noise, ``'rand'`` one normal colour per box, ``'const'`` zeros), batched because timm's
 loops over images in Python with the global ``random`` module, so it cannot follow a ``torch.Generator``. timm erases
 *normalized* tensors; the noise here is ``mean + std * N(0, 1)`` with ``mean=(0, 0, 0), std=(1, 1, 1)`` by default
 (the reference recipe's un-normalized pipeline) and is clipped to ``[0, 1]``, so batches keep the [0, 1] contract

@@ -22,6 +22,7 @@ Cutout           a square of side ``0.2 · level`` of the shorter image side (De
 The default ``magnitude_map='seed'`` is the seed implementation's reading, ``low + level · (high − low)`` over each
 op's range: the same for every op but the five signed ones (:data:`SIGNED_OPS`), whose range ``[−max, max]`` makes
 the size ``max · |2 · level − 1|`` (level 0.5 is the identity), see :func:`timm_magnitudes`. The default magnitudes
+are 0..9: the 10 levels of AutoAugment's policies as timm reads them (``m / 10``).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Heavy augmentation applied batch-wise on the training device, per sample: RandAugment and random erasing.
+"""RandAugment applied batch-wise on the training device, per sample; with random erasing, the heavy recipe.
 
 timm's RandAugment works on one PIL image at a time, which is why reference code leaves FFCV for a torch
 ``DataLoader``. Here the same policy runs on a decoded ``[0, 1]`` batch (any device, any memory format): every image
-draws its own ops, magnitudes, signs and erase boxes, and the images that drew the same op are processed together.
+draws its own ops, magnitudes and signs (and erase boxes), and the images that drew the same op are processed together
+(:func:`rat.augment.ops.apply_ops_`).
 
 RandAugment semantics matched (timm 1.0 ``rand_augment_transform``, e.g. ``'rand-m9-mstd0.5-inc1'``):
 

@@ -10,13 +10,14 @@ import torch
 __all__ = ["BatchTransform", "device_generator"]
 
 
-
 def _check_batch(x: torch.Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
         raise ValueError(f"expected a float (N, 3, H, W) batch in [0, 1], got {x.dtype} {tuple(x.shape)}")
 
 
 def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator to draw noise on ``device`` from: the CPU ``generator`` itself on the CPU, else a generator on
+    ``device`` seeded by one draw from it."""
     if device.type == "cpu":
         return generator
     dev_gen = torch.Generator(device=device)
