@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="merged result JSON")
     args = parser.parse_args(argv)
     setup_logging(0)
-    from rat.eval.evaluate import IDENTITY_KEYS, check_output
+    from rat.eval.evaluate import check_output
+    from rat.eval.spec import IDENTITY_KEYS
 
     try:
         merged = merge_results([load_result(p) for p in args.shards])

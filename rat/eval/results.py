@@ -19,7 +19,7 @@ from rat.io import DuplicateKeyError, read_json
 
 __all__ = [
     "RESULT_FORMAT", "ResultError", "eps_tag", "format_eps", "load_result", "merge_results", "parse_eps",
-    "result_matches", "summary_line",
+    "summary_line",
 ]
 
 RESULT_FORMAT = "rat.eval/1"
@@ -112,14 +112,6 @@ def _invalid_value(result: dict[str, Any]) -> str | None:
     if not isinstance(result["per_example"], dict) or "indices" not in result["per_example"]:
         return "per_example lacks the image indices"
     return None
-
-
-def result_matches(result: dict[str, Any], *, norm: str, eps: float, resolution: int, version: str, n_ex: int,
-                   attacks: Sequence[str] | None = None) -> bool:
-    """Whether a result is the evaluation described by the arguments."""
-    return (result["norm"] == norm and math.isclose(result["eps"], eps, rel_tol=1e-9)
-            and result["resolution"] == resolution and result["version"] == version and result["n_ex"] == n_ex
-            and (attacks is None or list(result["attacks"]) == list(attacks)))
 
 
 def summary_line(result: dict[str, Any]) -> str:
