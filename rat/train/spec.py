@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from rat.config import (
     make_config,
     param,
     section,
+    spec_from_config,
 )
 from rat.logging import PROGRESS_HELP
 from rat.precision import PRECISIONS
@@ -303,15 +303,9 @@ class TrainSpec:
     dist: DistSpec = section("Distributed training (ranks come from torchrun's environment)")
 
     @classmethod
-    def from_dict(cls, values: dict[str, dict[str, Any]]) -> TrainSpec:
-        """The spec of a resolved ``{section: {name: value}}`` configuration (every trainer Section, every Param)."""
-        types = typing.get_type_hints(cls)
-        return cls(**{f.name: types[f.name](**values[f.name]) for f in dataclasses.fields(cls)})
-
-    @classmethod
     def from_config(cls, config: Config) -> TrainSpec:
-        """The spec of a Config built by :func:`make_config` with the trainer's Sections (already validated)."""
-        return cls.from_dict(config_to_dict(config))
+        """The spec of a Config built by :func:`make_train_config` (already validated)."""
+        return spec_from_config(cls, config)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
