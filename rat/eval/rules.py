@@ -15,7 +15,13 @@ import torch
 
 from rat.eval.results import parse_eps
 
-__all__ = ["Binary", "Device", "Eps", "JsonObject", "ListOf", "OneOf", "Rule", "Shard", "Switch", "Text", "WholeNumber"]
+__all__ = ["Binary", "Device", "Eps", "JsonObject", "ListOf", "OneOf", "Rule", "Shard", "Switch", "Text", "WholeNumber",
+           "nullable"]
+
+
+def nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check``, letting None (YAML null: not given) through."""
+    return lambda value: None if value is None else check(value)
 
 
 class Rule:

@@ -28,7 +28,20 @@ from typing import Any
 from rat.attacks import NORMS
 from rat.eval.autoattack import ALL_ATTACKS, STANDARD_N_ITER, STANDARD_N_QUERIES, VERSIONS
 from rat.eval.data import SUBSETS
-from rat.eval.rules import Binary, Device, Eps, JsonObject, ListOf, OneOf, Rule, Shard, Switch, Text, WholeNumber
+from rat.eval.rules import (
+    Binary,
+    Device,
+    Eps,
+    JsonObject,
+    ListOf,
+    OneOf,
+    Rule,
+    Shard,
+    Switch,
+    Text,
+    WholeNumber,
+    nullable,
+)
 from rat.precision import PRECISIONS
 
 __all__ = [
@@ -55,18 +68,19 @@ class Setting:
     help: str
     rule: Rule
     group: str
-    identity: bool | str = False
+    identity: bool = False
     key: str | None = None
     record: Record | None = None
+    recorded: bool = True
     state: bool = True
     stale: Callable[[dict[str, Any], Any], bool] | None | object = _SAME
     label: str | None = None
     jobs: bool = True
 
 
-def setting(default: Any, help: str, rule: Rule, group: str, *, identity: bool | str = False, key: str | None = None,
-            record: Record | None = None, state: bool = True, stale: Any = _SAME, label: str | None = None,
-            jobs: bool = True) -> Any:
+def setting(default: Any, help: str, rule: Rule, group: str, *, identity: bool = False, key: str | None = None,
+            record: Record | None = None, recorded: bool = True, state: bool = True, stale: Any = _SAME,
+            label: str | None = None, jobs: bool = True) -> Any:
     """A field of :class:`EvalSpec` (``dataclasses.MISSING`` default: required).
 
     Args:
@@ -74,17 +88,18 @@ def setting(default: Any, help: str, rule: Rule, group: str, *, identity: bool |
         help: its ``python -m rat.eval --help`` text, where ``--<name>`` (underscores as dashes) reads it by ``rule``.
         rule: how it is read from the command line and a jobs file.
         group: its group in ``--help``.
-        identity: True: it defines the evaluation: recorded in the result (as ``key``, default its name, with the value
-            ``record`` gives, default the spec's), compared with an existing result before it is reused or replaced,
-            part of the default file name's fingerprint and (with ``state``) of the state file's. ``"name"``: only in
-            the default file name's fingerprint.
-        state: part of the state file's fingerprint (False for a setting it holds otherwise, e.g. in attack_settings).
+        identity: it defines the evaluation: in its identity as ``key`` (default its name) with the value ``record``
+            gives (default the spec's), which the default file name's fingerprint hashes.
+        recorded: the result records the identity value (compared with an existing result before it is reused or
+            replaced, in :data:`IDENTITY_KEYS`); False: only in the file name's fingerprint.
+        state: a recorded identity value is part of the state file's fingerprint (False for a setting it holds
+            otherwise, e.g. in attack_settings).
         stale: ``(result, requested value) -> bool``, whether a result was computed with another value (the runner's
-            reruns); default for an identity setting: ``result[key] != value``; None: not compared.
+            reruns); default for a recorded identity setting: ``result[key] != value``; None: not compared.
         label: the name :func:`request_differences` reports (default ``key``).
         jobs: a key of the same name in a jobs-file entry (False: the jobs file gives it its own way, or not at all).
     """
-    meta = {"setting": Setting(help, rule, group, identity, key, record, state, stale, label, jobs)}
+    meta = {"setting": Setting(help, rule, group, identity, key, record, recorded, state, stale, label, jobs)}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -143,7 +158,7 @@ class EvalSpec:
     subset: str = setting(
         "auto", "robustbench: RobustBench's 5000 ImageNet val files; seeded: a seeded sample of the val set; auto: "
                 "robustbench on ImageNet-1k, else seeded", OneOf(SUBSETS), "data",
-        identity="name",  # the result (and the state) record the subset it resolved to
+        identity=True, recorded=False,  # the result (and the state) record the subset it resolved to
         stale=lambda result, value: value != "auto" and (result.get("subset") or {}).get("name") != value)
     batch_size: int = setting(
         100, "images per batch (unit of resuming/sharding)", WholeNumber(1), "data", identity=True)
@@ -181,27 +196,22 @@ _FIELDS: tuple[tuple[str, Setting, Any], ...] = tuple(
 SPEC_DEFAULTS: dict[str, Any] = {name: default for name, _, default in _FIELDS if default is not dataclasses.MISSING}
 
 
-
-def _nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: None if value is None else check(value)
-
-
 # The settings a jobs-file entry gives under their own name: name -> (check, default); a setting without a default
 # (data) or with None may be null (missing: a required one is refused when the entry is expanded).
 JOB_SETTINGS: dict[str, tuple[Callable[[Any], Any], Any]] = {
-    name: (_nullable(s.rule.check), None) if default in (None, dataclasses.MISSING) else (s.rule.check, default)
+    name: (nullable(s.rule.check), None) if default in (None, dataclasses.MISSING) else (s.rule.check, default)
     for name, s, default in _FIELDS if s.jobs}
 
 # The keys a result records of its identity, compared before a result is reused or replaced (in this order).
-IDENTITY_KEYS: tuple[str, ...] = tuple(s.key or name for name, s, _ in _FIELDS if s.identity is True)
+IDENTITY_KEYS: tuple[str, ...] = tuple(s.key or name for name, s, _ in _FIELDS if s.identity and s.recorded)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(groups: dict[str, argparse._ArgumentGroup]) -> None:
-    """Add a ``--<name>`` argument per field of :class:`EvalSpec` to ``groups[setting.group]``."""
+def add_arguments(groups: dict[str, Any]) -> None:
+    """Add a ``--<name>`` argument per field of :class:`EvalSpec` to ``groups[setting.group]`` (argparse groups)."""
     for name, s, default in _FIELDS:
         kwargs = s.rule.cli()
         if default is dataclasses.MISSING:
@@ -233,7 +243,7 @@ def state_fingerprint(identity: dict[str, Any], attack_settings: dict[str, Any],
                       subset: dict[str, Any]) -> dict[str, Any]:
     """What a state file must match to be resumed: the identity's state settings, AutoAttack's settings (attacks'
     budgets and seed) and the subset the request resolved to."""
-    state = {s.key or name: identity[s.key or name] for name, s, _ in _FIELDS if s.identity is True and s.state}
+    state = {s.key or name: identity[s.key or name] for name, s, _ in _FIELDS if s.identity and s.recorded and s.state}
     return {**state, "attack_settings": attack_settings, "subset": subset}
 
 
@@ -244,7 +254,7 @@ def request_differences(result: dict[str, Any], spec: EvalSpec) -> list[str]:
     for name, s, _ in _FIELDS:
         stale = s.stale
         if stale is _SAME:
-            if s.identity is not True:
+            if not (s.identity and s.recorded):
                 continue
             key = s.key or name
             stale = lambda result_, value, key=key: result_.get(key) != value  # noqa: E731

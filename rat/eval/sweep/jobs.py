@@ -23,7 +23,7 @@ from rat.attacks import DEFAULT_EPS, NORMS, check_eps
 from rat.eval.autoattack import VERSIONS, resolve_attacks
 from rat.eval.evaluate import default_model_name
 from rat.eval.results import eps_tag, format_eps, parse_eps
-from rat.eval.rules import ListOf, OneOf, Text, WholeNumber
+from rat.eval.rules import ListOf, OneOf, Text, WholeNumber, nullable
 from rat.eval.spec import DEFAULT_RESOLUTION, JOB_SETTINGS, SPEC_DEFAULTS, EvalSpec, spec_argv
 from rat.io import read_yaml
 
@@ -54,10 +54,6 @@ def _threat(value: Any) -> tuple[str, float]:
         raise ValueError(str(exc)) from exc
 
 
-def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: None if value is None else check(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One key of a jobs entry: its checker and default (``EvalSpec``'s for the evaluation settings)."""
@@ -68,9 +64,9 @@ class Field:
 
 
 FIELDS: dict[str, Field] = {
-    "checkpoint": Field(_optional(Text().check), per_entry=True),
-    "checkpoints": Field(_optional(ListOf(Text()).check), per_entry=True),
-    "name": Field(_optional(_name), per_entry=True),
+    "checkpoint": Field(nullable(Text().check), per_entry=True),
+    "checkpoints": Field(nullable(ListOf(Text()).check), per_entry=True),
+    "name": Field(nullable(_name), per_entry=True),
     "threats": Field(ListOf(_threat).check, [SPEC_DEFAULTS["norm"]]),
     "resolutions": Field(ListOf(WholeNumber(MIN_RESOLUTION)).check, [DEFAULT_RESOLUTION]),
     "versions": Field(ListOf(OneOf(VERSIONS)).check, [SPEC_DEFAULTS["version"]]),
