@@ -52,7 +52,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rat-train=rat.train.__main__:main",
-            "rat-eval=rat.eval.__main__:main",
+            "rat-eval=rat.eval.cli:main",
         ],
     },
 )
