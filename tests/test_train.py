@@ -244,15 +244,20 @@ def _families() -> list[list[Path]]:
 
 
 @functools.lru_cache
-def _smallest_of_class(kind: str) -> str:
-    """The registered timm model with the fewest parameters among those of class ``kind`` that rat's tests build."""
+def _model_sizes() -> dict[str, tuple[str, int]]:
+    """Each registered timm model that rat's tests build: its class name and parameter count (built once, on meta)."""
     sizes = {}
     for name in [*timm.list_models("*_cvst"), "resnet10t", "resnet18", "resnet50", "wide_resnet50_2"]:
         with torch.device("meta"):
             net = timm.create_model(name)
-        if type(net).__name__ == kind:
-            sizes[name] = sum(p.numel() for p in net.parameters())
-    return min(sizes, key=sizes.get)
+        sizes[name] = (type(net).__name__, sum(p.numel() for p in net.parameters()))
+    return sizes
+
+
+def _smallest_of_class(kind: str) -> str:
+    """The registered timm model with the fewest parameters among those of class ``kind`` that rat's tests build."""
+    of_kind = {name: count for name, (cls, count) in _model_sizes().items() if cls == kind}
+    return min(of_kind, key=of_kind.get)
 
 
 @pytest.fixture(scope="module")
