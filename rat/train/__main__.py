@@ -70,10 +70,6 @@ class TrainingStopped(RuntimeError):
     """The run stopped before its last epoch (non-finite loss); the message says why and what is intact."""
 
 
-class MetricsWriteFailed(OSError):
-    """metrics.jsonl could not be appended to (a full disk); the run stops after saving a checkpoint."""
-
-
 class _RunHooks(EpochHooks):
     """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) set a flag: the epoch stops after the step in flight, and the
     run saves a checkpoint and exits. Step records go to metrics.jsonl (written by rank 0 only); a record that cannot
