@@ -21,7 +21,8 @@ from rat.eval.autoattack import build_autoattack, resolve_attacks, robust_after_
 from rat.eval.data import eval_subset, iter_eval_batches, resize_size, shard_batches
 from rat.eval.evaluate import resolve, state_path_for
 from rat.eval.model import build_eval_model
-from rat.eval.results import ResultError, format_eps, parse_eps, summary_line
+from rat.eval.results import ResultError, format_eps, summary_line
+from rat.eval.rules import parse_eps
 from rat.eval.state import EvalState, StateMismatchError, atomic_write_json
 from rat.models import CheckpointError, read_checkpoint
 
@@ -251,6 +252,9 @@ def test_shards_merge_to_the_unsharded_result(tmp_path: Path, demo_betons, convn
         merge_results(shards[:2])
     with pytest.raises(ResultError, match="differ in"):
         merge_results([shards[0], {**shards[1], "eps": 0.5}])
+    for key, other in (("n_iter", 5), ("data", "other.beton"), ("model_kwargs", {"num_classes": 5})):
+        with pytest.raises(ResultError, match=f"differ in {key}"):  # every identity setting of the schema
+            merge_results([shards[0], {**shards[1], key: other}])
 
 
 @pytest.mark.ffcv

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from rat.attacks import NORMS
+from rat.eval.spec import SHARD_INVARIANT
 from rat.io import DuplicateKeyError, read_json
 
 __all__ = [
-    "RESULT_FORMAT", "ResultError", "eps_tag", "format_eps", "load_result", "merge_results", "parse_eps",
+    "RESULT_FORMAT", "ResultError", "eps_tag", "format_eps", "load_result", "merge_results",
     "summary_line",
 ]
 
@@ -29,24 +29,6 @@ _REQUIRED = ("model", "norm", "eps", "resolution", "version", "attacks", "n_ex",
 
 class ResultError(ValueError):
     """A result file is missing, unreadable or inconsistent."""
-
-
-def parse_eps(text: str | float | int) -> float:
-    """Parse an epsilon such as ``4/255``, ``0.0156``, ``2`` or ``75``.
-
-    Raises:
-        ValueError: not a positive number or fraction.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        try:
-            value = float(Fraction(str(text).strip()))
-        except (ValueError, ZeroDivisionError) as exc:
-            raise ValueError(f"cannot read eps {text!r}: write a number or a fraction such as 4/255") from exc
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"eps must be a positive number, got {text!r}")
-    return value
 
 
 def format_eps(norm: str, eps: float) -> str:
@@ -135,11 +117,6 @@ def accuracies(per_example: dict[str, Any], attacks: Sequence[str]) -> tuple[flo
     return mean(per_example["clean"]), {a: mean(per_example[a]) for a in attacks}
 
 
-# Keys that must agree between shards of one evaluation.
-_SHARD_INVARIANT = ("model", "arch", "checkpoint_sha256", "use_ema", "norm", "eps", "resolution", "version", "attacks",
-                    "attack_settings", "n_ex", "subset", "batch_size", "precision", "seed")
-
-
 def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge the shard results of one evaluation into the result of the whole evaluation.
 
@@ -154,7 +131,7 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ResultError("no shard results to merge")
     first = results[0]
     for result in results[1:]:
-        differs = [k for k in _SHARD_INVARIANT if result.get(k) != first.get(k)]
+        differs = [k for k in SHARD_INVARIANT if result.get(k) != first.get(k)]
         if differs:
             raise ResultError(f"shards of different evaluations (differ in {', '.join(differs)})")
     shards = [r.get("shard") for r in results]

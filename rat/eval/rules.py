@@ -7,21 +7,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rat.eval.results import parse_eps
-
 __all__ = ["Binary", "Device", "Eps", "JsonObject", "ListOf", "OneOf", "Rule", "Shard", "Switch", "Text", "WholeNumber",
-           "nullable"]
+           "nullable", "parse_eps"]
 
 
 def nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``check``, letting None (YAML null: not given) through."""
     return lambda value: None if value is None else check(value)
+
+
+def parse_eps(text: str | float | int) -> float:
+    """Parse an epsilon such as ``4/255``, ``0.0156``, ``2`` or ``75``.
+
+    Raises:
+        ValueError: not a positive number or fraction.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        try:
+            value = float(Fraction(str(text).strip()))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"cannot read eps {text!r}: write a number or a fraction such as 4/255") from exc
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"eps must be a positive number, got {text!r}")
+    return value
 
 
 class Rule:
@@ -182,7 +200,7 @@ class JsonObject(Rule):
 
 
 class Eps(Rule):
-    """A radius: a positive number or fraction such as 4/255 (:func:`rat.eval.results.parse_eps`)."""
+    """A radius: a positive number or fraction such as 4/255 (:func:`parse_eps`)."""
 
     def cli(self) -> dict[str, Any]:
         return {"type": self.parse}

@@ -204,6 +204,9 @@ JOB_SETTINGS: dict[str, tuple[Callable[[Any], Any], Any]] = {
 
 # The keys a result records of its identity, compared before a result is reused or replaced (in this order).
 IDENTITY_KEYS: tuple[str, ...] = tuple(s.key or name for name, s, _ in _FIELDS if s.identity and s.recorded)
+# What the shards of one evaluation must agree on before they merge (rat.eval.results.merge_results): every recorded
+# identity key but the shard itself, the result's name, the subset it resolved to and the attacks' resolved settings.
+SHARD_INVARIANT: tuple[str, ...] = (*(k for k in IDENTITY_KEYS if k != "shard"), "model", "subset", "attack_settings")
 
 
 def _flag(name: str) -> str:

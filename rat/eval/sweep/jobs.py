@@ -22,8 +22,8 @@ import yaml
 from rat.attacks import DEFAULT_EPS, NORMS, check_eps
 from rat.eval.autoattack import VERSIONS, resolve_attacks
 from rat.eval.evaluate import default_model_name
-from rat.eval.results import eps_tag, format_eps, parse_eps
-from rat.eval.rules import ListOf, OneOf, Text, WholeNumber, nullable
+from rat.eval.results import eps_tag, format_eps
+from rat.eval.rules import ListOf, OneOf, Text, WholeNumber, nullable, parse_eps
 from rat.eval.spec import DEFAULT_RESOLUTION, JOB_SETTINGS, SPEC_DEFAULTS, EvalSpec, spec_argv
 from rat.io import read_yaml
 
