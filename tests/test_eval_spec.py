@@ -129,3 +129,18 @@ def test_a_result_is_stale_in_each_setting_it_was_computed_without():
         assert request_differences(result, dataclasses.replace(spec, **{key: value})) == [expected[key]], key
     # Not asked for: any normalization, the subset auto resolves to, the data wherever it is now.
     assert request_differences(result, dataclasses.replace(spec, normalize=None, subset="auto", data="v")) == []
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("norm", "L3", "must be one of Linf, L2, L1"), ("precision", "fp8", "must be one of"),
+    ("batch_size", 0, "must be >= 1"), ("n_ex", 0, "must be >= 1"), ("eps", -1.0, "eps must be a positive number"),
+    ("version", "quick", "must be one of"), ("attacks", ["apgd-x"], "must be one of"),
+    ("use_ema", 1, "must be true or false"), ("model_kwargs", [1], "must be a mapping"),
+])
+def test_the_python_api_checks_each_setting_by_its_rule(field, value, message):
+    """run_evaluation's spec goes through the same rules as the command line and the jobs file (one vocabulary)."""
+    from rat.eval.spec import check_spec
+
+    check_spec(_custom())  # a valid spec passes
+    with pytest.raises(ValueError, match=f"{field}=.*{message}"):
+        check_spec(dataclasses.replace(_custom(), **{field: value}))

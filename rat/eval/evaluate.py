@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rat.attacks import DEFAULT_EPS, NORMS, check_eps
+from rat.attacks import DEFAULT_EPS, check_eps
 from rat.eval.autoattack import (
     AUTOATTACK_VERSION,
     attack_settings,
@@ -35,10 +35,16 @@ from rat.eval.autoattack import (
 from rat.eval.data import iter_eval_batches, preprocessing_info, select_subset, shard_batches
 from rat.eval.model import ModelSource, build_eval_model, model_recipe
 from rat.eval.results import RESULT_FORMAT, ResultError, accuracies, eps_tag, load_result
-from rat.eval.spec import DEFAULT_RESOLUTION, IDENTITY_KEYS, EvalSpec, evaluation_identity, state_fingerprint
+from rat.eval.spec import (
+    DEFAULT_RESOLUTION,
+    IDENTITY_KEYS,
+    EvalSpec,
+    check_spec,
+    evaluation_identity,
+    state_fingerprint,
+)
 from rat.eval.state import EvalState, atomic_write_json, flags_to_str
 from rat.logging import lines_around_bar, progress
-from rat.precision import PRECISIONS
 
 __all__ = [
     "OutputTakenError", "ResolvedEval", "check_output", "default_model_name", "default_output", "file_sha256",
@@ -155,19 +161,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_spec(spec: EvalSpec) -> None:
-    if spec.norm not in NORMS:
-        raise ValueError(f"unknown norm {spec.norm!r}: use one of {', '.join(NORMS)}")
-    if spec.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if spec.batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {spec.batch_size}")
-    if spec.eps is not None and not spec.eps > 0:
-        raise ValueError(f"eps must be positive, got {spec.eps}")
-    if spec.resolution is not None and spec.resolution < 1:
-        raise ValueError(f"resolution must be positive, got {spec.resolution}")
-
-
 def _check_data_classes(spec: EvalSpec, source: ModelSource) -> None:
     """A checkpoint's classes (their number, and their names when the checkpoint records them) against the data's:
     a label the model cannot predict, or one that means another class, would count silently as an error or a hit.
@@ -204,7 +197,7 @@ def resolve(spec: EvalSpec) -> ResolvedEval:
     """
     from rat.models.preflight import check_input_size
 
-    _check_spec(spec)
+    check_spec(spec)
     attacks = resolve_attacks(spec.version, spec.attacks)
     recipe = model_recipe(spec)
     source = ModelSource(recipe, None if spec.checkpoint is None else file_sha256(spec.checkpoint))

@@ -180,7 +180,7 @@ class EvalSpec:
         dataclasses.MISSING, "val .beton or ImageNet-style val folder", Text(path=True), "data", identity=True,
         record=lambda spec, source, attacks: str(Path(spec.data).resolve()), state=False, stale=None)
     device: str | None = setting(None, "default: cuda if available, else cpu", Device(), "run", jobs=False)
-    num_workers: int = setting(4, "data loader workers", WholeNumber(1), "data")
+    num_workers: int = setting(4, "data loader workers (0: load in this process)", WholeNumber(0), "data")
     output: Path | str | None = setting(
         None, "JSON result (default: aa_<norm>-<eps>_r<res>_<version>_n<n_ex>_<checkpoint>_<fingerprint>.json next to "
               "the checkpoint; never replaces another evaluation's result)", Text(path=True), "run", jobs=False)
@@ -232,6 +232,24 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 def spec_argv(spec: EvalSpec) -> list[str]:
     """The ``python -m rat.eval`` arguments that give ``spec`` (the inverse of :func:`spec_from_args`)."""
     return [word for name, s, _ in _FIELDS for word in s.rule.argv(_flag(name), getattr(spec, name))]
+
+
+def check_spec(spec: EvalSpec) -> None:
+    """Every setting given through the Python API (:func:`rat.eval.run_evaluation`) checked by its rule, as a jobs
+    file's values are: one vocabulary for the command line, the jobs file and the API. Paths and the shard come typed
+    from Python (the command line and the jobs file check their text).
+
+    Raises:
+        ValueError: ``<name>=<value>: <what it must be>``.
+    """
+    for name, s, _ in _FIELDS:
+        value = getattr(spec, name)
+        if value is None or isinstance(value, (Path, tuple)):
+            continue
+        try:
+            s.rule.check(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}={value!r}: {exc}") from None
 
 
 def evaluation_identity(spec: EvalSpec, source: Any, attacks: list[str]) -> dict[str, Any]:
