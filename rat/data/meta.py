@@ -121,8 +121,9 @@ def check_classes(expected: Sequence[str] | int, actual: Sequence[str] | int, *,
                                      f"{a!r} in one and {b!r} in the other): {fix}")
 
 
-def check_checkpoint_classes(checkpoint: dict[str, Any], checkpoint_from: str, data: str | Path, fix: str) -> None:
-    """:func:`check_classes` of a model checkpoint (the class names it records, else its head's ``num_classes``)
+def check_checkpoint_classes(recorded: list[str] | None, count: int | None, checkpoint_from: str, data: str | Path,
+                             fix: str) -> None:
+    """:func:`check_classes` of a model checkpoint (the class names it ``recorded``, else its head's class ``count``)
     against the classes of ``data``, a beton (its classes file) or an image folder (its sorted class directories):
     a label the model cannot predict, or one that means another class, would count silently as an error or a hit.
     Nothing to check when the checkpoint records neither.
@@ -130,8 +131,6 @@ def check_checkpoint_classes(checkpoint: dict[str, Any], checkpoint_from: str, d
     Raises:
         ClassMismatchError: they differ.
     """
-    recorded = checkpoint.get("classes")
-    count = (checkpoint.get("model_kwargs") or {}).get("num_classes")
     if not isinstance(recorded, list) and not isinstance(count, int):
         return
     data = Path(data)

@@ -173,8 +173,8 @@ def _check_data_classes(spec: EvalSpec, source: ModelSource) -> None:
     if spec.checkpoint is None:
         return
     classes = source.recipe.checkpoint.classes if source.recipe.checkpoint is not None else None
-    check_checkpoint_classes({"classes": classes, "model_kwargs": source.model_kwargs},
-                             f"checkpoint {spec.checkpoint}", spec.data,
+    check_checkpoint_classes(classes, source.model_kwargs.get("num_classes"), f"checkpoint {spec.checkpoint}",
+                             spec.data,
                              fix="evaluate on the data the model was trained for (or pass the matching --checkpoint)")
 
 

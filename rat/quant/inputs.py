@@ -105,7 +105,7 @@ def load_model(qmodel: dict[str, Any], device: torch.device, labeled: tuple[str,
         raise CheckpointError(f"{qmodel['checkpoint']} does not name its architecture: rat.quant needs a rat trainer "
                               "checkpoint (arch + model_kwargs)")
     for path in labeled:
-        check_checkpoint_classes({"classes": ckpt.classes, "model_kwargs": ckpt.model_kwargs},
+        check_checkpoint_classes(ckpt.classes, (ckpt.model_kwargs or {}).get("num_classes"),
                                  f"checkpoint {qmodel['checkpoint']}", path,
                                  fix="score the model on the data it was trained for (or pass its checkpoint)")
     resolution = qmodel["resolution"] or ckpt.resolution or DEFAULT_RESOLUTION
